@@ -1,0 +1,147 @@
+"""Backbones built from timm's ``features_only`` models, exposed through the feature contract."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from .contract import FeatureSpec, level_name
+
+__all__ = ["TimmBackbone", "EFFICIENTNET_VARIANTS", "load_backbone_weights", "WeightsMismatchError"]
+
+log = logging.getLogger(__name__)
+
+#: Short names accepted for EfficientNet B0-B7. ``tf_`` variants use TensorFlow "same" padding and are the
+#: ones the published EfficientDet checkpoints were trained with.
+EFFICIENTNET_VARIANTS: dict[str, str] = {
+    **{f"b{i}": f"efficientnet_b{i}" for i in range(8)},
+    **{f"tf_b{i}": f"tf_efficientnet_b{i}" for i in range(8)},
+}
+
+
+class WeightsMismatchError(RuntimeError):
+    """A weights file does not fit the model it is loaded into."""
+
+
+class TimmBackbone(nn.Module):
+    """Any timm model that supports ``features_only``, returning ``{"p<level>": Tensor}``.
+
+    Args:
+        name: timm model name (``efficientnet_b3``, ``tf_efficientnet_b3``, ``resnet50``, ...) or a short
+            EfficientNet alias from :data:`EFFICIENTNET_VARIANTS` (``b3``, ``tf_b3``).
+        levels: pyramid levels to return (level = log2(stride)); EfficientNets offer 1..5.
+        pretrained: let timm load its ImageNet weights (needs a network connection or a local hub cache).
+        weights: path to a local weights file (``.pth``/``.pt``/``.safetensors``) to load instead; keys must match.
+        drop_path_rate: stochastic depth rate passed to timm (``None`` keeps timm's default).
+        **timm_kwargs: passed to ``timm.create_model``.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        levels: Sequence[int] = (3, 4, 5),
+        pretrained: bool = False,
+        weights: str | Path | None = None,
+        drop_path_rate: float | None = None,
+        **timm_kwargs,
+    ) -> None:
+        super().__init__()
+        self.model_name = EFFICIENTNET_VARIANTS.get(name, name)
+        levels = tuple(sorted(int(level) for level in levels))
+        if not levels:
+            raise ValueError("TimmBackbone needs at least one level")
+        kwargs = dict(timm_kwargs)
+        if drop_path_rate is not None:
+            kwargs["drop_path_rate"] = drop_path_rate
+        # Build once to read which stride each feature index has, then keep only the requested ones.
+        probe = timm.create_model(self.model_name, features_only=True, pretrained=False, **kwargs)
+        reductions = probe.feature_info.reduction()
+        index_of = {int(r).bit_length() - 1: i for i, r in enumerate(reductions)}
+        missing = [lv for lv in levels if lv not in index_of]
+        if missing:
+            offered = sorted(index_of)
+            raise ValueError(f"{self.model_name} offers levels {offered} (strides {reductions}); asked for {missing}")
+        out_indices = tuple(index_of[lv] for lv in levels)
+        if out_indices == tuple(range(len(reductions))) and not pretrained:
+            self.body = probe
+        else:
+            del probe
+            self.body = timm.create_model(
+                self.model_name, features_only=True, pretrained=pretrained, out_indices=out_indices, **kwargs
+            )
+        channels = self.body.feature_info.channels()
+        strides = self.body.feature_info.reduction()
+        self.out_specs: dict[str, FeatureSpec] = {
+            level_name(lv): FeatureSpec(channels=int(c), stride=int(s)) for lv, c, s in zip(levels, channels, strides)
+        }
+        for lv, spec in zip(levels, self.out_specs.values()):
+            if spec.stride != 2**lv:
+                raise ValueError(f"{self.model_name}: feature {lv} has stride {spec.stride}, expected {2 ** lv}")
+        self._names = list(self.out_specs)
+        if weights is not None:
+            load_backbone_weights(self, weights)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.body(x)
+        return dict(zip(self._names, feats))
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with the file name
+        raise WeightsMismatchError(f"{path}: cannot be read as a PyTorch weights file ({err})") from err
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsMismatchError(f"{path}: does not hold a state dict of tensors")
+    return obj
+
+
+def load_backbone_weights(backbone: TimmBackbone, path: str | Path) -> None:
+    """Load a local weights file into ``backbone``; any key or shape mismatch is an error.
+
+    The file may hold the full classification model: keys of modules that a ``features_only`` model does
+    not have (the classifier head) are skipped and logged. Every parameter and buffer of the backbone must
+    be present with the right shape, otherwise :class:`WeightsMismatchError` lists the offending keys.
+    """
+    path = Path(path)
+    state = _read_state_dict(path)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    target = backbone.body.state_dict()
+    top_level = {k.split(".", 1)[0] for k in target}
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target and k.split(".", 1)[0] in top_level]
+    skipped = [k for k in state if k.split(".", 1)[0] not in top_level]
+    wrong_shape = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in target.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} keys: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} keys: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+    if wrong_shape:
+        problems.append(f"shape mismatch: {wrong_shape[:10]}")
+    if problems:
+        raise WeightsMismatchError(f"{path} does not match backbone {backbone.model_name}: " + "; ".join(problems))
+    backbone.body.load_state_dict({k: state[k] for k in target}, strict=True)
+    if skipped:
+        log.info("%s: skipped %d keys outside the feature extractor (e.g. %s)", path, len(skipped), skipped[0])
+    log.info("loaded backbone weights for %s from %s", backbone.model_name, path)

@@ -1,0 +1,17 @@
+"""Necks: fuse a backbone's multiscale maps into a pyramid of equal width."""
+
+from .bifpn import FUSION_KINDS, BiFPN, BiFPNLayer, FusionNode, bifpn_topology
+from .layers import PAD_MODES, ConvNorm, MaxPoolDown, SeparableConv2d, default_norm_layer
+
+__all__ = [
+    "BiFPN",
+    "BiFPNLayer",
+    "FusionNode",
+    "bifpn_topology",
+    "FUSION_KINDS",
+    "PAD_MODES",
+    "ConvNorm",
+    "MaxPoolDown",
+    "SeparableConv2d",
+    "default_norm_layer",
+]

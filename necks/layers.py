@@ -1,0 +1,91 @@
+"""Small building blocks shared by necks and heads."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "NormLayer",
+    "ActLayer",
+    "default_norm_layer",
+    "SeparableConv2d",
+    "ConvNorm",
+    "MaxPoolDown",
+    "PAD_MODES",
+]
+
+NormLayer = Callable[[int], nn.Module]
+ActLayer = Callable[[], nn.Module]
+
+#: BatchNorm settings of the EfficientDet paper (TensorFlow's momentum 0.99 is PyTorch's 0.01).
+default_norm_layer: NormLayer = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.01)
+
+#: "native": symmetric PyTorch padding; "same": TensorFlow "SAME" padding (asymmetric for stride 2),
+#: needed to reproduce models trained in TensorFlow.
+PAD_MODES = ("native", "same")
+
+
+class SeparableConv2d(nn.Module):
+    """Depthwise 3x3 (or k x k) followed by pointwise 1x1, optionally followed by a norm layer.
+
+    Stride is always 1 here, where "same" and symmetric padding coincide, so one padding serves both modes.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        kernel_size: int = 3,
+        bias: bool = False,
+        norm_layer: NormLayer | None = None,
+    ) -> None:
+        super().__init__()
+        self.depthwise = nn.Conv2d(
+            in_channels, in_channels, kernel_size, padding=kernel_size // 2, groups=in_channels, bias=False
+        )
+        self.pointwise = nn.Conv2d(in_channels, out_channels, 1, bias=bias)
+        self.norm = norm_layer(out_channels) if norm_layer is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.pointwise(self.depthwise(x)))
+
+
+class ConvNorm(nn.Module):
+    """1x1 convolution (no bias) + norm: changes the channel count of a feature map."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, norm_layer: NormLayer) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.norm = norm_layer(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x))
+
+
+class MaxPoolDown(nn.Module):
+    """3x3 stride-2 max pooling that halves a map (output ``ceil(H / 2)``) in either padding mode."""
+
+    def __init__(self, pad_mode: str = "native") -> None:
+        super().__init__()
+        if pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+        self.pad_mode = pad_mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad_mode == "native":
+            return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+        h, w = x.shape[-2:]
+        pad_h = max((math.ceil(h / 2) - 1) * 2 + 3 - h, 0)
+        pad_w = max((math.ceil(w / 2) - 1) * 2 + 3 - w, 0)
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=float("-inf"))
+        return F.max_pool2d(x, kernel_size=3, stride=2)
+
+    def extra_repr(self) -> str:
+        return f"pad_mode={self.pad_mode!r}"

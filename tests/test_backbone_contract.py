@@ -1,0 +1,85 @@
+"""The feature contract, checked for every backbone variant."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from backbones import EFFICIENTNET_VARIANTS, FeatureSpec, TimmBackbone, check_features, level_of
+from backbones.timm_backbone import WeightsMismatchError, load_backbone_weights
+
+# Spatial size not a multiple of 32 on purpose: outputs must be ceil(H / stride).
+H, W = 70, 100
+
+
+@pytest.mark.parametrize("variant", sorted(EFFICIENTNET_VARIANTS))
+def test_efficientnet_contract(variant):
+    bb = TimmBackbone(name=variant, levels=(2, 3, 4, 5))
+    specs = bb.out_specs
+    assert list(specs) == ["p2", "p3", "p4", "p5"]
+    assert [s.stride for s in specs.values()] == [4, 8, 16, 32]
+    assert all(level_of(k) == s.level for k, s in specs.items())
+    x = torch.randn(1, 3, H, W, requires_grad=True)
+    out = bb(x)
+    check_features(out, specs, (H, W))
+    for name, f in out.items():
+        assert f.shape[-2:] == (math.ceil(H / specs[name].stride), math.ceil(W / specs[name].stride))
+        assert torch.isfinite(f).all()
+    sum(f.mean() for f in out.values()).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    # The classifier head is not part of a features-only backbone.
+    assert not any("classifier" in k for k in bb.state_dict())
+
+
+def test_other_timm_model_by_name():
+    bb = TimmBackbone(name="resnet18", levels=(3, 4, 5))
+    assert {k: s.stride for k, s in bb.out_specs.items()} == {"p3": 8, "p4": 16, "p5": 32}
+    assert [s.channels for s in bb.out_specs.values()] == [128, 256, 512]
+    check_features(bb(torch.randn(1, 3, 64, 64)), bb.out_specs, (64, 64))
+
+
+def test_unavailable_level_is_an_error():
+    with pytest.raises(ValueError, match="levels"):
+        TimmBackbone(name="b0", levels=(3, 6))
+
+
+def test_feature_spec_validation():
+    assert FeatureSpec(channels=8, stride=16).level == 4
+    with pytest.raises(ValueError):
+        FeatureSpec(channels=8, stride=12)
+    with pytest.raises(ValueError):
+        FeatureSpec(channels=0, stride=8)
+
+
+def test_check_features_catches_wrong_channels():
+    bb = TimmBackbone(name="b0")
+    out = bb(torch.randn(1, 3, 64, 64))
+    bad = dict(bb.out_specs)
+    bad["p3"] = FeatureSpec(channels=41, stride=8)
+    with pytest.raises(ValueError, match="p3"):
+        check_features(out, bad)
+
+
+def test_local_weights_roundtrip_and_mismatch(tmp_path):
+    src = TimmBackbone(name="b0")
+    path = tmp_path / "b0.pth"
+    # A full-model file: features plus classifier keys, which are skipped.
+    state = dict(src.body.state_dict())
+    state["classifier.weight"] = torch.zeros(10, 1280)
+    torch.save(state, path)
+    dst = TimmBackbone(name="b0", weights=path)
+    for k, v in src.body.state_dict().items():
+        assert torch.equal(v, dst.body.state_dict()[k]), k
+
+    wrong = tmp_path / "b1.pth"
+    torch.save(TimmBackbone(name="b1").body.state_dict(), wrong)
+    with pytest.raises(WeightsMismatchError, match="b1.pth") as err:
+        load_backbone_weights(dst, wrong)
+    assert "unexpected" in str(err.value) or "shape" in str(err.value)
+
+    partial = tmp_path / "partial.pth"
+    torch.save({k: v for i, (k, v) in enumerate(state.items()) if i % 2}, partial)
+    with pytest.raises(WeightsMismatchError, match="missing"):
+        TimmBackbone(name="b0", weights=partial)
