@@ -1,0 +1,81 @@
+"""Detection losses: sigmoid focal loss (classification) and Huber loss (box regression)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["sigmoid_focal_loss", "huber_loss", "DetectionLoss"]
+
+
+def sigmoid_focal_loss(
+    logits: torch.Tensor, targets: torch.Tensor, *, alpha: float = 0.25, gamma: float = 1.5, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Elementwise focal loss ``alpha_t * (1 - p_t)**gamma * BCE(logits, targets)`` (Lin et al. 2017).
+
+    ``targets`` are 0/1; label smoothing moves the BCE targets toward 0.5 and leaves ``p_t``/``alpha_t`` on
+    the hard targets.
+    """
+    logits = logits.float()
+    targets = targets.to(logits.dtype)
+    p = torch.sigmoid(logits)
+    p_t = targets * p + (1.0 - targets) * (1.0 - p)
+    alpha_t = targets * alpha + (1.0 - targets) * (1.0 - alpha)
+    soft = targets * (1.0 - label_smoothing) + 0.5 * label_smoothing if label_smoothing > 0 else targets
+    ce = F.binary_cross_entropy_with_logits(logits, soft, reduction="none")
+    return alpha_t * (1.0 - p_t).pow(gamma) * ce
+
+
+def huber_loss(input: torch.Tensor, target: torch.Tensor, *, delta: float = 0.1) -> torch.Tensor:
+    """Elementwise Huber loss: ``0.5 * e**2`` for ``|e| <= delta``, else ``delta * (|e| - 0.5 * delta)``."""
+    err = (input.float() - target.float()).abs()
+    quadratic = err.clamp(max=delta)
+    return 0.5 * quadratic.square() + delta * (err - quadratic)
+
+
+class DetectionLoss:
+    """EfficientDet loss: focal classification loss + ``box_loss_weight`` x Huber box loss.
+
+    Both are summed over the batch and divided by ``num_positives + 1`` (the box loss also by 4, its
+    number of coordinates). Ignored anchors (target -2) contribute nothing; background anchors (-1) have
+    an all-zero class target.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        alpha: float = 0.25,
+        gamma: float = 1.5,
+        label_smoothing: float = 0.0,
+        huber_delta: float = 0.1,
+        box_loss_weight: float = 50.0,
+    ) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.alpha = alpha
+        self.gamma = gamma
+        self.label_smoothing = label_smoothing
+        self.huber_delta = huber_delta
+        self.box_loss_weight = box_loss_weight
+
+    def __call__(
+        self,
+        cls_logits: torch.Tensor,
+        box_deltas: torch.Tensor,
+        cls_targets: torch.Tensor,
+        box_targets: torch.Tensor,
+        num_positives: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        normalizer = num_positives.float() + 1.0
+        positive = cls_targets >= 0
+        onehot = F.one_hot(cls_targets.clamp(min=0), self.num_classes) * positive[..., None]
+        focal = sigmoid_focal_loss(
+            cls_logits, onehot, alpha=self.alpha, gamma=self.gamma, label_smoothing=self.label_smoothing
+        )
+        cared = (cls_targets != -2)[..., None]
+        cls_loss = (focal * cared).sum() / normalizer
+        box = huber_loss(box_deltas, box_targets, delta=self.huber_delta) * positive[..., None]
+        box_loss = box.sum() / (normalizer * 4.0)
+        return {"loss": cls_loss + self.box_loss_weight * box_loss, "cls_loss": cls_loss, "box_loss": box_loss}

@@ -1,0 +1,421 @@
+"""COCO bounding-box evaluation: accumulate detections, gather them across ranks, report the 12 COCO numbers.
+
+Detections are kept as compact numpy arrays while a validation epoch runs; per-detection dicts are only built
+when the evaluation (or the results file) needs them. The numbers are exactly those of the COCO evaluation
+(pycocotools ``COCOeval``, or the compatible ``faster_coco_eval`` implementation), including ``-1.0`` where the
+evaluation has no ground truth to measure against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+__all__ = [
+    "BACKENDS",
+    "METRIC_NAMES",
+    "CocoEvaluator",
+    "EvalPayload",
+    "atomic_write_json",
+    "load_coco",
+    "merge_payloads",
+]
+
+#: The 12 numbers of the standard COCO bbox summary, in ``COCOeval.stats`` order.
+METRIC_NAMES: tuple[str, ...] = (
+    "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
+)
+BACKENDS: tuple[str, ...] = ("pycocotools", "faster_coco_eval")
+
+
+# ---------------------------------------------------------------------------------------------- file helpers
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = None) -> Path:
+    """Write ``obj`` as strict JSON to ``path`` atomically.
+
+    The JSON is streamed to a temporary file in the same directory, flushed and fsynced, then moved over
+    ``path`` with ``os.replace``. If serialization fails (an object JSON cannot encode, a NaN) or the process
+    dies midway, the previous content of ``path`` is left untouched and the temporary file is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=indent, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    # Make the rename itself durable (best effort: not every platform can fsync a directory).
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return path
+
+
+def load_coco(source: COCO | str | os.PathLike) -> COCO:
+    """A pycocotools ``COCO`` ground-truth object from an existing one or from an instances JSON file."""
+    if isinstance(source, COCO):
+        return source
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"expected a pycocotools COCO object or a path to a COCO JSON file, got {type(source)!r}")
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"COCO annotation file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            dataset = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(dataset, dict) or "images" not in dataset or "annotations" not in dataset:
+        raise ValueError(f"{path}: not a COCO instances file (needs 'images' and 'annotations')")
+    if "categories" not in dataset:
+        raise ValueError(f"{path}: not a COCO instances file (needs 'categories')")
+    return _coco_from_dataset(dataset)
+
+
+def _coco_from_dataset(dataset: dict) -> COCO:
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+# ---------------------------------------------------------------------------------------------- payloads
+@dataclass
+class EvalPayload:
+    """The detections one evaluator (one rank) holds, as flat arrays.
+
+    ``image_ids[j]`` is the image id of the j-th image *occurrence* (every image passed to ``update``, in
+    order, detections or not). Detection ``i`` belongs to occurrence ``occurrence[i]``; its box is
+    ``boxes[i]`` = [x, y, w, h] in original image pixels.
+    """
+
+    image_ids: np.ndarray  # int64 [M]
+    occurrence: np.ndarray  # int64 [N], index into image_ids
+    boxes: np.ndarray  # float64 [N, 4] xywh
+    scores: np.ndarray  # float64 [N]
+    category_ids: np.ndarray  # int64 [N]
+
+    @classmethod
+    def empty(cls) -> EvalPayload:
+        return cls(
+            image_ids=np.zeros((0,), np.int64),
+            occurrence=np.zeros((0,), np.int64),
+            boxes=np.zeros((0, 4), np.float64),
+            scores=np.zeros((0,), np.float64),
+            category_ids=np.zeros((0,), np.int64),
+        )
+
+    @property
+    def num_detections(self) -> int:
+        return int(self.scores.shape[0])
+
+    def detection_image_ids(self) -> np.ndarray:
+        """Image id of every detection (int64 [N])."""
+        return self.image_ids[self.occurrence]
+
+
+def _concat(payloads: Sequence[EvalPayload]) -> EvalPayload:
+    """Concatenate payloads, shifting occurrence indices so they point into the joined image list."""
+    if not payloads:
+        return EvalPayload.empty()
+    offsets = np.cumsum([0] + [p.image_ids.shape[0] for p in payloads[:-1]])
+    return EvalPayload(
+        image_ids=np.concatenate([p.image_ids for p in payloads]).astype(np.int64, copy=False),
+        occurrence=np.concatenate([p.occurrence + off for p, off in zip(payloads, offsets)]).astype(np.int64),
+        boxes=np.concatenate([p.boxes.reshape(-1, 4) for p in payloads]).astype(np.float64, copy=False),
+        scores=np.concatenate([p.scores for p in payloads]).astype(np.float64, copy=False),
+        category_ids=np.concatenate([p.category_ids for p in payloads]).astype(np.int64, copy=False),
+    )
+
+
+def merge_payloads(payloads: Sequence[EvalPayload]) -> EvalPayload:
+    """Join the payloads of several ranks (in rank order) so that every image counts exactly once.
+
+    A distributed sampler pads its shards by repeating images, so the same image id can reach the evaluator
+    more than once. For each image id only the detections of its *first* occurrence (lowest rank, then
+    earliest ``update`` on that rank) are kept. The result lists each image id once, sorted; merging is
+    idempotent.
+    """
+    joined = _concat(payloads)
+    unique_ids, first = np.unique(joined.image_ids, return_index=True)
+    owner = np.zeros(joined.image_ids.shape[0], dtype=bool)
+    owner[first] = True
+    keep = owner[joined.occurrence]
+    kept_image_ids = joined.image_ids[joined.occurrence[keep]]
+    return EvalPayload(
+        image_ids=unique_ids.astype(np.int64, copy=False),
+        occurrence=np.searchsorted(unique_ids, kept_image_ids).astype(np.int64),
+        boxes=joined.boxes[keep],
+        scores=joined.scores[keep],
+        category_ids=joined.category_ids[keep],
+    )
+
+
+def _to_numpy(x: Any, dtype: np.dtype, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+        torch_dtype = torch.float64 if np.dtype(dtype).kind == "f" else torch.int64
+        return t.to(device="cpu", dtype=torch_dtype).numpy()
+    try:
+        return np.asarray(x, dtype=dtype)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name}: cannot convert {type(x)!r} to an array of {np.dtype(dtype)}") from e
+
+
+# ---------------------------------------------------------------------------------------------- evaluator
+class CocoEvaluator:
+    """Accumulates detections over an evaluation epoch and computes the 12 COCO bbox metrics.
+
+    Typical use::
+
+        ev = CocoEvaluator(coco_gt)            # pycocotools COCO, or a path to instances_*.json
+        for batch in loader:
+            ev.update(image_ids=..., boxes=..., scores=..., category_ids=..., num_detections=...)
+        metrics = ev.compute()                 # {"AP": ..., "AP50": ..., ..., "ARl": ...}
+        print(ev.summary)                      # the standard 12-line summary
+        ev.write_predictions("predictions.json")
+
+    Args:
+        coco_gt: the ground truth, as a pycocotools ``COCO`` object or a COCO instances JSON path.
+        backend: "pycocotools" (default) or "faster_coco_eval" (same numbers, faster on large sets).
+    """
+
+    def __init__(self, coco_gt: COCO | str | os.PathLike, *, backend: str = "pycocotools") -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown COCO evaluation backend {backend!r}; expected one of {BACKENDS}")
+        if backend == "faster_coco_eval":
+            _import_faster_coco_eval()
+        self.coco_gt = load_coco(coco_gt)
+        self.backend = backend
+        self._gt_image_ids = np.asarray(sorted(self.coco_gt.getImgIds()), dtype=np.int64)
+        self._gt_category_ids = np.asarray(sorted(self.coco_gt.getCatIds()), dtype=np.int64)
+        self._faster_gt = None  # the ground truth as a faster_coco_eval COCO, built on first use
+        self.summary: str = ""
+        self.reset()
+
+    # ------------------------------------------------------------------ accumulation
+    def reset(self) -> None:
+        """Forget every detection and image seen so far."""
+        self._chunks: list[EvalPayload] = []
+        self.summary = ""
+
+    def update(
+        self,
+        *,
+        image_ids: Sequence[int] | torch.Tensor,
+        boxes: torch.Tensor,
+        scores: torch.Tensor,
+        category_ids: torch.Tensor,
+        num_detections: torch.Tensor | None = None,
+    ) -> None:
+        """Add one batch of detections.
+
+        Args:
+            image_ids: [B] dataset image ids; every one is recorded as evaluated, even with no detections.
+            boxes: [B, D, 4] boxes (x1, y1, x2, y2) in original image pixels.
+            scores: [B, D] confidences.
+            category_ids: [B, D] dataset category ids; rows with a negative id are padding.
+            num_detections: [B] number of valid rows per image; later rows are padding. ``None``: all rows.
+        """
+        ids = _to_numpy(image_ids, np.int64, "image_ids").reshape(-1)
+        b = ids.shape[0]
+        bx = _to_numpy(boxes, np.float64, "boxes")
+        sc = _to_numpy(scores, np.float64, "scores")
+        cats = _to_numpy(category_ids, np.int64, "category_ids")
+        if bx.ndim != 3 or bx.shape[0] != b or bx.shape[2] != 4:
+            raise ValueError(f"boxes must have shape [B={b}, D, 4], got {tuple(bx.shape)}")
+        d = bx.shape[1]
+        if sc.shape != (b, d):
+            raise ValueError(f"scores must have shape [B, D] = {(b, d)}, got {tuple(sc.shape)}")
+        if cats.shape != (b, d):
+            raise ValueError(f"category_ids must have shape [B, D] = {(b, d)}, got {tuple(cats.shape)}")
+        unknown = np.setdiff1d(ids, self._gt_image_ids)
+        if unknown.size:
+            raise ValueError(f"image ids not in the ground truth: {unknown[:10].tolist()}")
+
+        valid = cats >= 0
+        if num_detections is not None:
+            nd = _to_numpy(num_detections, np.int64, "num_detections").reshape(-1)
+            if nd.shape[0] != b:
+                raise ValueError(f"num_detections must have shape [B={b}], got {tuple(nd.shape)}")
+            valid &= np.arange(d)[None, :] < nd[:, None]
+        rows, cols = np.nonzero(valid)
+        sel_boxes = bx[rows, cols]
+        sel_scores = sc[rows, cols]
+        sel_cats = cats[rows, cols]
+        if not (np.isfinite(sel_boxes).all() and np.isfinite(sel_scores).all()):
+            raise ValueError("detections contain non-finite boxes or scores")
+        bad_cats = np.setdiff1d(sel_cats, self._gt_category_ids)
+        if bad_cats.size:
+            raise ValueError(f"category ids not in the ground truth: {bad_cats[:10].tolist()}")
+
+        xywh = np.empty_like(sel_boxes)
+        xywh[:, :2] = sel_boxes[:, :2]
+        xywh[:, 2:] = sel_boxes[:, 2:] - sel_boxes[:, :2]
+        self._chunks.append(
+            EvalPayload(
+                image_ids=ids.copy(),
+                occurrence=rows.astype(np.int64),
+                boxes=xywh,
+                scores=sel_scores,
+                category_ids=sel_cats,
+            )
+        )
+
+    def payload(self) -> EvalPayload:
+        """Everything this evaluator holds, as one payload (before de-duplication)."""
+        if len(self._chunks) != 1:
+            self._chunks = [_concat(self._chunks)]
+        return self._chunks[0]
+
+    def load_payload(self, payload: EvalPayload) -> None:
+        """Replace the held detections by ``payload`` (e.g. the merged payload of all ranks)."""
+        self._chunks = [payload]
+
+    def gather(self) -> None:
+        """Collect every rank's detections (when running distributed) and count each image once.
+
+        With an initialized process group of world size > 1 this is a collective call: every rank must call
+        it, and afterwards every rank holds the same merged detections. Otherwise only de-duplicates images
+        updated more than once.
+        """
+        local = self.payload()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            if world > 1:
+                gathered: list[Any] = [None] * world
+                torch.distributed.all_gather_object(gathered, local)
+                self.load_payload(merge_payloads(gathered))
+                return
+        self.load_payload(merge_payloads([local]))
+
+    # ------------------------------------------------------------------ evaluation
+    @property
+    def image_ids(self) -> list[int]:
+        """Sorted ids of the images seen so far (on this rank, or all ranks after :meth:`gather`)."""
+        return np.unique(self.payload().image_ids).tolist()
+
+    def compute(self) -> dict[str, float]:
+        """Gather, evaluate the images seen, and return the 12 COCO numbers; sets :attr:`summary`."""
+        self.gather()
+        payload = self.payload()
+        if payload.image_ids.size == 0:
+            raise RuntimeError("CocoEvaluator.compute() called before any update(): no images to evaluate")
+        dt_dataset = {
+            "info": dict(self.coco_gt.dataset.get("info", {})),
+            "images": list(self.coco_gt.dataset["images"]),
+            "categories": [dict(c) for c in self.coco_gt.dataset["categories"]],
+            "annotations": self._annotations(payload),
+        }
+        img_ids = payload.image_ids.tolist()  # unique and sorted after gather()
+        if self.backend == "pycocotools":
+            stats, summary = self._eval_pycocotools(dt_dataset, img_ids)
+        else:
+            stats, summary = self._eval_faster(dt_dataset, img_ids)
+        self.summary = summary
+        return {name: float(v) for name, v in zip(METRIC_NAMES, stats[: len(METRIC_NAMES)])}
+
+    def _eval_pycocotools(self, dt_dataset: dict, img_ids: list[int]) -> tuple[np.ndarray, str]:
+        sink = io.StringIO()
+        with contextlib.redirect_stdout(sink):
+            coco_dt = _coco_from_dataset(dt_dataset)
+            ev = COCOeval(self.coco_gt, coco_dt, iouType="bbox")
+            ev.params.imgIds = img_ids
+            ev.evaluate()
+            ev.accumulate()
+        text = io.StringIO()
+        with contextlib.redirect_stdout(text):
+            ev.summarize()
+        return np.asarray(ev.stats, dtype=np.float64), text.getvalue().rstrip("\n")
+
+    def _eval_faster(self, dt_dataset: dict, img_ids: list[int]) -> tuple[np.ndarray, str]:
+        fce = _import_faster_coco_eval()
+
+        def quiet(*args: Any, **kwargs: Any) -> None:
+            return None
+
+        if self._faster_gt is None:
+            self._faster_gt = fce.COCO(self.coco_gt.dataset, print_function=quiet)
+        coco_dt = fce.COCO(dt_dataset, print_function=quiet)
+        ev = fce.COCOeval_faster(self._faster_gt, coco_dt, iouType="bbox", print_function=quiet)
+        ev.params.imgIds = img_ids
+        ev.evaluate()
+        ev.accumulate()
+        lines: list[str] = []
+        ev.print_function = lambda *args, **kwargs: lines.append(" ".join(str(a) for a in args))
+        ev.summarize()
+        # This backend adds AR@0.5 and AR@0.75 after the standard 12 lines.
+        return np.asarray(ev.stats, dtype=np.float64), "\n".join(lines[: len(METRIC_NAMES)])
+
+    @staticmethod
+    def _annotations(payload: EvalPayload) -> list[dict[str, Any]]:
+        """Detections as COCO result annotations with the fields the evaluation reads (id, area, iscrowd)."""
+        boxes = payload.boxes
+        areas = (boxes[:, 2] * boxes[:, 3]).tolist()
+        return [
+            {"id": i + 1, "image_id": img, "category_id": cat, "bbox": box, "score": score,
+             "area": area, "iscrowd": 0}
+            for i, (img, cat, box, score, area) in enumerate(
+                zip(payload.detection_image_ids().tolist(), payload.category_ids.tolist(), boxes.tolist(),
+                    payload.scores.tolist(), areas)
+            )
+        ]
+
+    # ------------------------------------------------------------------ outputs
+    def results(self) -> list[dict[str, Any]]:
+        """The detections in the COCO results format: image_id, category_id, bbox [x, y, w, h], score.
+
+        Images updated more than once count once; after :meth:`compute` in a distributed run this is every
+        rank's detections.
+        """
+        payload = merge_payloads([self.payload()])
+        return [
+            {"image_id": img, "category_id": cat, "bbox": box, "score": score}
+            for img, cat, box, score in zip(
+                payload.detection_image_ids().tolist(), payload.category_ids.tolist(), payload.boxes.tolist(),
+                payload.scores.tolist(),
+            )
+        ]
+
+    def write_predictions(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`results` as a COCO results JSON file, atomically."""
+        return atomic_write_json(path, self.results())
+
+    @staticmethod
+    def write_metrics(path: str | os.PathLike, metrics: dict[str, float]) -> Path:
+        """Write a metrics dict as JSON, atomically."""
+        return atomic_write_json(path, {k: float(v) for k, v in metrics.items()}, indent=2)
+
+
+def _import_faster_coco_eval():
+    try:
+        import faster_coco_eval
+    except ImportError as e:
+        raise ImportError(
+            "COCO evaluation backend 'faster_coco_eval' needs the faster-coco-eval package "
+            "(pip install faster-coco-eval), or use backend='pycocotools'"
+        ) from e
+    return faster_coco_eval

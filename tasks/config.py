@@ -1,0 +1,41 @@
+"""Config helpers used at the edges (tools/, tests/): OmegaConf resolvers and instantiation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from models.scaling import get_scale
+
+__all__ = ["CONFIG_DIR", "register_resolvers", "compose"]
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _scale_field(scale: str, field: str):
+    row = get_scale(str(scale)).as_dict()
+    if field not in row:
+        raise KeyError(f"EfficientDet scale has no field {field!r}; fields: {sorted(row)}")
+    return row[field]
+
+
+def register_resolvers() -> None:
+    """``${effdet:d3,fpn_channels}`` reads the compound-scaling table; ``${mul:a,b}`` and ``${len:list}``."""
+    if not OmegaConf.has_resolver("effdet"):
+        OmegaConf.register_new_resolver("effdet", _scale_field)
+    if not OmegaConf.has_resolver("mul"):
+        OmegaConf.register_new_resolver("mul", lambda a, b: a * b)
+    if not OmegaConf.has_resolver("len"):
+        OmegaConf.register_new_resolver("len", lambda x: len(x))
+
+
+def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose a config from ``configs/`` outside of ``hydra.main`` (tests, notebooks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=False)

@@ -1,0 +1,187 @@
+"""The detection task: composes a plain detector module with anchors, target assignment, loss,
+post-processing and COCO evaluation, and trains it with Lightning."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from heads import AnchorGenerator, DetectionLoss, DetectionPostProcess, TargetAssigner, flatten_levels
+
+from .optim import WarmupCosine, param_groups
+
+__all__ = ["DetectionTask", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DetectionTask(L.LightningModule):
+    """Trains and evaluates a detector that returns :class:`heads.DetectionOutput`.
+
+    Batches are the dicts of :func:`datasets.collate_detection`: uint8 images are normalised on the device
+    (so data workers move bytes, not floats).
+
+    Args:
+        model: ``images -> DetectionOutput`` (e.g. :class:`models.Detector`).
+        num_classes: number of foreground classes (contiguous labels ``0 .. num_classes-1``).
+        anchors, assigner, loss, postprocess: the composed detection pieces.
+        optimizer: ``params -> torch.optim.Optimizer`` (e.g. ``functools.partial(torch.optim.SGD, lr=...)``).
+        weight_decay: applied to conv/linear weights only (not to norms, biases or fusion weights).
+        warmup_steps, warmup_factor, min_lr_factor: the warmup + cosine schedule, stepped per optimizer step.
+        channels_last: run the model in channels-last memory format.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        num_classes: int,
+        anchors: AnchorGenerator,
+        assigner: TargetAssigner,
+        loss: DetectionLoss,
+        postprocess: DetectionPostProcess,
+        optimizer: Callable[[Iterable], torch.optim.Optimizer],
+        weight_decay: float = 4e-5,
+        warmup_steps: int = 500,
+        warmup_factor: float = 0.1,
+        min_lr_factor: float = 0.0,
+        channels_last: bool = False,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.num_classes = num_classes
+        self.anchors = anchors
+        self.assigner = assigner
+        self.loss = loss
+        self.postprocess = postprocess
+        self.optimizer_factory = optimizer
+        self.weight_decay = weight_decay
+        self.warmup_steps = warmup_steps
+        self.warmup_factor = warmup_factor
+        self.min_lr_factor = min_lr_factor
+        self.channels_last = channels_last
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
+        #: Set by the runner: the resolved run config, stored in every checkpoint so it is self-describing.
+        self.run_config: dict | None = None
+        #: Set before validation (see :meth:`attach_evaluator`): accumulates COCO-format predictions.
+        self.evaluator = None
+        self.category_ids: torch.Tensor | None = None
+        self.last_metrics: dict[str, float] = {}
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    # ------------------------------------------------------------------ forward pieces
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalised images -> flat class logits ``[B, A, C]``, box deltas ``[B, A, 4]`` and anchors ``[A, 4]``."""
+        out = self.model(images)
+        cls = flatten_levels(out.cls_logits, self.num_classes)
+        box = flatten_levels(out.box_deltas, 4)
+        shapes = {k: tuple(v.shape[-2:]) for k, v in out.cls_logits.items()}
+        anchors = self.anchors(shapes, device=cls.device)
+        return cls, box, anchors
+
+    def _losses(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], tuple]:
+        images = self.normalize(batch["images"])
+        cls, box, anchors = self(images)
+        cls_t, box_t, num_pos = self.assigner(anchors, batch["boxes"], batch["labels"])
+        losses = self.loss(cls, box, cls_t, box_t, num_pos)
+        return losses, (cls, box, anchors, images.shape[-2:])
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        losses, _ = self._losses(batch)
+        bs = batch["images"].shape[0]
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs)
+        self.log("train/cls_loss", losses["cls_loss"], batch_size=bs)
+        self.log("train/box_loss", losses["box_loss"], batch_size=bs)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=bs)
+        return losses["loss"]
+
+    def attach_evaluator(self, evaluator, category_ids: Sequence[int]) -> None:
+        """Use ``evaluator`` (a :class:`tasks.coco_eval.CocoEvaluator`) for validation; ``category_ids[k]`` is
+        the dataset category id of contiguous label ``k``."""
+        self.evaluator = evaluator
+        self.category_ids = torch.as_tensor(list(category_ids), dtype=torch.long)
+
+    def on_validation_epoch_start(self) -> None:
+        if self.evaluator is None:
+            dm = getattr(self.trainer, "datamodule", None)
+            if dm is None or not hasattr(dm, "make_evaluator"):
+                raise RuntimeError("validation needs a COCO evaluator: call attach_evaluator() or use a datamodule")
+            self.attach_evaluator(dm.make_evaluator(), dm.category_ids)
+        self.evaluator.reset()
+
+    @torch.no_grad()
+    def predict_batch(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Detections in ORIGINAL image pixels with dataset category ids (padding rows have label -1)."""
+        images = self.normalize(batch["images"])
+        cls, box, anchors = self(images)
+        return self._detections(cls, box, anchors, images.shape[-2:], batch)
+
+    def _detections(self, cls, box, anchors, hw, batch) -> dict[str, torch.Tensor]:
+        scales = batch["scales"].to(cls.device, torch.float32).view(-1, 1, 1)
+        # Clip to the part of the padded input that holds the image.
+        valid_hw = batch["orig_sizes"].to(cls.device, torch.float32) * scales.view(-1, 1)
+        det = self.postprocess(cls, box, anchors, valid_hw)
+        boxes = det["boxes"] / scales
+        labels = det["labels"]
+        cat_ids = self.category_ids.to(labels.device)[labels.clamp(min=0)]
+        cat_ids = torch.where(labels >= 0, cat_ids, torch.full_like(cat_ids, -1))
+        return {"boxes": boxes, "scores": det["scores"], "category_ids": cat_ids, "labels": labels,
+                "num_detections": det["num_detections"]}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        losses, (cls, box, anchors, hw) = self._losses(batch)
+        bs = batch["images"].shape[0]
+        self.log("val/loss", losses["loss"], batch_size=bs, sync_dist=True)
+        det = self._detections(cls, box, anchors, hw, batch)
+        self.evaluator.update(
+            image_ids=batch["image_ids"].cpu(),
+            boxes=det["boxes"].float().cpu(),
+            scores=det["scores"].float().cpu(),
+            category_ids=det["category_ids"].cpu(),
+            num_detections=det["num_detections"].cpu(),
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self.evaluator.compute()
+        self.last_metrics = metrics
+        if self.trainer.is_global_zero:
+            print(self.evaluator.summary, flush=True)
+        for k, v in metrics.items():
+            # Every rank holds the same gathered numbers, so no reduction is needed.
+            self.log(f"val/{k}", float(v), prog_bar=k in ("AP", "AP50"), rank_zero_only=False)
+
+    def configure_optimizers(self):
+        opt = self.optimizer_factory(param_groups(self.model, self.weight_decay))
+        total = int(self.trainer.estimated_stepping_batches)
+        schedule = WarmupCosine(
+            total_steps=max(total, 1),
+            # A short run spends at most a fifth of its steps warming up.
+            warmup_steps=min(self.warmup_steps, total // 5),
+            warmup_factor=self.warmup_factor,
+            min_factor=self.min_lr_factor,
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.run_config is not None:
+            checkpoint["effdense_config"] = self.run_config

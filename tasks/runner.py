@@ -1,0 +1,166 @@
+"""Train and evaluate from a composed config. ``tools/train.py`` and ``tools/eval.py`` are thin wrappers."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+
+from .callbacks import EMA
+from .coco_eval import atomic_write_json
+
+__all__ = ["build_model", "build_task", "train", "evaluate", "load_checkpoint_weights", "CheckpointError"]
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or holds weights of another model."""
+
+
+def build_model(cfg: DictConfig) -> torch.nn.Module:
+    return instantiate(cfg.model)
+
+
+def build_task(cfg: DictConfig, model: torch.nn.Module | None = None) -> L.LightningModule:
+    model = build_model(cfg) if model is None else model
+    task = instantiate(cfg.task.module, model=model)
+    task.run_config = OmegaConf.to_container(cfg, resolve=True)
+    return task
+
+
+def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[L.Callback]:
+    monitor = cfg.checkpoint.monitor
+    callbacks: list[L.Callback] = [
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename=f"best-{{epoch:03d}}-{{{monitor}:.4f}}",
+            monitor=monitor,
+            mode=cfg.checkpoint.mode,
+            save_top_k=cfg.checkpoint.save_top_k,
+            save_last=True,
+            auto_insert_metric_name=False,
+        ),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    if cfg.ema.enabled:
+        callbacks.append(EMA(decay=cfg.ema.decay, warmup=cfg.ema.warmup))
+    return callbacks
+
+
+def _write_run_config(cfg: DictConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    tmp = run_dir / ".config.yaml.tmp"
+    tmp.write_text(text)
+    tmp.replace(run_dir / "config.yaml")
+
+
+def _resolve_resume(ckpt_path: str | None, ckpt_dir: Path) -> str | None:
+    if ckpt_path in (None, ""):
+        return None
+    if ckpt_path == "last":
+        last = ckpt_dir / "last.ckpt"
+        if not last.is_file():
+            log.warning("ckpt_path=last but %s does not exist: starting a new run", last)
+            return None
+        return str(last)
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint to resume from not found: {path}")
+    return str(path)
+
+
+def _write_eval_outputs(task, run_dir: Path) -> dict[str, float]:
+    metrics = {k: float(v) for k, v in task.last_metrics.items()}
+    if task.trainer is None or task.trainer.is_global_zero:
+        atomic_write_json(run_dir / "metrics.json", metrics)
+        task.evaluator.write_predictions(run_dir / "predictions.json")
+    return metrics
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Fit the configured task; returns final metrics (empty when ``eval_after_train`` is off)."""
+    run_dir = Path(run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    datamodule.check()
+    _write_run_config(cfg, run_dir)
+    task = build_task(cfg)
+    ckpt_dir = run_dir / "checkpoints"
+    trainer = L.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        default_root_dir=str(run_dir),
+        callbacks=_callbacks(cfg, ckpt_dir),
+        logger=CSVLogger(save_dir=str(run_dir), name="logs", version=""),
+    )
+    trainer.fit(task, datamodule=datamodule, ckpt_path=_resolve_resume(cfg.ckpt_path, ckpt_dir))
+    result: dict[str, Any] = {"run_dir": str(run_dir)}
+    if cfg.eval_after_train and not cfg.trainer.get("fast_dev_run", False):
+        # After fit the EMA callback has copied the averaged weights into the module.
+        trainer.validate(task, datamodule=datamodule, verbose=False)
+        result["metrics"] = _write_eval_outputs(task, run_dir)
+    return result
+
+
+def load_checkpoint_weights(model: torch.nn.Module, path: str | Path, prefix: str = "model.") -> dict:
+    """Load the (EMA) weights of a training checkpoint into ``model``; any mismatch is a :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with the file name
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(err).__name__}: {err})") from err
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: has no 'state_dict' (not a training checkpoint of this project)")
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    target = model.state_dict()
+    missing = [k for k in target if k not in weights]
+    unexpected = [k for k in weights if k not in target]
+    shapes = [
+        f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in target.items()
+        if k in weights and weights[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches, e.g. {shapes[:3]}")
+        if missing:
+            parts.append(f"{len(missing)} missing keys, e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}")
+        raise CheckpointError(
+            f"{path} holds weights of another model (check backbone=, scale and data.num_classes): " + "; ".join(parts)
+        )
+    model.load_state_dict(weights, strict=True)
+    return ckpt
+
+
+def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
+    """Evaluate ``cfg.ckpt`` on the val split; writes metrics.json and predictions.json into ``run_dir``."""
+    run_dir = Path(run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    datamodule.check((datamodule.val_split,))
+    _write_run_config(cfg, run_dir)
+    task = build_task(cfg)
+    load_checkpoint_weights(task.model, cfg.ckpt)
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    for key in ("max_epochs", "max_steps", "gradient_clip_val", "gradient_clip_algorithm", "check_val_every_n_epoch"):
+        trainer_kwargs.pop(key, None)
+    trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(run_dir), logger=False)
+    trainer.validate(task, datamodule=datamodule, verbose=False)
+    metrics = _write_eval_outputs(task, run_dir)
+    log.info("metrics: %s", json.dumps(metrics))
+    return metrics

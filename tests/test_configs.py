@@ -1,0 +1,92 @@
+"""Compose every config group option and instantiate what it describes."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from tasks.config import CONFIG_DIR, compose
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def test_defaults_compose_to_d0_coco():
+    cfg = compose("train")
+    assert cfg.scale == "d0" and cfg.model.image_size == 512
+    assert cfg.neck.channels == 64 and cfg.neck.num_repeats == 3 and cfg.head.depth == 3
+    assert cfg.head.num_classes == cfg.data.num_classes == 90
+    assert cfg.head.num_anchors == 9
+    assert cfg.task.module.loss.num_classes == 90
+
+
+@pytest.mark.parametrize("backbone", _options("backbone"))
+def test_every_backbone_option_composes(backbone):
+    overrides = [f"backbone={backbone}"]
+    if backbone == "timm":
+        overrides.append("backbone.name=resnet18")
+    cfg = compose("train", overrides)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["model"]["neck"]["channels"] > 0
+    if backbone.removeprefix("tf_").startswith("b"):
+        i = int(backbone[-1])
+        row = "d7x" if i == 7 else f"d{i}"
+        assert cfg.scale == row
+        assert cfg.padding == ("same" if backbone.startswith("tf_") else "native")
+
+
+def test_b3_selects_d3_row_and_overrides_win():
+    cfg = compose("train", ["backbone=b3"])
+    assert (cfg.model.image_size, cfg.neck.channels, cfg.neck.num_repeats, cfg.head.depth) == (896, 160, 6, 4)
+    cfg = compose("train", ["backbone=b3", "model.image_size=640", "neck.num_repeats=2"])
+    assert cfg.model.image_size == 640 and cfg.data.image_size == 640 and cfg.neck.num_repeats == 2
+    cfg = compose("train", ["backbone=b6", "scale=d7"])
+    assert cfg.model.image_size == 1536 and cfg.anchors.anchor_scale == 5.0
+
+
+@pytest.mark.parametrize("group", ["data", "neck", "head", "trainer", "task", "experiment"])
+def test_every_group_option_composes(group):
+    for option in _options(group):
+        cfg = compose("train", [f"{group}={option}"])
+        OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_model_instantiates_to_plain_module():
+    cfg = compose("train", ["neck.channels=16", "neck.num_repeats=1", "data.num_classes=3"])
+    model = instantiate(cfg.model)
+    assert isinstance(model, torch.nn.Module)
+    assert not any("lightning" in type(m).__module__ for m in model.modules())
+    out = model.eval()(torch.randn(1, 3, 128, 128))
+    assert out.cls_logits["p3"].shape[1] == 9 * 3
+
+
+def test_task_pieces_instantiate():
+    cfg = compose("train", ["data.num_classes=3"])
+    module_cfg = cfg.task.module
+    for key in ("anchors", "assigner", "loss", "postprocess"):
+        obj = instantiate(module_cfg[key])
+        assert obj is not None
+    opt = instantiate(module_cfg.optimizer)
+    assert isinstance(opt, functools.partial)
+
+
+def test_trainer_config_is_lightning_trainer_kwargs():
+    import inspect
+
+    import lightning as L
+
+    cfg = compose("train")
+    allowed = set(inspect.signature(L.Trainer.__init__).parameters)
+    assert set(cfg.trainer) <= allowed
+
+
+def test_unknown_key_is_an_error():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        compose("train", ["trainer.max_epoch=3"])

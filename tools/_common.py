@@ -1,0 +1,34 @@
+"""Shared start-up for the command-line tools: import path, resolvers, clean error reporting."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from tasks.config import register_resolvers  # noqa: E402
+
+register_resolvers()
+
+CONFIG_PATH = str(ROOT / "configs")
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Report user errors (missing data, bad input, wrong checkpoint) as one line and exit with status 2."""
+    from backbones.timm_backbone import WeightsMismatchError
+    from datasets.errors import DatasetError
+    from tasks.runner import CheckpointError
+
+    try:
+        yield
+    except (DatasetError, CheckpointError, WeightsMismatchError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

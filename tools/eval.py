@@ -1,0 +1,24 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint on the val split: ``python tools/eval.py task=detection backbone=b3 ckpt=PATH``.
+
+Prints the 12 COCO numbers and writes ``metrics.json`` and ``predictions.json`` (COCO results format,
+original image ids and category ids, xywh boxes in original pixels) into the run directory.
+"""
+
+from _common import CONFIG_PATH, user_errors
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    from tasks.runner import evaluate
+
+    with user_errors():
+        evaluate(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()
