@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install "torch==2.14.1" "torchvision==0.29.1" || $(PY) -m pip install torch torchvision
-	$(PY) -m pip install -e ".[dev,test]"
+	$(PY) -m pip install -e ".[dev,test]" --config-settings editable_mode=compat
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from .errors import DatasetError, DatasetNotFoundError
 
-__all__ = ["CocoDetection", "collate_detection", "load_coco_annotations", "LABEL_MODES"]
+__all__ = ["LABEL_MODES", "CocoDetection", "collate_detection", "load_coco_annotations"]
 
 log = logging.getLogger(__name__)
 
@@ -25,33 +25,56 @@ log = logging.getLogger(__name__)
 #: "category_id": label = category id - 1 (COCO's 90-class label space, as the published EfficientDet models).
 LABEL_MODES = ("contiguous", "category_id")
 
+_IMREAD_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # COCO boxes refer to the stored pixels
+
+
+def _first_bad(mask: np.ndarray) -> int | None:
+    bad = np.flatnonzero(mask)
+    return int(bad[0]) if bad.size else None
+
 
 def load_coco_annotations(ann_file: str | Path) -> COCO:
-    """Load and validate a COCO instances file; errors name the file and the problem."""
-    ann_file = Path(ann_file)
+    """Load and validate a COCO instances file into a pycocotools ``COCO`` (its prints suppressed).
+
+    Raises :class:`DatasetNotFoundError` when the file does not exist and :class:`DatasetError` naming the
+    file and the problem when it is not JSON or lacks what a detection dataset needs.
+    """
+    ann_file = Path(ann_file).expanduser()
     if not ann_file.is_file():
         raise DatasetNotFoundError(f"annotation file not found: {ann_file}")
     try:
-        data = json.loads(ann_file.read_text())
+        with open(ann_file, "rb") as f:
+            data = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DatasetError(f"{ann_file}: not a readable JSON file ({err})") from err
     if not isinstance(data, dict):
-        raise DatasetError(f"{ann_file}: expected a JSON object with images/annotations/categories")
+        raise DatasetError(f"{ann_file}: expected a JSON object with images, annotations and categories")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise DatasetError(f"{ann_file}: missing or invalid '{key}' list")
+    if not data["categories"]:
+        raise DatasetError(f"{ann_file}: the 'categories' list is empty")
+
     image_ids = set()
     for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or not {"id", "file_name", "height", "width"} <= set(img):
+        if not isinstance(img, dict) or not {"id", "file_name", "height", "width"} <= img.keys():
             raise DatasetError(f"{ann_file}: images[{i}] needs id, file_name, height and width")
+        if img["id"] in image_ids:
+            raise DatasetError(f"{ann_file}: image id {img['id']} appears more than once")
+        if not all(isinstance(v, (int, float)) and float(v).is_integer() and v > 0 for v in (img["height"], img["width"])):
+            raise DatasetError(f"{ann_file}: image id {img['id']} has an invalid size {img['height']}x{img['width']}")
         image_ids.add(img["id"])
     cat_ids = set()
     for i, cat in enumerate(data["categories"]):
-        if not isinstance(cat, dict) or not {"id", "name"} <= set(cat):
-            raise DatasetError(f"{ann_file}: categories[{i}] needs id and name")
+        if not isinstance(cat, dict) or not {"id", "name"} <= cat.keys() or not isinstance(cat["id"], int):
+            raise DatasetError(f"{ann_file}: categories[{i}] needs an integer id and a name")
+        if cat["id"] in cat_ids:
+            raise DatasetError(f"{ann_file}: category id {cat['id']} appears more than once")
         cat_ids.add(cat["id"])
-    for i, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict) or not {"id", "image_id", "category_id", "bbox"} <= set(ann):
+
+    anns = data["annotations"]
+    for i, ann in enumerate(anns):
+        if not isinstance(ann, dict) or not {"id", "image_id", "category_id", "bbox"} <= ann.keys():
             raise DatasetError(f"{ann_file}: annotations[{i}] needs id, image_id, category_id and bbox")
         if ann["image_id"] not in image_ids:
             raise DatasetError(f"{ann_file}: annotation id {ann['id']} refers to unknown image id {ann['image_id']}")
@@ -61,10 +84,20 @@ def load_coco_annotations(ann_file: str | Path) -> COCO:
                 "which is not in the categories list"
             )
         bbox = ann["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+        if not (isinstance(bbox, list) and len(bbox) == 4
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
             raise DatasetError(f"{ann_file}: annotation id {ann['id']} has a malformed bbox {bbox!r}")
-        if bbox[2] < 0 or bbox[3] < 0:
-            raise DatasetError(f"{ann_file}: annotation id {ann['id']} has a negative box size {bbox!r}")
+    if anns:
+        boxes = np.asarray([a["bbox"] for a in anns], dtype=np.float64)
+        bad = _first_bad(~np.isfinite(boxes).all(1))
+        if bad is not None:
+            raise DatasetError(f"{ann_file}: annotation id {anns[bad]['id']} has a non-finite bbox {anns[bad]['bbox']}")
+        bad = _first_bad((boxes[:, 2] < 0) | (boxes[:, 3] < 0))
+        if bad is not None:
+            raise DatasetError(
+                f"{ann_file}: annotation id {anns[bad]['id']} has a negative box size {anns[bad]['bbox']!r}"
+            )
+
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
@@ -73,14 +106,26 @@ def load_coco_annotations(ann_file: str | Path) -> COCO:
 
 
 class CocoDetection(Dataset):
-    """Images and boxes of a COCO instances file.
+    """Images and boxes of a COCO instances file (any folder in the COCO layout).
 
-    Crowd annotations are kept in ``coco`` (evaluation uses them) but are not training targets; boxes with
-    width or height below ``min_box_size`` are dropped and counted in ``num_degenerate``. Images without
-    objects are kept and train as pure background.
+    Args:
+        image_dir: folder holding the images (``file_name`` is relative to it).
+        ann_file: COCO instances JSON.
+        transform: ``(image HxWx3 uint8 RGB, boxes [N, 4] xyxy, labels [N] int64) -> dict(image, boxes,
+            labels, scale)``, e.g. :func:`datasets.build_train_transform` / :func:`datasets.build_eval_transform`.
+        min_box_size: non-crowd boxes narrower or shorter than this (in original pixels, after clipping to
+            the image) are dropped and counted in ``num_degenerate``.
+        label_mode: ``"contiguous"`` (label k is ``cat_ids[k]``, the k-th category in id order) or
+            ``"category_id"`` (label = category id - 1; ``cat_ids`` is ``1..num_classes``).
+        num_classes: size of the label space for ``label_mode="category_id"`` (default: the largest id).
 
-    Each sample: ``image`` uint8 ``[3, S, S]``, ``boxes`` float32 ``[N, 4]`` xyxy in network pixels,
-    ``labels`` int64 ``[N]``, ``image_id``, ``scale`` (network pixels per original pixel), ``orig_size`` (h, w).
+    Crowd annotations stay in ``coco`` (evaluation uses them) but are not training targets. Images without
+    objects are kept and train as pure background. Targets are precomputed into flat arrays at construction,
+    so ``__getitem__`` does no JSON work and touches no per-annotation Python objects.
+
+    Each sample is a dict: ``image`` uint8 ``[3, S, S]`` (contiguous CHW), ``boxes`` float32 ``[N, 4]`` xyxy
+    in output pixels, ``labels`` int64 ``[N]``, ``image_id`` int, ``scale`` float (output pixels per original
+    pixel), ``orig_size`` ``(h, w)``.
     """
 
     def __init__(
@@ -95,76 +140,135 @@ class CocoDetection(Dataset):
     ) -> None:
         if label_mode not in LABEL_MODES:
             raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
-        self.image_dir = Path(image_dir)
-        self.ann_file = Path(ann_file)
+        if not callable(transform):
+            raise TypeError(f"transform must be callable, got {type(transform).__name__}")
+        self.image_dir = Path(image_dir).expanduser()
+        self.ann_file = Path(ann_file).expanduser()
         if not self.image_dir.is_dir():
             raise DatasetNotFoundError(f"image folder not found: {self.image_dir}")
-        self.coco = load_coco_annotations(self.ann_file)
+        self._coco: COCO | None = load_coco_annotations(self.ann_file)
         self.transform = transform
         self.label_mode = label_mode
-        cats = sorted(self.coco.dataset["categories"], key=lambda c: c["id"])
+        self.min_box_size = float(min_box_size)
+        data = self._coco.dataset
+
+        cats = sorted(data["categories"], key=lambda c: c["id"])
         if label_mode == "contiguous":
             self.cat_ids = [c["id"] for c in cats]
-            self.class_names = [c["name"] for c in cats]
+            self.class_names = [str(c["name"]) for c in cats]
             label_of = {cid: k for k, cid in enumerate(self.cat_ids)}
         else:
-            size = num_classes if num_classes is not None else max(c["id"] for c in cats)
-            if max(c["id"] for c in cats) > size or min(c["id"] for c in cats) < 1:
-                raise DatasetError(f"{self.ann_file}: category ids must lie in 1..{size} for label_mode=category_id")
-            names = {c["id"]: c["name"] for c in cats}
+            size = int(num_classes) if num_classes is not None else cats[-1]["id"]
+            if cats[0]["id"] < 1 or cats[-1]["id"] > size:
+                raise DatasetError(
+                    f"{self.ann_file}: category ids must lie in 1..{size} for label_mode=category_id, "
+                    f"found {cats[0]['id']}..{cats[-1]['id']}"
+                )
+            names = {c["id"]: str(c["name"]) for c in cats}
             self.cat_ids = list(range(1, size + 1))
             self.class_names = [names.get(i, f"unused_{i}") for i in self.cat_ids]
             label_of = {cid: cid - 1 for cid in names}
         self.num_classes = len(self.cat_ids)
-        self.image_ids = sorted(self.coco.imgs)
-        self.num_degenerate = 0
-        self.num_crowd = 0
-        self._targets: list[tuple[np.ndarray, np.ndarray]] = []
-        for image_id in self.image_ids:
-            boxes, labels = [], []
-            for ann in self.coco.imgToAnns.get(image_id, []):
-                if ann.get("iscrowd", 0):
-                    self.num_crowd += 1
-                    continue
-                x, y, w, h = (float(v) for v in ann["bbox"])
-                if w < min_box_size or h < min_box_size:
-                    self.num_degenerate += 1
-                    continue
-                boxes.append((x, y, x + w, y + h))
-                labels.append(label_of[ann["category_id"]])
-            self._targets.append(
-                (np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels, dtype=np.int64))
-            )
+
+        # Per-image data as flat arrays (cheap to share with forked loader workers).
+        images = sorted(data["images"], key=lambda im: im["id"])
+        self.image_ids: list[int] = [int(im["id"]) for im in images]
+        self._file_names = np.asarray([str(im["file_name"]) for im in images], dtype=np.str_)
+        self._sizes = np.asarray([(im["height"], im["width"]) for im in images], dtype=np.int64).reshape(-1, 2)
+        self._boxes, self._labels, self._offsets = self._build_targets(data["annotations"], label_of)
+
+    def _build_targets(self, anns: list[dict], label_of: dict[int, int]):
+        """Flat xyxy boxes and labels of all non-crowd, non-degenerate annotations, grouped by image
+        (image k owns rows ``offsets[k]:offsets[k + 1]``)."""
+        index_of = {image_id: k for k, image_id in enumerate(self.image_ids)}
+        crowd = np.asarray([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
+        self.num_crowd = int(crowd.sum())
+        kept = [a for a, c in zip(anns, crowd) if not c]
+        img_idx = np.asarray([index_of[a["image_id"]] for a in kept], dtype=np.int64)
+        labels = np.asarray([label_of[a["category_id"]] for a in kept], dtype=np.int64)
+        xywh = np.asarray([a["bbox"] for a in kept], dtype=np.float64).reshape(-1, 4)
+        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+        hw = self._sizes[img_idx].astype(np.float64)
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, hw[:, 1:2])
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, hw[:, 0:1])
+        ok = ((boxes[:, 2] - boxes[:, 0]) >= self.min_box_size) & ((boxes[:, 3] - boxes[:, 1]) >= self.min_box_size)
+        self.num_degenerate = int((~ok).sum())
         if self.num_degenerate:
             log.warning(
-                "%s: dropped %d boxes with width or height < %s px", self.ann_file, self.num_degenerate, min_box_size
+                "%s: dropped %d of %d boxes narrower or shorter than %g px (after clipping to the image)",
+                self.ann_file, self.num_degenerate, len(kept), self.min_box_size,
             )
+        img_idx, labels, boxes = img_idx[ok], labels[ok], boxes[ok]
+        order = np.argsort(img_idx, kind="stable")  # keeps the file's annotation order within an image
+        counts = np.bincount(img_idx, minlength=len(self.image_ids))
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return boxes[order].astype(np.float32), labels[order], offsets
 
+    # ------------------------------------------------------------------ pycocotools object
+    @property
+    def coco(self) -> COCO:
+        """The pycocotools ``COCO`` of the annotation file (all annotations, crowds included)."""
+        if self._coco is None:  # dropped when pickled to a loader worker; reloaded only if asked for
+            self._coco = load_coco_annotations(self.ann_file)
+        return self._coco
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_coco"] = None  # workers never need it; spawning them must not copy a large JSON
+        return state
+
+    # ------------------------------------------------------------------ samples
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def image_path(self, index: int) -> Path:
+        return self.image_dir / str(self._file_names[index])
+
+    def targets(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Training targets of image ``index`` in original pixels: xyxy boxes float32 ``[N, 4]`` (clipped to
+        the image), labels int64 ``[N]``. Copies, safe to modify."""
+        a, b = self._offsets[index], self._offsets[index + 1]
+        return self._boxes[a:b].copy(), self._labels[a:b].copy()
+
     def read_image(self, index: int) -> np.ndarray:
-        info = self.coco.imgs[self.image_ids[index]]
-        path = self.image_dir / info["file_name"]
-        if not path.is_file():
-            raise DatasetError(f"{path}: image listed in {self.ann_file.name} (id {info['id']}) does not exist")
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        """The image as an HxWx3 uint8 RGB array; :class:`DatasetError` naming the file when it is missing,
+        corrupt or not the size the annotation file says."""
+        path = self.image_path(index)
+        try:
+            buf = np.fromfile(path, dtype=np.uint8)
+        except FileNotFoundError as err:
+            raise DatasetNotFoundError(
+                f"{path}: image listed in {self.ann_file.name} (id {self.image_ids[index]}) does not exist"
+            ) from err
+        except OSError as err:
+            raise DatasetError(f"{path}: cannot be read ({err})") from err
+        image = None
+        if buf.size:
+            try:
+                image = cv2.imdecode(buf, _IMREAD_FLAGS)
+            except cv2.error:
+                image = None
         if image is None:
             raise DatasetError(f"{path}: cannot be decoded as an image (corrupt or truncated file?)")
+        h, w = (int(v) for v in self._sizes[index])
+        if image.shape[:2] != (h, w):
+            raise DatasetError(
+                f"{path}: image is {image.shape[0]}x{image.shape[1]} (HxW) but {self.ann_file.name} says {h}x{w}"
+            )
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
     def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} images")
+        index = index % len(self)
         image = self.read_image(index)
         h, w = image.shape[:2]
-        boxes, labels = self._targets[index]
-        boxes = boxes.copy()
-        boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
-        boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
+        boxes, labels = self.targets(index)
         out = self.transform(image, boxes, labels)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1))),
-            "boxes": torch.from_numpy(out["boxes"]).reshape(-1, 4),
-            "labels": torch.from_numpy(out["labels"]).reshape(-1),
+            "boxes": torch.from_numpy(np.asarray(out["boxes"], dtype=np.float32).reshape(-1, 4)),
+            "labels": torch.from_numpy(np.asarray(out["labels"], dtype=np.int64).reshape(-1)),
             "image_id": int(self.image_ids[index]),
             "scale": float(out["scale"]),
             "orig_size": (h, w),
@@ -172,21 +276,23 @@ class CocoDetection(Dataset):
 
 
 def collate_detection(samples: list[dict]) -> dict[str, torch.Tensor]:
-    """Stack samples into fixed-size tensors; boxes/labels padded to the most objects in the batch
-    (padding label -1, padding box zeros)."""
-    b = len(samples)
-    g = max(len(s["labels"]) for s in samples)
-    boxes = torch.zeros(b, g, 4, dtype=torch.float32)
-    labels = torch.full((b, g), -1, dtype=torch.int64)
-    for i, s in enumerate(samples):
-        n = len(s["labels"])
-        boxes[i, :n] = s["boxes"]
-        labels[i, :n] = s["labels"]
+    """Stack samples of :class:`CocoDetection` into batch tensors.
+
+    Returns ``images`` uint8 ``[B, 3, S, S]``; ``boxes`` float32 ``[B, G, 4]`` and ``labels`` int64 ``[B, G]``
+    padded to ``G`` = the most objects of any image in the batch (``G`` may be 0), padding boxes 0 and
+    padding labels -1; ``image_ids`` int64 ``[B]``; ``scales`` float32 ``[B]``; ``orig_sizes`` int64 ``[B, 2]``
+    (h, w).
+    """
+    if not samples:
+        raise ValueError("collate_detection needs at least one sample")
+    pad = torch.nn.utils.rnn.pad_sequence
+    boxes = pad([s["boxes"].reshape(-1, 4).float() for s in samples], batch_first=True, padding_value=0.0)
+    labels = pad([s["labels"].reshape(-1).long() for s in samples], batch_first=True, padding_value=-1)
     return {
         "images": torch.stack([s["image"] for s in samples]),
         "boxes": boxes,
         "labels": labels,
         "image_ids": torch.tensor([s["image_id"] for s in samples], dtype=torch.int64),
         "scales": torch.tensor([s["scale"] for s in samples], dtype=torch.float32),
-        "orig_sizes": torch.tensor([s["orig_size"] for s in samples], dtype=torch.int64),
+        "orig_sizes": torch.tensor([tuple(s["orig_size"]) for s in samples], dtype=torch.int64).reshape(-1, 2),
     }

@@ -2,120 +2,233 @@
 
 Tests and the quick start read it with the same loader as real COCO. It keeps COCO's quirks: category
 ids with gaps, image ids that are not 0..N-1, crowd regions with RLE masks (``iscrowd: 1``), images with
-no objects, and objects cut by the image border.
+no objects, objects cut by the image border (boxes clipped to the image) and partly overlapping objects.
+
+Layout (COCO 2017)::
+
+    root/annotations/instances_train2017.json
+    root/annotations/instances_val2017.json
+    root/train2017/000000001000.jpg ...
+    root/val2017/000000900000.jpg ...
+    root/synthetic.json            # written last: the generator parameters, marks the copy complete
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
+import uuid
+import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-__all__ = ["write_synthetic_coco", "synthetic_coco_root", "SYNTHETIC_CATEGORIES"]
+from .errors import DatasetError
 
-#: (category id, name, base RGB colour). Ids have gaps on purpose.
-SYNTHETIC_CATEGORIES = (
+__all__ = ["SPLITS", "SYNTHETIC_CATEGORIES", "synthetic_coco_root", "write_synthetic_coco"]
+
+#: (category id, name, base RGB colour). The ids have gaps on purpose; each class has its own colour family.
+SYNTHETIC_CATEGORIES: tuple[tuple[int, str, tuple[int, int, int]], ...] = (
     (1, "circle", (220, 40, 40)),
     (3, "square", (40, 200, 60)),
     (7, "triangle", (40, 80, 230)),
     (12, "cross", (235, 200, 30)),
 )
+#: (split folder, first image id). Ids step by 3, so they are neither 0..N-1 nor contiguous.
+SPLITS: tuple[tuple[str, int], ...] = (("train2017", 1000), ("val2017", 900_000))
+_ID_STEP = 3
 _MARKER = "synthetic.json"
-_VERSION = 1
+_VERSION = 2  # bump when the generated content changes, so cached copies are regenerated
+
+_MAX_OBJECTS = 4
+_EMPTY_EVERY = 10  # image i has no objects when i % 10 == 7: ~10% of the images, always some in 8+ images
+_CROWD_EVERY = 8  # image i gets a crowd region when i % 8 == 5 (and it is not an empty image)
+_MAX_OVERLAP = 0.3  # a new object may cover at most this fraction of an earlier one (and vice versa)
 
 
-def _shape_polygon(kind: str, cx: float, cy: float, w: float, h: float) -> np.ndarray:
-    """Polygon ``[K, 2]`` (x, y) of a shape of class ``kind`` filling a w x h box centred at (cx, cy)."""
+def _unit_polygon(kind: str) -> np.ndarray:
+    """Polygon ``[K, 2]`` of a shape of class ``kind`` inscribed in the box [-0.5, 0.5]^2."""
     if kind == "circle":
-        t = np.linspace(0, 2 * np.pi, 32, endpoint=False)
-        pts = np.stack([np.cos(t), np.sin(t)], 1) * 0.5
-    elif kind == "square":
-        pts = np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]])
-    elif kind == "triangle":
-        pts = np.array([[0.0, -0.5], [0.5, 0.5], [-0.5, 0.5]])
-    else:  # cross
+        t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+        return np.stack([np.cos(t), np.sin(t)], 1) * 0.5
+    if kind == "square":
+        return np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]])
+    if kind == "triangle":
+        return np.array([[0.0, -0.5], [0.5, 0.5], [-0.5, 0.5]])
+    if kind == "cross":
         a = 1 / 6
-        pts = np.array(
+        return np.array(
             [[-a, -0.5], [a, -0.5], [a, -a], [0.5, -a], [0.5, a], [a, a], [a, 0.5], [-a, 0.5], [-a, a],
              [-0.5, a], [-0.5, -a], [-a, -a]]
         )
-    return pts * np.array([w, h]) + np.array([cx, cy])
+    raise ValueError(f"unknown shape {kind!r}")
+
+
+def _clip_polygon(poly: np.ndarray, w: int, h: int) -> np.ndarray:
+    """Clip a polygon ``[K, 2]`` to the rectangle [0, w] x [0, h] (Sutherland-Hodgman; the clip region is
+    convex, so this is exact for any simple polygon, convex or not)."""
+    pts = [tuple(p) for p in poly]
+    for axis, limit, keep_below in ((0, 0.0, False), (0, float(w), True), (1, 0.0, False), (1, float(h), True)):
+        if not pts:
+            break
+
+        def inside(p, axis=axis, limit=limit, keep_below=keep_below):
+            return p[axis] <= limit if keep_below else p[axis] >= limit
+
+        out = []
+        for i, cur in enumerate(pts):
+            prev = pts[i - 1]
+            if inside(cur) != inside(prev):
+                t = (limit - prev[axis]) / (cur[axis] - prev[axis])
+                out.append((prev[0] + t * (cur[0] - prev[0]), prev[1] + t * (cur[1] - prev[1])))
+            if inside(cur):
+                out.append(cur)
+        pts = out
+    return np.asarray(pts, dtype=np.float64).reshape(-1, 2)
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    base = rng.uniform(60, 160, size=3)
-    gy, gx = np.mgrid[0:h, 0:w].astype(np.float32)
-    slope = rng.uniform(-0.3, 0.3, size=(2, 3))
-    img = base + gx[..., None] * slope[0] + gy[..., None] * slope[1]
-    img = img + rng.normal(0, 12, size=(h, w, 3))
+    """A greyish, mildly textured background: tint + smooth low-frequency variation + pixel noise."""
+    base = rng.uniform(70, 170) + rng.uniform(-20, 20, size=3)
+    coarse = rng.normal(0, 18, size=(5, 5, 3)).astype(np.float32)
+    smooth = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)
+    img = base.astype(np.float32) + smooth + rng.normal(0, 8, size=(h, w, 3)).astype(np.float32)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _draw_split(rng: np.random.Generator, out_dir: Path, first_id: int, n: int, sizes: tuple[int, int], ann_start: int):
-    images, annotations = [], []
-    ann_id = ann_start
-    kinds = [(cid, name, np.array(col, dtype=np.float64)) for cid, name, col in SYNTHETIC_CATEGORIES]
-    for i in range(n):
-        image_id = first_id + 3 * i
-        h, w = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, size=2))
-        img = _background(rng, h, w)
-        num_obj = 0 if rng.random() < 0.1 else int(rng.integers(1, 5))
-        for _ in range(num_obj):
-            cid, kind, colour = kinds[int(rng.integers(len(kinds)))]
-            side = min(h, w) * rng.uniform(0.15, 0.6)
-            aspect = rng.uniform(0.6, 1.6)
-            bw, bh = side * np.sqrt(aspect), side / np.sqrt(aspect)
-            # Centres may lie near the border so some objects are cut by it.
-            cx, cy = rng.uniform(0.05 * w, 0.95 * w), rng.uniform(0.05 * h, 0.95 * h)
-            poly = _shape_polygon(kind, cx, cy, bw, bh)
-            mask = np.zeros((h, w), np.uint8)
-            cv2.fillPoly(mask, [np.round(poly).astype(np.int32)], 1)
-            if mask.sum() < 16:
-                continue
-            col = np.clip(colour + rng.normal(0, 15, 3), 0, 255)
-            img[mask.astype(bool)] = col.astype(np.uint8)
-            ys, xs = np.nonzero(mask)
-            x0, y0, x1, y1 = float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
-            clipped = poly.copy()
-            clipped[:, 0] = clipped[:, 0].clip(0, w)
-            clipped[:, 1] = clipped[:, 1].clip(0, h)
-            annotations.append(
-                {
-                    "id": ann_id, "image_id": image_id, "category_id": cid, "iscrowd": 0,
-                    "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(mask.sum()),
-                    "segmentation": [np.round(clipped.reshape(-1), 2).tolist()],
-                }
-            )
-            ann_id += 1
-        if num_obj and rng.random() < 0.12:
-            # A crowd: a cluster of small circles, annotated once with an RLE mask of their union.
-            crowd = np.zeros((h, w), np.uint8)
-            ccx, ccy = rng.uniform(0.2 * w, 0.8 * w), rng.uniform(0.2 * h, 0.8 * h)
-            for _ in range(int(rng.integers(6, 12))):
-                px, py = ccx + rng.normal(0, 0.08 * w), ccy + rng.normal(0, 0.08 * h)
-                cv2.circle(crowd, (int(px), int(py)), max(2, int(0.025 * min(h, w))), 1, -1)
-            img[crowd.astype(bool)] = kinds[0][2].astype(np.uint8)
+def _rasterize(polygon: np.ndarray, h: int, w: int) -> np.ndarray:
+    """``h x w`` uint8 mask of a polygon in COCO pixel coordinates, rasterised as COCO's own tools do, so
+    the painted pixels, the segmentation, the area and the box agree exactly."""
+    rle = mask_utils.frPyObjects([polygon.reshape(-1).tolist()], h, w)
+    with warnings.catch_warnings():  # pycocotools' decode trips a harmless numpy 2 copy= deprecation
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mask_utils.decode(rle)[..., 0]
+
+
+def _place_object(rng, h: int, w: int, kind: str, masks: list[np.ndarray]):
+    """Sample a shape (polygon clipped to the image, mask) that does not hide much of an earlier one and is
+    not hidden by it; ``None`` if no placement fits."""
+    for _ in range(10):
+        side = min(h, w) * rng.uniform(0.15, 0.6)
+        aspect = np.exp(rng.uniform(np.log(0.6), np.log(1.6)))
+        bw, bh = side * np.sqrt(aspect), side / np.sqrt(aspect)
+        # Centres reach close to the border, so some objects are cut by it.
+        cx, cy = rng.uniform(0.05 * w, 0.95 * w), rng.uniform(0.05 * h, 0.95 * h)
+        poly = _clip_polygon(_unit_polygon(kind) * np.array([bw, bh]) + np.array([cx, cy]), w, h)
+        poly = np.round(poly, 2)
+        if len(poly) < 3:
+            continue
+        mask = _rasterize(poly, h, w)
+        area = int(mask.sum())
+        if area < 64:
+            continue
+        if all(int(np.logical_and(mask, other).sum()) <= _MAX_OVERLAP * min(area, int(other.sum())) for other in masks):
+            return poly, mask
+    return None
+
+
+def _draw_image(rng: np.random.Generator, index: int, h: int, w: int):
+    """One image and its annotations (without ids): ``(rgb image, [annotation dicts])``."""
+    img = _background(rng, h, w)
+    objects: list[tuple[int, np.ndarray, np.ndarray]] = []  # (category id, clipped polygon, mask)
+    num_obj = 0 if index % _EMPTY_EVERY == _EMPTY_EVERY - 3 else int(rng.integers(1, _MAX_OBJECTS + 1))
+    for _ in range(num_obj):
+        cid, kind, colour = SYNTHETIC_CATEGORIES[int(rng.integers(len(SYNTHETIC_CATEGORIES)))]
+        placed = _place_object(rng, h, w, kind, [m for _, _, m in objects])
+        if placed is None:
+            continue
+        poly, mask = placed
+        col = np.clip(np.asarray(colour, np.float64) + rng.normal(0, 18, 3), 0, 255).astype(np.uint8)
+        img[mask.astype(bool)] = col
+        objects.append((cid, poly, mask))
+
+    anns = []
+    for cid, poly, mask in objects:
+        # Box and area of the whole shape (later shapes hide at most _MAX_OVERLAP of it).
+        ys, xs = np.nonzero(mask)
+        x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+        anns.append(
+            {
+                "category_id": cid, "iscrowd": 0, "area": float(mask.sum()),
+                "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                "segmentation": [poly.reshape(-1).tolist()],
+            }
+        )
+
+    if num_obj and index % _CROWD_EVERY == _CROWD_EVERY - 3:
+        # A crowd: a cluster of small discs of one class, annotated once with an RLE mask of what is visible.
+        cid, _, colour = SYNTHETIC_CATEGORIES[int(rng.integers(len(SYNTHETIC_CATEGORIES)))]
+        crowd = np.zeros((h, w), np.uint8)
+        ccx, ccy = rng.uniform(0.25 * w, 0.75 * w), rng.uniform(0.25 * h, 0.75 * h)
+        radius = max(2, round(0.025 * min(h, w)))
+        for _ in range(int(rng.integers(8, 14))):
+            px, py = ccx + rng.normal(0, 0.08 * w), ccy + rng.normal(0, 0.08 * h)
+            cv2.circle(crowd, (round(float(px)), round(float(py))), radius, 1, -1)
+        for _, _, m in objects:
+            crowd[m.astype(bool)] = 0
+        if crowd.sum() >= 16:
+            img[crowd.astype(bool)] = np.asarray(colour, np.uint8)
             rle = mask_utils.encode(np.asfortranarray(crowd))
-            x, y, bw_, bh_ = (float(v) for v in mask_utils.toBbox(rle))
+            bbox = [float(v) for v in mask_utils.toBbox(rle)]
+            area = float(mask_utils.area(rle))
             rle["counts"] = rle["counts"].decode("ascii")
-            annotations.append(
-                {
-                    "id": ann_id, "image_id": image_id, "category_id": kinds[0][0], "iscrowd": 1,
-                    "bbox": [x, y, bw_, bh_], "area": float(crowd.sum()),
-                    "segmentation": rle,
-                }
-            )
-            ann_id += 1
+            anns.append({"category_id": cid, "iscrowd": 1, "area": area, "bbox": bbox, "segmentation": rle})
+    return img, anns
+
+
+def _write_split(rng, out_dir: Path, first_id: int, n: int, sizes: tuple[int, int], ann_id: int):
+    images, annotations = [], []
+    for i in range(n):
+        image_id = first_id + _ID_STEP * i
+        h, w = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, size=2))
+        img, anns = _draw_image(rng, i, h, w)
         name = f"{image_id:012d}.jpg"
-        cv2.imwrite(str(out_dir / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
-        images.append({"id": image_id, "file_name": name, "height": h, "width": w})
+        ok = cv2.imwrite(str(out_dir / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+        if not ok:
+            raise OSError(f"could not write {out_dir / name}")
+        images.append({"id": image_id, "file_name": name, "height": h, "width": w, "license": 1})
+        for ann in anns:
+            annotations.append({"id": ann_id, "image_id": image_id, **ann})
+            ann_id += 1
     return images, annotations, ann_id
+
+
+def _read_marker(root: Path) -> dict | None:
+    try:
+        data = json.loads((root / _MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _generate(tmp: Path, params: dict) -> None:
+    (tmp / "annotations").mkdir(parents=True)
+    categories = [{"id": cid, "name": name, "supercategory": "shape"} for cid, name, _ in SYNTHETIC_CATEGORIES]
+    ann_id = 1
+    for split_index, ((split, first_id), n) in enumerate(zip(SPLITS, (params["num_train"], params["num_val"]))):
+        (tmp / split).mkdir()
+        # One random stream per split: the val images do not change when num_train does.
+        rng = np.random.default_rng([params["seed"], split_index])
+        images, annotations, ann_id = _write_split(rng, tmp / split, first_id, n, tuple(params["image_size"]), ann_id)
+        data = {
+            "info": {
+                "description": "effdense synthetic shapes (COCO instances format)",
+                "version": str(_VERSION),
+                "year": 2017,
+                "contributor": "effdense",
+            },
+            "licenses": [{"id": 1, "name": "CC0 1.0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}],
+            "images": images,
+            "annotations": annotations,
+            "categories": categories,
+        }
+        (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
+    (tmp / _MARKER).write_text(json.dumps(params))  # written last: marks the copy complete
 
 
 def write_synthetic_coco(
@@ -127,58 +240,76 @@ def write_synthetic_coco(
     seed: int = 0,
     overwrite: bool = False,
 ) -> Path:
-    """Write the synthetic dataset to ``root`` (COCO 2017 layout) unless a complete copy with the same
-    parameters is already there. Written into a temporary sibling folder and renamed into place, so an
-    interrupted run never leaves a half-written dataset."""
-    root = Path(root)
-    params = {"num_train": num_train, "num_val": num_val, "image_size": list(image_size), "seed": seed, "version": _VERSION}
-    marker = root / _MARKER
-    if marker.is_file() and not overwrite:
-        try:
-            if json.loads(marker.read_text()) == params:
-                return root
-        except (OSError, json.JSONDecodeError):
-            pass
+    """Write the synthetic dataset to ``root`` in the COCO 2017 layout and return ``root``.
+
+    Image heights and widths are drawn independently from ``image_size = (min, max)``. If ``root`` already
+    holds a complete copy written with the same parameters, nothing is written. The data is generated in a
+    temporary sibling folder and renamed into place, so an interrupted run never leaves a half-written
+    dataset. An existing folder that this generator did not write is only replaced with ``overwrite=True``.
+    """
+    num_train, num_val, seed = int(num_train), int(num_val), int(seed)
+    lo, hi = (int(v) for v in image_size)
+    if num_train < 0 or num_val < 0:
+        raise ValueError(f"num_train and num_val must be >= 0, got {num_train} and {num_val}")
+    if not 32 <= lo <= hi:
+        raise ValueError(f"image_size must be (min, max) side lengths with 32 <= min <= max, got {image_size}")
+    root = Path(root).expanduser()
+    params = {"num_train": num_train, "num_val": num_val, "image_size": [lo, hi], "seed": seed, "version": _VERSION}
+    if not overwrite and _read_marker(root) == params:
+        return root
+    foreign = root.exists() and (not root.is_dir() or (_read_marker(root) is None and any(root.iterdir())))
+    if foreign and not overwrite:
+        raise DatasetError(
+            f"{root}: exists and is not a synthetic dataset written by this generator; refusing to replace it "
+            "(choose another folder or pass overwrite=True)"
+        )
+
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "annotations").mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    categories = [{"id": cid, "name": name, "supercategory": "shape"} for cid, name, _ in SYNTHETIC_CATEGORIES]
-    ann_id = 1
-    for split, n, first_id in (("train2017", num_train, 1000), ("val2017", num_val, 900_000)):
-        (tmp / split).mkdir()
-        images, annotations, ann_id = _draw_split(rng, tmp / split, first_id, n, tuple(image_size), ann_id)
-        data = {
-            "info": {"description": "effdense synthetic shapes", "version": str(_VERSION)},
-            "licenses": [],
-            "images": images,
-            "annotations": annotations,
-            "categories": categories,
-        }
-        (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
-    (tmp / _MARKER).write_text(json.dumps(params))  # written last: marks the copy complete
-    if root.exists():
-        shutil.rmtree(root)
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        os.replace(tmp, root)
-    except OSError:
-        # Another process finished first; keep its (identical) copy.
+        _generate(tmp, params)
+        if root.exists():
+            if not overwrite and _read_marker(root) == params:
+                return root  # another process finished the same dataset first
+            old = root.parent / f".{root.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(root, old)
+            os.replace(tmp, root)
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+        else:
+            try:
+                os.replace(tmp, root)
+            except OSError:
+                if _read_marker(root) != params:  # not a concurrent writer of the same dataset: a real error
+                    raise
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not marker.is_file():
-            raise
     return root
 
 
+_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(write_synthetic_coco).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "overwrite"
+}
+
+
 def synthetic_coco_root(cache_dir: str | Path, **params) -> Path:
-    """Generate (once) and return the synthetic dataset for ``params`` under ``cache_dir``; each parameter
-    set gets its own sub-folder."""
-    defaults = {"num_train": 96, "num_val": 24, "image_size": (160, 224), "seed": 0}
-    unknown = set(params) - set(defaults)
+    """Generate (once) and return the synthetic dataset for ``params`` (the keyword arguments of
+    :func:`write_synthetic_coco`) under ``cache_dir``. Each parameter set gets its own sub-folder, named by a
+    short hash of the parameters, so different parameters never share (or overwrite) a copy."""
+    unknown = set(params) - set(_DEFAULTS)
     if unknown:
-        raise TypeError(f"unknown synthetic dataset parameters: {sorted(unknown)}")
-    full = {**defaults, **params}
-    full["image_size"] = tuple(int(v) for v in full["image_size"])
+        raise TypeError(f"unknown synthetic dataset parameters: {sorted(unknown)}; known: {sorted(_DEFAULTS)}")
+    full = {**_DEFAULTS, **params}
+    full = {
+        "num_train": int(full["num_train"]),
+        "num_val": int(full["num_val"]),
+        "image_size": tuple(int(v) for v in full["image_size"]),
+        "seed": int(full["seed"]),
+    }
     key = json.dumps({**full, "image_size": list(full["image_size"]), "version": _VERSION}, sort_keys=True)
-    name = hashlib.sha1(key.encode()).hexdigest()[:10]
+    name = "coco-" + hashlib.sha1(key.encode()).hexdigest()[:10]
     return write_synthetic_coco(Path(cache_dir).expanduser() / name, **full)

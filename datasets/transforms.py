@@ -1,72 +1,178 @@
-"""Albumentations pipelines for detection: train (scale jitter, crop, flip) and eval (resize + pad).
+"""Detection pipelines: train (scale jitter, pad, random square crop, flip) and eval (resize + pad).
 
-Both return a square ``image_size`` uint8 image; normalisation happens later, on the device.
+Both map ``(image HxWx3 uint8 RGB, boxes [N, 4] float32 xyxy in image pixels, labels [N] int64)`` to
+``dict(image=SxSx3 uint8, boxes=float32 [M, 4] xyxy in output pixels, labels=int64 [M], scale=float)``, where
+``S = image_size``. Images stay uint8; normalisation happens later, on the device.
+
+The resize (longest side to ``S``, times the train-time jitter) is a single OpenCV call; albumentations does
+the padding, cropping and flipping and keeps the boxes in step. Boxes are clipped to the output and boxes
+narrower or shorter than 1 output pixel are dropped together with their labels.
 """
 
 from __future__ import annotations
 
 import os
+import random
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import albumentations as A  # noqa: E402
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
+import albumentations as A
+import cv2
+import numpy as np
 
-__all__ = ["build_train_transform", "build_eval_transform", "DetectionTransform"]
+__all__ = ["DetectionTransform", "build_eval_transform", "build_train_transform"]
+
+_MIN_SIZE = 1.0  # output boxes narrower or shorter than this (pixels) are dropped
+
+
+def _resize(image: np.ndarray, scale: float) -> np.ndarray:
+    h, w = image.shape[:2]
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    if (nh, nw) == (h, w):
+        return image
+    # Area averaging avoids aliasing when shrinking a lot; bilinear is ~4x faster for mild resizes.
+    interp = cv2.INTER_AREA if scale < 0.5 else cv2.INTER_LINEAR
+    return cv2.resize(image, (nw, nh), interpolation=interp)
+
+
+def _clip_and_filter(boxes: np.ndarray, labels: np.ndarray, w: float, h: float):
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
+    keep = ((boxes[:, 2] - boxes[:, 0]) >= _MIN_SIZE) & ((boxes[:, 3] - boxes[:, 1]) >= _MIN_SIZE)
+    return boxes[keep], labels[keep]
 
 
 class DetectionTransform:
-    """``(image HxWx3 uint8, boxes [N, 4] xyxy, labels [N]) -> dict(image, boxes, labels, scale)``.
+    """Train or eval detection pipeline (see the module docstring for the call contract).
 
-    ``scale`` is output pixels per original pixel of the deterministic resize step (the eval mapping:
-    ``original = output / scale``).
+    Eval: resize so the longest side is ``image_size`` and pad bottom/right with zeros to a square.
+    ``scale`` is output pixels per original pixel, so ``original = output / scale``.
+
+    Train: resize the longest side to ``image_size`` times a factor drawn uniformly from ``scale_range``, pad
+    bottom/right with zeros to at least ``image_size``, take a random ``image_size`` square crop, flip
+    horizontally with probability ``hflip_prob``. ``scale`` is then the resize factor including the jitter
+    (output = original * scale, before the crop offset and the flip).
+
+    Randomness: one generator per process. In a data-loader worker it is re-seeded from the worker's seed
+    (which the loader derives from the main process' torch seed), so workers draw different augmentations and
+    runs with a fixed global seed repeat. In the main process it is seeded from ``seed``, or, when ``seed`` is
+    None, from Python's global ``random`` module (seeded by ``lightning.seed_everything``).
     """
 
-    def __init__(self, *, image_size: int, train: bool, scale_range=(0.1, 2.0), hflip_prob: float = 0.5) -> None:
-        if image_size < 1:
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        train: bool,
+        scale_range: tuple[float, float] = (0.1, 2.0),
+        hflip_prob: float = 0.5,
+        seed: int | None = None,
+    ) -> None:
+        if int(image_size) < 1:
             raise ValueError(f"image_size must be positive, got {image_size}")
         lo, hi = (float(v) for v in scale_range)
         if not 0 < lo <= hi:
-            raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}")
-        self.image_size = image_size
-        self.train = train
-        bbox_params = A.BboxParams(format="pascal_voc", label_fields=["labels"], min_width=1.0, min_height=1.0, clip=True)
-        pad = A.PadIfNeeded(
-            min_height=image_size, min_width=image_size, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0
-        )
-        if train:
-            ops = [
-                A.RandomScale(scale_limit=(lo - 1.0, hi - 1.0), interpolation=cv2.INTER_LINEAR, p=1.0),
-                pad,
-                A.RandomCrop(height=image_size, width=image_size, p=1.0),
-                A.HorizontalFlip(p=hflip_prob),
-            ]
+            raise ValueError(f"scale_range must satisfy 0 < low <= high, got {tuple(scale_range)}")
+        if not 0.0 <= hflip_prob <= 1.0:
+            raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}")
+        self.image_size = int(image_size)
+        self.train = bool(train)
+        self.scale_range = (lo, hi)
+        self.hflip_prob = float(hflip_prob)
+        self.seed = seed
+        self.pipeline: A.Compose | None = None
+        if self.train:
+            size = self.image_size
+            self.pipeline = A.Compose(
+                [
+                    A.PadIfNeeded(
+                        min_height=size, min_width=size, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0
+                    ),
+                    A.RandomCrop(height=size, width=size, p=1.0),
+                    A.HorizontalFlip(p=self.hflip_prob),
+                ],
+                # Labels travel as box indices (exact integers), then index the int64 labels.
+                bbox_params=A.BboxParams(
+                    format="pascal_voc", label_fields=["index"], min_width=_MIN_SIZE, min_height=_MIN_SIZE, clip=True
+                ),
+            )
+        self._seed_key: object = "unset"
+        self._rng = np.random.default_rng()
+        self._reseed()
+
+    def __repr__(self) -> str:
+        if self.train:
+            return (
+                f"{type(self).__name__}(image_size={self.image_size}, train=True, "
+                f"scale_range={self.scale_range}, hflip_prob={self.hflip_prob})"
+            )
+        return f"{type(self).__name__}(image_size={self.image_size}, train=False)"
+
+    def _reseed(self) -> None:
+        """Seed the generators for this process (see the class docstring); no-op when already done."""
+        if not self.train:
+            return
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        key = (info.id, info.seed) if info is not None else None
+        if key == self._seed_key:
+            return
+        self._seed_key = key
+        if info is not None:
+            entropy = [info.seed % 2**63] + ([] if self.seed is None else [int(self.seed)])
         else:
-            ops = [pad]
-        self.pipeline = A.Compose(ops, bbox_params=bbox_params)
+            entropy = [self.seed if self.seed is not None else random.getrandbits(63)]
+        seq = np.random.SeedSequence(entropy)
+        self._rng = np.random.default_rng(seq)
+        py_random = random.Random(int(seq.generate_state(1, np.uint64)[0]))
+        self.pipeline.set_random_state(self._rng, py_random)
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray) -> dict:
+        if image.ndim != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an HxWxC uint8 image, got shape {image.shape} and dtype {image.dtype}")
+        boxes = np.array(boxes, dtype=np.float32).reshape(-1, 4)  # a copy: clipped in place below
+        labels = np.asarray(labels).astype(np.int64, copy=False).reshape(-1)
+        if len(boxes) != len(labels):
+            raise ValueError(f"got {len(boxes)} boxes but {len(labels)} labels")
         h, w = image.shape[:2]
-        scale = self.image_size / max(h, w)
-        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-        if (nh, nw) != (h, w):
-            image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * np.float32(scale)
-        boxes[:, 0::2] = boxes[:, 0::2].clip(0, nw)
-        boxes[:, 1::2] = boxes[:, 1::2].clip(0, nh)
-        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-        out = self.pipeline(image=image, bboxes=boxes, labels=labels)
+        size = self.image_size
+        base = size / max(h, w)
+        if not self.train:
+            resized = _resize(image, base)
+            nh, nw = resized.shape[:2]
+            out = np.zeros((size, size, image.shape[2]), dtype=np.uint8)
+            out[:nh, :nw] = resized
+            boxes, labels = _clip_and_filter(boxes * np.float32(base), labels, nw, nh)
+            return {"image": out, "boxes": boxes, "labels": labels, "scale": float(base)}
+
+        self._reseed()
+        scale = base * float(self._rng.uniform(*self.scale_range))
+        resized = _resize(image, scale)
+        nh, nw = resized.shape[:2]
+        # Boxes follow the actual per-axis resize factors (the rounding of the new size included).
+        boxes = boxes * np.array([nw / w, nh / h, nw / w, nh / h], dtype=np.float32)
+        boxes, labels = _clip_and_filter(boxes, labels, nw, nh)
+        out = self.pipeline(image=resized, bboxes=boxes, index=np.arange(len(labels)))
+        index = np.asarray(out["index"]).astype(np.int64).reshape(-1)
         out_boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
-        out_labels = np.asarray(out["labels"]).astype(np.int64).reshape(-1)
-        return {"image": out["image"], "boxes": out_boxes, "labels": out_labels, "scale": float(scale)}
+        return {
+            "image": np.ascontiguousarray(out["image"]),
+            "boxes": out_boxes,
+            "labels": labels[index],
+            "scale": float(scale),
+        }
 
 
-def build_train_transform(*, image_size: int, scale_range=(0.1, 2.0), hflip_prob: float = 0.5) -> DetectionTransform:
+def build_train_transform(
+    *, image_size: int, scale_range: tuple[float, float] = (0.1, 2.0), hflip_prob: float = 0.5, seed: int | None = None
+) -> DetectionTransform:
     """Resize longest side to ``image_size``, scale jitter in ``scale_range``, pad, random square crop, flip."""
-    return DetectionTransform(image_size=image_size, train=True, scale_range=scale_range, hflip_prob=hflip_prob)
+    return DetectionTransform(
+        image_size=image_size, train=True, scale_range=scale_range, hflip_prob=hflip_prob, seed=seed
+    )
 
 
 def build_eval_transform(*, image_size: int) -> DetectionTransform:
-    """Resize longest side to ``image_size`` and pad bottom/right to a square."""
+    """Resize longest side to ``image_size`` and pad bottom/right with zeros to ``image_size`` square."""
     return DetectionTransform(image_size=image_size, train=False)

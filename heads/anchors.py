@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -14,11 +15,17 @@ __all__ = ["AnchorGenerator"]
 class AnchorGenerator:
     """EfficientDet anchors: ``num_scales`` octave scales x aspect ratios at every position of every level.
 
-    For level ``l`` (stride ``s = 2**l``) the anchor centred on cell ``(y, x)`` is at
-    ``((x + 0.5) * s, (y + 0.5) * s)`` with base size ``anchor_scale * s * 2**(octave / num_scales)``,
-    width ``base * ax`` and height ``base * ay`` for each aspect pair ``(ax, ay)``.
-    Returned boxes are xyxy in input pixels, ordered (level, y, x, octave, aspect).
+    For level ``l`` (stride ``s = 2**l``) the anchors of cell ``(y, x)`` are centred at
+    ``((x + 0.5) * s, (y + 0.5) * s)``; octave ``o`` has base size ``anchor_scale * s * 2**(o / num_scales)``
+    and aspect pair ``(ax, ay)`` gives width ``base * ax`` and height ``base * ay``.
+
+    Calling it with ``{"p3": (H3, W3), "p4": (H4, W4), ...}`` (levels in increasing order, the shapes of the
+    real feature maps) returns ``[sum(H * W) * num_anchors, 4]`` xyxy boxes in input pixels, ordered by
+    level, row ``y``, column ``x``, octave, aspect ratio -- the order of the flattened head outputs.
+    Results are cached per (shapes, device, dtype); treat the returned tensor as read-only.
     """
+
+    _MAX_CACHE = 16
 
     def __init__(
         self,
@@ -27,28 +34,45 @@ class AnchorGenerator:
         num_scales: int = 3,
         aspect_ratios: Sequence[Sequence[float]] = ((1.0, 1.0), (1.4, 0.7), (0.7, 1.4)),
     ) -> None:
-        if anchor_scale <= 0:
+        if not anchor_scale > 0:
             raise ValueError(f"anchor_scale must be positive, got {anchor_scale}")
-        if num_scales < 1:
-            raise ValueError(f"num_scales must be >= 1, got {num_scales}")
-        ratios = [tuple(float(v) for v in r) for r in aspect_ratios]
-        if not ratios or any(len(r) != 2 or min(r) <= 0 for r in ratios):
-            raise ValueError(f"aspect_ratios must be positive (x, y) pairs, got {aspect_ratios}")
+        if isinstance(num_scales, bool) or int(num_scales) != num_scales or num_scales < 1:
+            raise ValueError(f"num_scales must be an integer >= 1, got {num_scales}")
+        try:
+            ratios = tuple(tuple(float(v) for v in r) for r in aspect_ratios)
+        except TypeError as e:
+            raise ValueError(
+                f"aspect_ratios must be a sequence of (x, y) pairs, got {aspect_ratios!r}"
+            ) from e
+        if not ratios or any(len(r) != 2 or not min(r) > 0 for r in ratios):
+            raise ValueError(
+                f"aspect_ratios must be a non-empty sequence of positive (x, y) pairs, got {aspect_ratios!r}"
+            )
         self.anchor_scale = float(anchor_scale)
-        self.num_scales = num_scales
-        self.aspect_ratios = tuple(ratios)
+        self.num_scales = int(num_scales)
+        self.aspect_ratios = ratios
         self._cache: dict[tuple, torch.Tensor] = {}
 
     @property
     def num_anchors(self) -> int:
+        """Anchors per feature-map position."""
         return self.num_scales * len(self.aspect_ratios)
 
-    def _half_sizes(self, stride: int) -> torch.Tensor:
-        """``[num_anchors, 2]`` half widths and heights, octave-major."""
+    def _sizes(self, stride: int) -> torch.Tensor:
+        """``[num_anchors, 2]`` anchor widths and heights at ``stride``, octave-major, aspect-minor."""
         octaves = torch.arange(self.num_scales, dtype=torch.float64) / self.num_scales
         base = self.anchor_scale * stride * torch.pow(2.0, octaves)  # [S]
         ratios = torch.tensor(self.aspect_ratios, dtype=torch.float64)  # [R, 2]
-        return (base[:, None, None] * ratios[None] / 2.0).reshape(-1, 2)
+        return (base[:, None, None] * ratios[None]).reshape(-1, 2)
+
+    def _level(self, stride: int, h: int, w: int) -> torch.Tensor:
+        """``[h * w * num_anchors, 4]`` anchors of one level, in float64."""
+        ys = (torch.arange(h, dtype=torch.float64) + 0.5) * stride
+        xs = (torch.arange(w, dtype=torch.float64) + 0.5) * stride
+        cy, cx = torch.meshgrid(ys, xs, indexing="ij")
+        centers = torch.stack([cx, cy], dim=-1).reshape(-1, 1, 2)  # [HW, 1, 2] as (x, y)
+        half = 0.5 * self._sizes(stride)[None]  # [1, N, 2]
+        return torch.cat([centers - half, centers + half], dim=-1).reshape(-1, 4)
 
     def __call__(
         self,
@@ -57,22 +81,30 @@ class AnchorGenerator:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        key = (tuple((k, int(h), int(w)) for k, (h, w) in feature_shapes.items()), str(device), dtype)
+        shapes = tuple((name, int(hw[0]), int(hw[1])) for name, hw in feature_shapes.items())
+        device = torch.device(device) if device is not None else None
+        key = (shapes, device, dtype)
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        per_level = []
-        for name, (h, w) in feature_shapes.items():
-            stride = 2 ** level_of(name)
-            ys = (torch.arange(h, dtype=torch.float64) + 0.5) * stride
-            xs = (torch.arange(w, dtype=torch.float64) + 0.5) * stride
-            cy, cx = torch.meshgrid(ys, xs, indexing="ij")
-            centers = torch.stack([cx, cy], dim=-1).reshape(-1, 1, 2)  # [HW, 1, 2]
-            half = self._half_sizes(stride)[None]  # [1, A, 2]
-            boxes = torch.cat([centers - half, centers + half], dim=-1)  # [HW, A, 4]
-            per_level.append(boxes.reshape(-1, 4))
+        if not shapes:
+            raise ValueError("feature_shapes is empty")
+        levels = [level_of(name) for name, _, _ in shapes]
+        if any(b <= a for a, b in itertools.pairwise(levels)):
+            raise ValueError(
+                f"feature levels must be in increasing order (finest first), got {list(feature_shapes)}"
+            )
+        if any(h < 0 or w < 0 for _, h, w in shapes):
+            raise ValueError(f"feature shapes must be non-negative, got {dict(feature_shapes)}")
+        per_level = [self._level(2**lvl, h, w) for lvl, (_, h, w) in zip(levels, shapes)]
         anchors = torch.cat(per_level).to(device=device, dtype=dtype)
-        if len(self._cache) > 16:
-            self._cache.clear()
+        if len(self._cache) >= self._MAX_CACHE:
+            self._cache.pop(next(iter(self._cache)))
         self._cache[key] = anchors
         return anchors
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(anchor_scale={self.anchor_scale}, num_scales={self.num_scales}, "
+            f"aspect_ratios={self.aspect_ratios})"
+        )

@@ -5,16 +5,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["sigmoid_focal_loss", "huber_loss", "DetectionLoss"]
+__all__ = ["DetectionLoss", "huber_loss", "sigmoid_focal_loss"]
+
+IGNORE = -2
 
 
 def sigmoid_focal_loss(
-    logits: torch.Tensor, targets: torch.Tensor, *, alpha: float = 0.25, gamma: float = 1.5, label_smoothing: float = 0.0
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    alpha: float = 0.25,
+    gamma: float = 1.5,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Elementwise focal loss ``alpha_t * (1 - p_t)**gamma * BCE(logits, targets)`` (Lin et al. 2017).
 
-    ``targets`` are 0/1; label smoothing moves the BCE targets toward 0.5 and leaves ``p_t``/``alpha_t`` on
-    the hard targets.
+    ``targets`` are 0/1 (same shape as ``logits``); label smoothing moves the BCE targets toward 0.5
+    (``t * (1 - ls) + 0.5 * ls``) and leaves ``p_t`` and ``alpha_t`` on the hard targets. Unreduced,
+    computed in float32.
     """
     logits = logits.float()
     targets = targets.to(logits.dtype)
@@ -23,6 +31,8 @@ def sigmoid_focal_loss(
     alpha_t = targets * alpha + (1.0 - targets) * (1.0 - alpha)
     soft = targets * (1.0 - label_smoothing) + 0.5 * label_smoothing if label_smoothing > 0 else targets
     ce = F.binary_cross_entropy_with_logits(logits, soft, reduction="none")
+    if gamma == 0:
+        return alpha_t * ce
     return alpha_t * (1.0 - p_t).pow(gamma) * ce
 
 
@@ -53,6 +63,16 @@ class DetectionLoss:
     ) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if not gamma >= 0.0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if not huber_delta > 0.0:
+            raise ValueError(f"huber_delta must be > 0, got {huber_delta}")
+        if not box_loss_weight >= 0.0:
+            raise ValueError(f"box_loss_weight must be >= 0, got {box_loss_weight}")
         self.num_classes = num_classes
         self.alpha = alpha
         self.gamma = gamma
@@ -68,14 +88,25 @@ class DetectionLoss:
         box_targets: torch.Tensor,
         num_positives: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        normalizer = num_positives.float() + 1.0
+        """``cls_logits [B, A, C]``, ``box_deltas [B, A, 4]``, ``cls_targets [B, A]`` (class, -1 background,
+        -2 ignore), ``box_targets [B, A, 4]``, ``num_positives`` (scalar, whole batch) ->
+        ``{"loss", "cls_loss", "box_loss"}`` float32 scalars."""
+        if cls_logits.shape[-1] != self.num_classes:
+            raise ValueError(f"cls_logits has {cls_logits.shape[-1]} classes, expected {self.num_classes}")
+        normalizer = num_positives.float().sum() + 1.0
         positive = cls_targets >= 0
-        onehot = F.one_hot(cls_targets.clamp(min=0), self.num_classes) * positive[..., None]
+        # One-hot float targets built directly (no int64 [B, A, C] intermediate); background rows stay 0.
+        onehot = torch.zeros(cls_logits.shape, dtype=torch.float32, device=cls_logits.device)
+        onehot.scatter_(-1, cls_targets.clamp(min=0).unsqueeze(-1), positive.unsqueeze(-1).float())
         focal = sigmoid_focal_loss(
             cls_logits, onehot, alpha=self.alpha, gamma=self.gamma, label_smoothing=self.label_smoothing
         )
-        cared = (cls_targets != -2)[..., None]
+        cared = (cls_targets != IGNORE)[..., None]
         cls_loss = (focal * cared).sum() / normalizer
         box = huber_loss(box_deltas, box_targets, delta=self.huber_delta) * positive[..., None]
         box_loss = box.sum() / (normalizer * 4.0)
-        return {"loss": cls_loss + self.box_loss_weight * box_loss, "cls_loss": cls_loss, "box_loss": box_loss}
+        return {
+            "loss": cls_loss + self.box_loss_weight * box_loss,
+            "cls_loss": cls_loss,
+            "box_loss": box_loss,
+        }

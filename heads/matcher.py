@@ -6,33 +6,51 @@ import torch
 
 from .box_coder import BoxCoder
 
-__all__ = ["box_iou", "IoUMatcher", "TargetAssigner", "BACKGROUND", "IGNORE"]
+__all__ = ["BACKGROUND", "IGNORE", "IoUMatcher", "TargetAssigner", "box_iou"]
 
+#: Match / class-target value of an anchor that is background.
 BACKGROUND = -1
+#: Match / class-target value of an anchor that the loss ignores.
 IGNORE = -2
 
 
-def box_iou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
-    """Pairwise IoU of xyxy boxes: ``[..., N, 4] x [..., M, 4] -> [..., N, M]``; zero-area pairs give 0."""
-    a, b = a.float(), b.float()
-    area_a = (a[..., 2] - a[..., 0]).clamp(min=0) * (a[..., 3] - a[..., 1]).clamp(min=0)
-    area_b = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
-    lt = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])
-    rb = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU of xyxy boxes, ``[..., N, 4] x [..., M, 4] -> [..., N, M]`` (float32).
+
+    Leading dimensions broadcast. Boxes with zero or negative width/height have zero area; a pair whose
+    union is empty has IoU 0 (never NaN).
+    """
+    ax1, ay1, ax2, ay2 = a.float().unbind(-1)  # [..., N] each
+    bx1, by1, bx2, by2 = b.float().unbind(-1)  # [..., M] each
+    area_a = (ax2 - ax1).clamp(min=0) * (ay2 - ay1).clamp(min=0)
+    area_b = (bx2 - bx1).clamp(min=0) * (by2 - by1).clamp(min=0)
+    iw = torch.minimum(ax2[..., :, None], bx2[..., None, :]) - torch.maximum(
+        ax1[..., :, None], bx1[..., None, :]
+    )
+    ih = torch.minimum(ay2[..., :, None], by2[..., None, :]) - torch.maximum(
+        ay1[..., :, None], by1[..., None, :]
+    )
+    inter = iw.clamp(min=0) * ih.clamp(min=0)
     union = area_a[..., :, None] + area_b[..., None, :] - inter
-    return inter / union.clamp(min=eps)
+    # inter <= union, so inter is 0 wherever union is 0.
+    return inter / torch.where(union > 0, union, torch.ones_like(union))
 
 
 class IoUMatcher:
-    """Assigns every anchor to its best ground truth by IoU.
+    """Assigns every anchor to its best valid ground truth by IoU.
 
-    An anchor is matched when its best IoU is ``>= threshold``; with ``low_threshold`` set, a best IoU in
-    ``[low_threshold, threshold)`` marks it ignored (-2), below is background (-1). With
-    ``allow_low_quality`` every valid ground truth also claims its single best anchor (if that IoU is
-    positive), overriding the anchor's own assignment; when several ground truths claim one anchor the
-    lowest ground-truth index wins.
+    Rules, for each image independently:
+
+    1. An anchor takes the valid ground truth with the highest IoU (the lowest index on ties); it is
+       matched when that IoU is ``>= threshold``.
+    2. Otherwise it is ignored (:data:`IGNORE`, -2) when ``low_threshold`` is set and the IoU is
+       ``>= low_threshold``, else background (:data:`BACKGROUND`, -1).
+    3. With ``allow_low_quality`` every valid ground truth that overlaps some anchor (best IoU > 0) also
+       claims its single best anchor (the lowest anchor index on ties). A claimed anchor is forced to the
+       claiming ground truth whatever rules 1-2 decided; when several ground truths claim the same anchor,
+       the one with the LOWEST ground-truth index wins (the others keep only what rule 1 gives them).
+
+    Padded ground truths (``gt_valid`` False) never match; an image without valid ones is all background.
     """
 
     def __init__(
@@ -41,17 +59,26 @@ class IoUMatcher:
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
         if low_threshold is not None and not 0.0 <= low_threshold <= threshold:
-            raise ValueError(f"low_threshold must be in [0, threshold], got {low_threshold}")
-        self.threshold = threshold
-        self.low_threshold = low_threshold
-        self.allow_low_quality = allow_low_quality
+            raise ValueError(
+                f"low_threshold must be None or in [0, threshold={threshold}], got {low_threshold}"
+            )
+        self.threshold = float(threshold)
+        self.low_threshold = None if low_threshold is None else float(low_threshold)
+        self.allow_low_quality = bool(allow_low_quality)
 
     def __call__(self, iou: torch.Tensor, gt_valid: torch.Tensor) -> torch.Tensor:
-        """``iou [B, G, A]``, ``gt_valid [B, G]`` -> ``[B, A]`` gt index, -1 background or -2 ignore."""
+        """``iou [B, G, A]``, ``gt_valid [B, G]`` (bool) -> ``[B, A]`` int64: gt index, -1 or -2."""
+        if iou.dim() != 3 or gt_valid.shape != iou.shape[:2]:
+            raise ValueError(
+                f"expected iou [B, G, A] and gt_valid [B, G], got {tuple(iou.shape)} and "
+                f"{tuple(gt_valid.shape)}"
+            )
         b, g, a = iou.shape
-        if g == 0:
+        if g == 0 or a == 0:
             return torch.full((b, a), BACKGROUND, dtype=torch.long, device=iou.device)
-        iou = iou.masked_fill(~gt_valid[..., None], -1.0)
+        valid = gt_valid.to(device=iou.device, dtype=torch.bool)
+        # Invalid ground truths get IoU -1: below every threshold, and never an anchor's best.
+        iou = iou.float().masked_fill(~valid[..., None], -1.0)
         best_iou, best_gt = iou.max(dim=1)  # [B, A]
         matches = torch.where(best_iou >= self.threshold, best_gt, torch.full_like(best_gt, BACKGROUND))
         if self.low_threshold is not None:
@@ -59,16 +86,25 @@ class IoUMatcher:
             matches = torch.where(between, torch.full_like(matches, IGNORE), matches)
         if self.allow_low_quality:
             gt_best_iou, gt_best_anchor = iou.max(dim=2)  # [B, G]
-            claims = gt_valid & (gt_best_iou > 0)
-            onehot = (torch.arange(a, device=iou.device) == gt_best_anchor[..., None]) & claims[..., None]  # [B,G,A]
-            forced = onehot.any(dim=1)
-            forced_gt = onehot.to(torch.uint8).argmax(dim=1)  # first (lowest) claiming gt
-            matches = torch.where(forced, forced_gt, matches)
+            claims = valid & (gt_best_iou > 0)
+            # Each claiming gt writes its index at its best anchor; "amin" makes the lowest index win (and
+            # is order-independent, so deterministic on every device). Non-claimers write the sentinel g.
+            gt_ids = torch.arange(g, device=iou.device).expand(b, g)
+            src = torch.where(claims, gt_ids, torch.full_like(gt_ids, g))
+            forced_gt = torch.full((b, a), g, dtype=torch.long, device=iou.device)
+            forced_gt = forced_gt.scatter_reduce(1, gt_best_anchor, src, reduce="amin")
+            matches = torch.where(forced_gt < g, forced_gt, matches)
         return matches
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(threshold={self.threshold}, low_threshold={self.low_threshold}, "
+            f"allow_low_quality={self.allow_low_quality})"
+        )
 
 
 class TargetAssigner:
-    """Ground truth -> per-anchor class targets and encoded box targets for the whole batch."""
+    """Ground truth -> per-anchor class targets and encoded box targets, for the whole batch at once."""
 
     def __init__(self, *, matcher: IoUMatcher, box_coder: BoxCoder) -> None:
         self.matcher = matcher
@@ -77,23 +113,38 @@ class TargetAssigner:
     def __call__(
         self, anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``anchors [A, 4]``, ``gt_boxes [B, G, 4]``, ``gt_labels [B, G]`` (-1 = padding) ->
-        ``cls_targets [B, A]`` (class, -1 background, -2 ignore), ``box_targets [B, A, 4]``, ``num_positives``."""
+        """``anchors [A, 4]``, ``gt_boxes [B, G, 4]`` (xyxy), ``gt_labels [B, G]`` (-1 = padding) ->
+
+        - ``cls_targets [B, A]`` int64: the matched class for positives, -1 background, -2 ignored;
+        - ``box_targets [B, A, 4]`` float32: encoded deltas for positives, zeros elsewhere;
+        - ``num_positives``: scalar float32, positives summed over the batch.
+
+        Everything is produced on ``anchors.device``.
+        """
+        if gt_boxes.dim() != 3 or gt_boxes.shape[-1] != 4 or gt_labels.shape != gt_boxes.shape[:2]:
+            raise ValueError(
+                f"expected gt_boxes [B, G, 4] and gt_labels [B, G], got {tuple(gt_boxes.shape)} "
+                f"and {tuple(gt_labels.shape)}"
+            )
         b, g = gt_labels.shape
         a = anchors.shape[0]
         device = anchors.device
         if g == 0:
             cls_t = torch.full((b, a), BACKGROUND, dtype=torch.long, device=device)
             return cls_t, torch.zeros(b, a, 4, device=device), torch.zeros((), device=device)
+        anchors = anchors.float()
         gt_boxes = gt_boxes.to(device=device, dtype=torch.float32)
-        gt_labels = gt_labels.to(device)
+        gt_labels = gt_labels.to(device=device, dtype=torch.long)
         valid = gt_labels >= 0
-        matches = self.matcher(box_iou(gt_boxes, anchors[None].float()), valid)
+        matches = self.matcher(box_iou(gt_boxes, anchors[None]), valid)  # [B, A]
         positive = matches >= 0
         idx = matches.clamp(min=0)
-        matched_boxes = torch.gather(gt_boxes, 1, idx[..., None].expand(-1, -1, 4))
-        matched_labels = torch.gather(gt_labels, 1, idx)
+        matched_boxes = torch.gather(gt_boxes, 1, idx[..., None].expand(-1, -1, 4))  # [B, A, 4]
+        matched_labels = torch.gather(gt_labels, 1, idx)  # [B, A]
         cls_t = torch.where(positive, matched_labels, matches)
         deltas = self.box_coder.encode(matched_boxes, anchors[None])
         box_t = torch.where(positive[..., None], deltas, torch.zeros_like(deltas))
         return cls_t, box_t, positive.sum().float()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(matcher={self.matcher!r}, box_coder={self.box_coder!r})"

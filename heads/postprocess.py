@@ -15,9 +15,11 @@ class DetectionPostProcess:
     boxes per image.
 
     Per image the ``topk`` highest (anchor, class) logits are decoded (and clipped to the image), scored
-    by sigmoid, filtered by ``score_threshold`` and suppressed class-wise at ``iou_threshold`` (a box is
-    dropped when its IoU with a higher-scoring box of the same class is strictly greater). NMS runs once
-    for the whole batch by giving each (image, class) its own group.
+    by sigmoid, filtered by ``score_threshold`` (scores ``>= score_threshold`` are kept) and suppressed
+    class-wise at ``iou_threshold``: a box is dropped only when its IoU with a kept higher-scoring box of
+    the same class is strictly greater than ``iou_threshold`` (IoU exactly equal survives). NMS runs once
+    for the whole batch, each (image, class) pair being its own group (``image * C + class``); the first
+    ``max_detections`` survivors of each image are then scattered into the padded output.
 
     Returns ``boxes [B, D, 4]`` (xyxy, float32), ``scores [B, D]``, ``labels [B, D]`` (-1 for padding),
     ``num_detections [B]``; rows are sorted by score and padded with zeros.
@@ -34,7 +36,11 @@ class DetectionPostProcess:
         clip_boxes: bool = True,
     ) -> None:
         if topk < 1 or max_detections < 1:
-            raise ValueError("topk and max_detections must be >= 1")
+            raise ValueError(f"topk and max_detections must be >= 1, got {topk} and {max_detections}")
+        if not 0.0 <= score_threshold <= 1.0:
+            raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
+        if not 0.0 <= iou_threshold <= 1.0:
+            raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
         self.box_coder = box_coder
         self.topk = topk
         self.score_threshold = score_threshold
@@ -69,8 +75,8 @@ class DetectionPostProcess:
 
         flat_boxes, flat_scores = boxes.reshape(-1, 4), scores.reshape(-1)
         flat_labels, flat_images = labels.reshape(-1), image_idx.reshape(-1)
-        candidates = torch.nonzero(flat_scores > self.score_threshold).squeeze(1) if self.score_threshold > 0 else None
-        if candidates is not None:
+        if self.score_threshold > 0:
+            candidates = torch.nonzero(flat_scores >= self.score_threshold).squeeze(1)
             flat_boxes, flat_scores = flat_boxes[candidates], flat_scores[candidates]
             flat_labels, flat_images = flat_labels[candidates], flat_images[candidates]
         keep = batched_nms(flat_boxes, flat_scores, flat_images * c + flat_labels, self.iou_threshold)

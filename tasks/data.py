@@ -20,7 +20,18 @@ from datasets import (
     synthetic_coco_root,
 )
 
-__all__ = ["CocoDataModule"]
+__all__ = ["CocoDataModule", "worker_init"]
+
+
+def worker_init(worker_id: int) -> None:
+    """Data-loader worker set-up: one OpenCV/torch thread per worker (the workers are the parallelism), and
+    Lightning's per-worker seeding so augmentation is reproducible with ``seed=``."""
+    import cv2
+    from lightning.fabric.utilities.seed import pl_worker_init_function
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    pl_worker_init_function(worker_id)
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +152,10 @@ class CocoDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ evaluation helpers
     @property
     def category_ids(self) -> list[int]:
-        return list(self.val_dataset.cat_ids)
+        """Dataset category id of each label; -1 for labels with no category in the annotations (the unused
+        ids of COCO's 90-class space), whose detections are not evaluated."""
+        present = {c["id"] for c in self.val_dataset.coco.dataset["categories"]}
+        return [cid if cid in present else -1 for cid in self.val_dataset.cat_ids]
 
     @property
     def class_names(self) -> list[str]:
@@ -163,6 +177,7 @@ class CocoDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
             collate_fn=collate_detection,
+            worker_init_fn=worker_init if self.num_workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -87,9 +87,16 @@ def _write_eval_outputs(task, run_dir: Path) -> dict[str, float]:
     return metrics
 
 
+def _setup_process() -> None:
+    # Denormal floats make CPU convolutions of freshly initialised networks up to 10x slower at random
+    # steps; flushing them to zero changes no result that matters and keeps step times stable.
+    torch.set_flush_denormal(True)
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Fit the configured task; returns final metrics (empty when ``eval_after_train`` is off)."""
     run_dir = Path(run_dir)
+    _setup_process()
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     datamodule.check()
@@ -150,6 +157,7 @@ def load_checkpoint_weights(model: torch.nn.Module, path: str | Path, prefix: st
 def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     """Evaluate ``cfg.ckpt`` on the val split; writes metrics.json and predictions.json into ``run_dir``."""
     run_dir = Path(run_dir)
+    _setup_process()
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     datamodule.check((datamodule.val_split,))

@@ -9,7 +9,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# As the train/eval runners do: denormals make CPU steps of freshly initialised networks erratically slow.
+# Set before any parallel work so the intra-op threads start with it.
+torch.set_flush_denormal(True)
+# One intra-op thread per pytest-xdist worker: several processes spinning OpenMP threads on 2 cores slow each
+# other down many times over.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(scope="session")

@@ -49,7 +49,7 @@ def test_b3_selects_d3_row_and_overrides_win():
     assert cfg.model.image_size == 1536 and cfg.anchors.anchor_scale == 5.0
 
 
-@pytest.mark.parametrize("group", ["data", "neck", "head", "trainer", "task", "experiment"])
+@pytest.mark.parametrize("group", ["data", "neck", "head", "trainer", "task", "optim", "experiment"])
 def test_every_group_option_composes(group):
     for option in _options(group):
         cfg = compose("train", [f"{group}={option}"])

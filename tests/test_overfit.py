@@ -65,7 +65,7 @@ def test_tiny_model_overfits_four_images(synthetic_coco):
         cls, box, anchors = run()
         targets = assigner(anchors, batch["boxes"], batch["labels"])
         losses = loss_fn(cls, box, *targets)
-        first = first if first is not None else float(losses["loss"])
+        first = first if first is not None else losses["loss"].item()
         opt.zero_grad()
         losses["loss"].backward()
         opt.step()

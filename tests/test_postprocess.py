@@ -1,0 +1,245 @@
+"""DetectionPostProcess: NMS edge cases, top-k, score threshold, padding, clipping, and equality with a
+naive per-image reference written here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+from heads.box_coder import BoxCoder
+from heads.postprocess import DetectionPostProcess
+
+CODER = BoxCoder()
+
+
+def _logit(p) -> torch.Tensor:
+    return torch.logit(torch.as_tensor(p, dtype=torch.float64)).float()
+
+
+def _post(**kw) -> DetectionPostProcess:
+    return DetectionPostProcess(box_coder=CODER, **kw)
+
+
+def _diagonal_boxes(n: int, size: float = 10.0, step: float = 20.0) -> torch.Tensor:
+    """``n`` disjoint boxes along the diagonal."""
+    xy = torch.arange(n, dtype=torch.float32)[:, None] * step
+    return torch.cat([xy, xy, xy + size, xy + size], 1)
+
+
+def _check_padding(out: dict, b: int, n: int) -> None:
+    assert torch.equal(out["scores"][b, n:], torch.zeros_like(out["scores"][b, n:]))
+    assert torch.equal(out["boxes"][b, n:], torch.zeros_like(out["boxes"][b, n:]))
+    assert (out["labels"][b, n:] == -1).all()
+
+
+def test_output_shapes_dtypes_and_padding():
+    anchors = _diagonal_boxes(3)
+    cls = torch.tensor([[[_logit(0.9)], [_logit(0.2)], [_logit(0.6)]]]).to(torch.bfloat16)
+    out = _post(max_detections=5)(cls, torch.zeros(1, 3, 4, dtype=torch.bfloat16), anchors, (100, 100))
+    assert out["boxes"].shape == (1, 5, 4) and out["boxes"].dtype == torch.float32
+    assert out["scores"].shape == (1, 5) and out["scores"].dtype == torch.float32
+    assert out["labels"].dtype == torch.int64 and out["num_detections"].dtype == torch.int64
+    assert out["num_detections"].tolist() == [3]
+    # Sorted by score: anchors 0, 2, 1 (bf16 logits, hence the tolerance).
+    assert out["scores"][0, :3].tolist() == pytest.approx([0.9, 0.6, 0.2], abs=5e-3)
+    assert torch.equal(out["boxes"][0, :3], anchors[[0, 2, 1]])
+    assert out["labels"][0].tolist() == [0, 0, 0, -1, -1]
+    _check_padding(out, 0, 3)
+
+
+def test_nothing_above_score_threshold_gives_only_padding():
+    anchors = _diagonal_boxes(4)
+    cls = torch.full((2, 4, 3), _logit(0.49).item())
+    out = _post(score_threshold=0.5, max_detections=3)(cls, torch.zeros(2, 4, 4), anchors, (100, 100))
+    assert out["num_detections"].tolist() == [0, 0]
+    for b in range(2):
+        _check_padding(out, b, 0)
+    # The threshold is inclusive: a score equal to it is kept.
+    cls[1, 2, 1] = _logit(0.5)
+    out = _post(score_threshold=0.5, max_detections=3)(cls, torch.zeros(2, 4, 4), anchors, (100, 100))
+    assert out["num_detections"].tolist() == [0, 1]
+    assert out["labels"][1, 0].item() == 1 and out["scores"][1, 0].item() == 0.5
+    assert torch.equal(out["boxes"][1, 0], anchors[2])
+
+
+def test_identical_boxes_one_survives_per_class():
+    anchors = torch.tensor([[10.0, 10.0, 30.0, 40.0]] * 4)
+    cls = torch.stack([_logit([0.6, 0.9, 0.7, 0.8]), _logit([0.3, 0.2, 0.55, 0.1])], dim=-1)[
+        None
+    ]  # [1, 4, 2]
+    out = _post()(cls, torch.zeros(1, 4, 4), anchors, (100, 100))
+    assert out["num_detections"].tolist() == [2]
+    assert out["labels"][0, :2].tolist() == [0, 1]
+    assert out["scores"][0, :2].tolist() == pytest.approx([0.9, 0.55], abs=1e-6)
+    assert torch.equal(out["boxes"][0, :2], anchors[:2])
+    _check_padding(out, 0, 2)
+
+
+def test_same_box_different_classes_all_survive():
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    cls = torch.tensor([[[2.0, 1.0, -1.0]]])
+    out = _post()(cls, torch.zeros(1, 1, 4), anchors, (100, 100))
+    assert out["num_detections"].tolist() == [3]
+    assert out["labels"][0, :3].tolist() == [0, 1, 2]
+    torch.testing.assert_close(out["scores"][0, :3], torch.sigmoid(torch.tensor([2.0, 1.0, -1.0])))
+    assert torch.equal(out["boxes"][0, :3], anchors.expand(3, 4))
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [
+        [[0.0, 0.0, 3.0, 1.0], [1.0, 0.0, 4.0, 1.0]],  # intersection 2, union 4
+        [[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 5.0]],  # intersection 50, union 100
+    ],
+)
+def test_iou_exactly_at_threshold_is_kept(pair):
+    """Documented rule: a box is suppressed only when its IoU is strictly greater than ``iou_threshold``."""
+    anchors = torch.tensor(pair)
+    assert box_iou(anchors[:1], anchors[1:]).item() == 0.5
+    cls = torch.stack([_logit(0.9), _logit(0.8)])[None, :, None]
+    out = _post(iou_threshold=0.5)(cls, torch.zeros(1, 2, 4), anchors, (100, 100))
+    assert out["num_detections"].tolist() == [2]
+    out = _post(iou_threshold=0.49)(cls, torch.zeros(1, 2, 4), anchors, (100, 100))
+    assert out["num_detections"].tolist() == [1]
+    assert torch.equal(out["boxes"][0, 0], anchors[0])
+
+
+def test_more_candidates_than_max_detections():
+    g = torch.Generator().manual_seed(0)
+    anchors = _diagonal_boxes(50)
+    cls = torch.randn(2, 50, 2, generator=g)
+    out = _post(max_detections=7)(cls, torch.zeros(2, 50, 4), anchors, (2000, 2000))
+    assert out["num_detections"].tolist() == [7, 7]
+    for b in range(2):
+        # Disjoint boxes: nothing is suppressed, so the output is the top 7 of all 100 (anchor, class) pairs.
+        top = cls[b].reshape(-1).topk(7)
+        torch.testing.assert_close(out["scores"][b], torch.sigmoid(top.values))
+        assert out["labels"][b].tolist() == (top.indices % 2).tolist()
+        assert torch.equal(out["boxes"][b], anchors[top.indices // 2])
+
+
+def test_topk_limits_candidates_before_nms():
+    anchors = _diagonal_boxes(10)
+    cls = torch.linspace(-2, 2, 10).reshape(1, 10, 1)
+    out = _post(topk=3, max_detections=10)(cls, torch.zeros(1, 10, 4), anchors, (500, 500))
+    assert out["num_detections"].tolist() == [3]
+    assert torch.equal(out["boxes"][0, :3], anchors[[9, 8, 7]])
+    # topk larger than A * C is capped.
+    out = _post(topk=5000, max_detections=20)(cls, torch.zeros(1, 10, 4), anchors, (500, 500))
+    assert out["num_detections"].tolist() == [10]
+
+
+def test_decode_and_clip_to_image_or_per_image_region():
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [-5.0, -5.0, 30.0, 30.0]])
+    # Anchor 0 shifted by half its width and doubled in width: centre (10, 5), 20 x 10 -> [0, 0, 20, 10].
+    deltas = torch.tensor([[0.5, 0.0, math.log(2.0), 0.0], [0.0, 0.0, 0.0, 0.0]]).expand(2, 2, 4)
+    cls = torch.tensor([[[3.0], [2.0]], [[3.0], [2.0]]])
+    out = _post()(cls, deltas, anchors, torch.tensor([[20.0, 25.0], [100.0, 15.0]]))  # per-image (H, W)
+    torch.testing.assert_close(
+        out["boxes"][0, :2], torch.tensor([[0.0, 0.0, 20.0, 10.0], [0.0, 0.0, 25.0, 20.0]])
+    )
+    torch.testing.assert_close(
+        out["boxes"][1, :2], torch.tensor([[0.0, 0.0, 15.0, 10.0], [0.0, 0.0, 15.0, 30.0]])
+    )
+    out = _post()(cls, deltas, anchors, (100, 100))
+    torch.testing.assert_close(out["boxes"][1, 1], torch.tensor([0.0, 0.0, 30.0, 30.0]))
+    out = _post(clip_boxes=False)(cls, deltas, anchors, (20, 20))
+    torch.testing.assert_close(out["boxes"][1, 1], anchors[1])
+
+
+def _greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, thr: float) -> list[int]:
+    """Textbook greedy NMS: visit by descending score, keep a box unless it overlaps a kept one by > thr."""
+    keep: list[int] = []
+    for i in torch.argsort(scores, descending=True).tolist():
+        if all(box_iou(boxes[i : i + 1], boxes[k : k + 1]).item() <= thr for k in keep):
+            keep.append(i)
+    return keep
+
+
+def _reference(cls, deltas, anchors, hw, *, topk, score_threshold, iou_threshold, max_det):
+    """One image at a time, one class at a time."""
+    results = []
+    for i in range(cls.shape[0]):
+        candidates = []  # (score, label, box)
+        logits = cls[i].reshape(-1)
+        order = torch.argsort(logits, descending=True)[:topk].tolist()
+        c = cls.shape[2]
+        for idx in order:
+            a, k = divmod(idx, c)
+            score = torch.sigmoid(logits[idx]).item()
+            if score < score_threshold:
+                continue
+            box = CODER.decode(deltas[i, a], anchors[a])
+            box = torch.stack(
+                [
+                    box[0].clamp(0, hw[1]),
+                    box[1].clamp(0, hw[0]),
+                    box[2].clamp(0, hw[1]),
+                    box[3].clamp(0, hw[0]),
+                ]
+            )
+            candidates.append((score, k, box))
+        kept = []
+        for k in sorted({lab for _, lab, _ in candidates}):
+            mine = [cand for cand in candidates if cand[1] == k]
+            boxes = torch.stack([m[2] for m in mine])
+            scores = torch.tensor([m[0] for m in mine])
+            kept += [mine[j] for j in _greedy_nms(boxes, scores, iou_threshold)]
+        kept.sort(key=lambda t: -t[0])
+        results.append(kept[:max_det])
+    return results
+
+
+@pytest.mark.parametrize(
+    "topk, score_threshold, iou_threshold, max_det",
+    [(150, 0.3, 0.5, 12), (5000, 0.0, 0.3, 400), (20, 0.0, 0.7, 5)],
+)
+def test_batch_equals_naive_per_image_loop(topk, score_threshold, iou_threshold, max_det):
+    g = torch.Generator().manual_seed(1)
+    b, a, c = 3, 40, 4
+    xy = torch.rand(a, 2, generator=g) * 60
+    anchors = torch.cat([xy, xy + torch.rand(a, 2, generator=g) * 30 + 5], 1)  # overlapping clutter
+    cls = torch.randn(b, a, c, generator=g) * 2
+    cls[1] = torch.randn(a, c, generator=g) - 20.0  # image 1: every score below 1e-6
+    deltas = torch.randn(b, a, 4, generator=g) * 0.2
+    post = _post(
+        topk=topk, score_threshold=score_threshold, iou_threshold=iou_threshold, max_detections=max_det
+    )
+    out = post(cls, deltas, anchors, (80, 90))
+    ref = _reference(
+        cls,
+        deltas,
+        anchors,
+        (80, 90),
+        topk=topk,
+        score_threshold=score_threshold,
+        iou_threshold=iou_threshold,
+        max_det=max_det,
+    )
+    if score_threshold > 0:
+        assert out["num_detections"][1].item() == 0 and len(ref[1]) == 0
+    assert sum(len(r) for r in ref) > 0
+    for i, kept in enumerate(ref):
+        n = len(kept)
+        assert out["num_detections"][i].item() == n
+        torch.testing.assert_close(out["scores"][i, :n], torch.tensor([s for s, _, _ in kept]))
+        assert out["labels"][i, :n].tolist() == [k for _, k, _ in kept]
+        if n:
+            torch.testing.assert_close(out["boxes"][i, :n], torch.stack([bx for _, _, bx in kept]))
+        _check_padding(out, i, n)
+        # The batch does not leak between images: each image alone gives the same rows.
+        alone = post(cls[i : i + 1], deltas[i : i + 1], anchors, (80, 90))
+        for key in ("boxes", "scores", "labels", "num_detections"):
+            assert torch.equal(alone[key][0], out[key][i])
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"topk": 0}, {"max_detections": 0}, {"score_threshold": -0.1}, {"iou_threshold": 1.5}],
+)
+def test_invalid_arguments_raise(kwargs):
+    with pytest.raises(ValueError):
+        _post(**kwargs)
