@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import cv2
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
@@ -24,13 +25,10 @@ __all__ = ["CocoDataModule", "worker_init"]
 
 
 def worker_init(worker_id: int) -> None:
-    """Data-loader worker set-up: one OpenCV/torch thread per worker (the workers are the parallelism), and
-    Lightning's per-worker seeding so augmentation is reproducible with ``seed=``."""
-    import cv2
+    """Lightning's per-worker seeding, so augmentation is reproducible with ``seed=`` (torch already runs
+    each worker with one thread)."""
     from lightning.fabric.utilities.seed import pl_worker_init_function
 
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
     pl_worker_init_function(worker_id)
 
 log = logging.getLogger(__name__)
@@ -70,6 +68,9 @@ class CocoDataModule(L.LightningDataModule):
         eval_backend: str = "pycocotools",
     ) -> None:
         super().__init__()
+        # The loader workers are the parallelism: OpenCV's own thread pool would oversubscribe the cores, and a
+        # pool started before the workers fork can deadlock them. Set before any OpenCV call in this process.
+        cv2.setNumThreads(1)
         self.root = Path(root).expanduser()
         self.num_classes = num_classes
         self.image_size = image_size

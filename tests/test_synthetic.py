@@ -13,8 +13,7 @@ import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-import datasets.synthetic as synthetic
-from datasets import SYNTHETIC_CATEGORIES, DatasetError, synthetic_coco_root, write_synthetic_coco
+from datasets import SYNTHETIC_CATEGORIES, DatasetError, synthetic, synthetic_coco_root, write_synthetic_coco
 
 # pycocotools' mask.decode trips a harmless numpy 2 deprecation warning.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
