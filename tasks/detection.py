@@ -164,7 +164,7 @@ class DetectionTask(L.LightningModule):
         metrics = self.evaluator.compute()
         self.last_metrics = metrics
         if self.trainer.is_global_zero:
-            print(self.evaluator.summary, flush=True)
+            print("\n" + self.evaluator.summary, flush=True)
         for k, v in metrics.items():
             # Every rank holds the same gathered numbers, so no reduction is needed.
             self.log(f"val/{k}", float(v), prog_bar=k in ("AP", "AP50"), rank_zero_only=False)
