@@ -12,7 +12,13 @@ from torch import nn
 
 from .contract import FeatureSpec, level_name
 
-__all__ = ["TimmBackbone", "EFFICIENTNET_VARIANTS", "load_backbone_weights", "WeightsMismatchError"]
+__all__ = [
+    "TimmBackbone",
+    "EFFICIENTNET_VARIANTS",
+    "load_backbone_weights",
+    "WeightsMismatchError",
+    "state_dict_mismatches",
+]
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +118,25 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def state_dict_mismatches(
+    target: dict[str, torch.Tensor], source: dict[str, torch.Tensor], *, source_name: str = "file", show: int = 5
+) -> list[str]:
+    """Describe how ``source`` fails to fit ``target`` (shape mismatches, missing keys, unexpected keys);
+    an empty list means every key and shape matches."""
+    missing = [k for k in target if k not in source]
+    unexpected = [k for k in source if k not in target]
+    shapes = [
+        f"{k}: {source_name} {tuple(source[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in target.items()
+        if k in source and source[k].shape != v.shape
+    ]
+    problems = []
+    for what, items in (("shape mismatches", shapes), ("missing keys", missing), ("unexpected keys", unexpected)):
+        if items:
+            problems.append(f"{len(items)} {what}, e.g. {items[:show]}")
+    return problems
+
+
 def load_backbone_weights(backbone: TimmBackbone, path: str | Path) -> None:
     """Load a local weights file into ``backbone``; any key or shape mismatch is an error.
 
@@ -124,21 +149,9 @@ def load_backbone_weights(backbone: TimmBackbone, path: str | Path) -> None:
     state = {k.removeprefix("module."): v for k, v in state.items()}
     target = backbone.body.state_dict()
     top_level = {k.split(".", 1)[0] for k in target}
-    missing = [k for k in target if k not in state]
-    unexpected = [k for k in state if k not in target and k.split(".", 1)[0] in top_level]
+    # Keys of modules a features-only model does not have (the classifier head) are skipped, not errors.
     skipped = [k for k in state if k.split(".", 1)[0] not in top_level]
-    wrong_shape = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in target.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} keys: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} keys: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
-    if wrong_shape:
-        problems.append(f"shape mismatch: {wrong_shape[:10]}")
+    problems = state_dict_mismatches(target, {k: v for k, v in state.items() if k.split(".", 1)[0] in top_level})
     if problems:
         raise WeightsMismatchError(f"{path} does not match backbone {backbone.model_name}: " + "; ".join(problems))
     backbone.body.load_state_dict({k: state[k] for k in target}, strict=True)

@@ -14,6 +14,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
+from backbones.timm_backbone import state_dict_mismatches
+
 from .callbacks import EMA
 from .coco_eval import atomic_write_json
 
@@ -131,24 +133,11 @@ def load_checkpoint_weights(model: torch.nn.Module, path: str | Path, prefix: st
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: has no 'state_dict' (not a training checkpoint of this project)")
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    target = model.state_dict()
-    missing = [k for k in target if k not in weights]
-    unexpected = [k for k in weights if k not in target]
-    shapes = [
-        f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in target.items()
-        if k in weights and weights[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatches, e.g. {shapes[:3]}")
-        if missing:
-            parts.append(f"{len(missing)} missing keys, e.g. {missing[:3]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}")
+    problems = state_dict_mismatches(model.state_dict(), weights, source_name="checkpoint", show=3)
+    if problems:
         raise CheckpointError(
-            f"{path} holds weights of another model (check backbone=, scale and data.num_classes): " + "; ".join(parts)
+            f"{path} holds weights of another model (check backbone=, scale and data.num_classes): "
+            + "; ".join(problems)
         )
     model.load_state_dict(weights, strict=True)
     return ckpt
