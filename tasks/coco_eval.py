@@ -75,24 +75,15 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None =
 
 
 def load_coco(source: COCO | str | os.PathLike) -> COCO:
-    """A pycocotools ``COCO`` ground-truth object from an existing one or from an instances JSON file."""
+    """A pycocotools ``COCO`` ground-truth object from an existing one or from an instances JSON file (read
+    and validated by :func:`datasets.load_coco_annotations`, so a bad file is a ``DatasetError`` naming it)."""
     if isinstance(source, COCO):
         return source
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"expected a pycocotools COCO object or a path to a COCO JSON file, got {type(source)!r}")
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"COCO annotation file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            dataset = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(dataset, dict) or "images" not in dataset or "annotations" not in dataset:
-        raise ValueError(f"{path}: not a COCO instances file (needs 'images' and 'annotations')")
-    if "categories" not in dataset:
-        raise ValueError(f"{path}: not a COCO instances file (needs 'categories')")
-    return _coco_from_dataset(dataset)
+    from datasets.coco import load_coco_annotations
+
+    return load_coco_annotations(source)
 
 
 def _coco_from_dataset(dataset: dict) -> COCO:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -90,8 +91,9 @@ class CocoDataModule(L.LightningDataModule):
         self.val_dataset: CocoDetection | None = None
 
     # ------------------------------------------------------------------ paths
-    @property
+    @functools.cached_property
     def data_dir(self) -> Path:
+        """The dataset folder; for synthetic data it is generated (once, atomically) on first use."""
         if self.synthetic is not None:
             return synthetic_coco_root(self.root, **self.synthetic)
         return self.root
@@ -115,8 +117,7 @@ class CocoDataModule(L.LightningDataModule):
                     )
 
     def prepare_data(self) -> None:
-        if self.synthetic is not None:
-            synthetic_coco_root(self.root, **self.synthetic)  # generates once, atomically
+        self.data_dir  # noqa: B018 - generates the synthetic dataset on the preparing rank
 
     def _dataset(self, split: str, train: bool) -> CocoDetection:
         image_dir, ann_file = self.paths(split)

@@ -15,6 +15,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from datasets.errors import DatasetError
 from tasks.coco_eval import (
     METRIC_NAMES,
     CocoEvaluator,
@@ -279,7 +280,7 @@ def test_gt_from_path_and_errors(gt, gt_path, tmp_path):
         CocoEvaluator(tmp_path / "missing.json")
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(ValueError, match="bad.json"):
+    with pytest.raises(DatasetError, match="bad.json"):
         CocoEvaluator(bad)
     with pytest.raises(ValueError, match="backend"):
         CocoEvaluator(gt, backend="nope")
