@@ -1,25 +1,72 @@
-"""Datasets: COCO-format detection, its albumentations pipelines and the built-in synthetic data.
+"""Datasets: COCO-format detection and Cityscapes-layout / folder segmentation, their albumentations pipelines
+and the built-in synthetic data.
 
 Every loader raises :class:`DatasetError` (bad data) or :class:`DatasetNotFoundError` (missing data) with a
 message that names the file, so the tools can print one line instead of a traceback.
 """
 
+from .cityscapes import (
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_LABELS,
+    CITYSCAPES_PALETTE,
+    LABEL_ID_TO_TRAIN_ID,
+    TRAIN_ID_TO_LABEL_ID,
+    VALID_LABEL_IDS,
+    CityscapesLabel,
+    CityscapesSegmentation,
+    train_ids_to_label_ids,
+)
 from .coco import LABEL_MODES, CocoDetection, collate_detection, load_coco_annotations
 from .errors import DatasetError, DatasetNotFoundError
+from .segmentation import (
+    IGNORE_INDEX,
+    SegmentationDataset,
+    SegmentationFolder,
+    SegmentationTransform,
+    build_segmentation_eval_transform,
+    build_segmentation_train_transform,
+    collate_segmentation,
+    default_palette,
+)
 from .synthetic import SYNTHETIC_CATEGORIES, synthetic_coco_root, write_synthetic_coco
+from .synthetic_cityscapes import (
+    SYNTHETIC_CITYSCAPES_COLOURS,
+    synthetic_cityscapes_root,
+    write_synthetic_cityscapes,
+)
 from .transforms import DetectionTransform, build_eval_transform, build_train_transform
 
 __all__ = [
+    "CITYSCAPES_CLASSES",
+    "CITYSCAPES_LABELS",
+    "CITYSCAPES_PALETTE",
+    "IGNORE_INDEX",
+    "LABEL_ID_TO_TRAIN_ID",
     "LABEL_MODES",
     "SYNTHETIC_CATEGORIES",
+    "SYNTHETIC_CITYSCAPES_COLOURS",
+    "TRAIN_ID_TO_LABEL_ID",
+    "VALID_LABEL_IDS",
+    "CityscapesLabel",
+    "CityscapesSegmentation",
     "CocoDetection",
     "DatasetError",
     "DatasetNotFoundError",
     "DetectionTransform",
+    "SegmentationDataset",
+    "SegmentationFolder",
+    "SegmentationTransform",
     "build_eval_transform",
+    "build_segmentation_eval_transform",
+    "build_segmentation_train_transform",
     "build_train_transform",
     "collate_detection",
+    "collate_segmentation",
+    "default_palette",
     "load_coco_annotations",
+    "synthetic_cityscapes_root",
     "synthetic_coco_root",
+    "train_ids_to_label_ids",
+    "write_synthetic_cityscapes",
     "write_synthetic_coco",
 ]

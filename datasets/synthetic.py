@@ -15,12 +15,7 @@ Layout (COCO 2017)::
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import json
-import os
-import shutil
-import uuid
 import warnings
 from pathlib import Path
 
@@ -28,7 +23,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from .errors import DatasetError
+from ._cache import cached_root, write_atomically
 
 __all__ = ["SPLITS", "SYNTHETIC_CATEGORIES", "synthetic_coco_root", "write_synthetic_coco"]
 
@@ -42,7 +37,6 @@ SYNTHETIC_CATEGORIES: tuple[tuple[int, str, tuple[int, int, int]], ...] = (
 #: (split folder, first image id). Ids step by 3, so they are neither 0..N-1 nor contiguous.
 SPLITS: tuple[tuple[str, int], ...] = (("train2017", 1000), ("val2017", 900_000))
 _ID_STEP = 3
-_MARKER = "synthetic.json"
 _VERSION = 2  # bump when the generated content changes, so cached copies are regenerated
 
 _MAX_OBJECTS = 4
@@ -198,16 +192,8 @@ def _write_split(rng, out_dir: Path, first_id: int, n: int, sizes: tuple[int, in
     return images, annotations, ann_id
 
 
-def _read_marker(root: Path) -> dict | None:
-    try:
-        data = json.loads((root / _MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _generate(tmp: Path, params: dict) -> None:
-    (tmp / "annotations").mkdir(parents=True)
+    (tmp / "annotations").mkdir()
     categories = [{"id": cid, "name": name, "supercategory": "shape"} for cid, name, _ in SYNTHETIC_CATEGORIES]
     ann_id = 1
     for split_index, ((split, first_id), n) in enumerate(zip(SPLITS, (params["num_train"], params["num_val"]))):
@@ -228,7 +214,6 @@ def _generate(tmp: Path, params: dict) -> None:
             "categories": categories,
         }
         (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
-    (tmp / _MARKER).write_text(json.dumps(params))  # written last: marks the copy complete
 
 
 def write_synthetic_coco(
@@ -247,69 +232,23 @@ def write_synthetic_coco(
     temporary sibling folder and renamed into place, so an interrupted run never leaves a half-written
     dataset. An existing folder that this generator did not write is only replaced with ``overwrite=True``.
     """
+    params = _params(num_train=num_train, num_val=num_val, image_size=image_size, seed=seed)
+    return write_atomically(root, params, lambda tmp: _generate(tmp, params), overwrite=overwrite)
+
+
+def _params(*, num_train: int, num_val: int, image_size: tuple[int, int], seed: int) -> dict:
+    """The validated, canonical generator parameters (what the marker file holds)."""
     num_train, num_val, seed = int(num_train), int(num_val), int(seed)
     lo, hi = (int(v) for v in image_size)
     if num_train < 0 or num_val < 0:
         raise ValueError(f"num_train and num_val must be >= 0, got {num_train} and {num_val}")
     if not 32 <= lo <= hi:
         raise ValueError(f"image_size must be (min, max) side lengths with 32 <= min <= max, got {image_size}")
-    root = Path(root).expanduser()
-    params = {"num_train": num_train, "num_val": num_val, "image_size": [lo, hi], "seed": seed, "version": _VERSION}
-    if not overwrite and _read_marker(root) == params:
-        return root
-    foreign = root.exists() and (not root.is_dir() or (_read_marker(root) is None and any(root.iterdir())))
-    if foreign and not overwrite:
-        raise DatasetError(
-            f"{root}: exists and is not a synthetic dataset written by this generator; refusing to replace it "
-            "(choose another folder or pass overwrite=True)"
-        )
-
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        _generate(tmp, params)
-        if root.exists():
-            if not overwrite and _read_marker(root) == params:
-                return root  # another process finished the same dataset first
-            old = root.parent / f".{root.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(root, old)
-            os.replace(tmp, root)
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
-        else:
-            try:
-                os.replace(tmp, root)
-            except OSError:
-                if _read_marker(root) != params:  # not a concurrent writer of the same dataset: a real error
-                    raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
-
-
-_DEFAULTS = {
-    name: p.default
-    for name, p in inspect.signature(write_synthetic_coco).parameters.items()
-    if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "overwrite"
-}
+    return {"num_train": num_train, "num_val": num_val, "image_size": [lo, hi], "seed": seed, "version": _VERSION}
 
 
 def synthetic_coco_root(cache_dir: str | Path, **params) -> Path:
     """Generate (once) and return the synthetic dataset for ``params`` (the keyword arguments of
     :func:`write_synthetic_coco`) under ``cache_dir``. Each parameter set gets its own sub-folder, named by a
     short hash of the parameters, so different parameters never share (or overwrite) a copy."""
-    unknown = set(params) - set(_DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown synthetic dataset parameters: {sorted(unknown)}; known: {sorted(_DEFAULTS)}")
-    full = {**_DEFAULTS, **params}
-    full = {
-        "num_train": int(full["num_train"]),
-        "num_val": int(full["num_val"]),
-        "image_size": tuple(int(v) for v in full["image_size"]),
-        "seed": int(full["seed"]),
-    }
-    key = json.dumps({**full, "image_size": list(full["image_size"]), "version": _VERSION}, sort_keys=True)
-    name = "coco-" + hashlib.sha1(key.encode()).hexdigest()[:10]
-    return write_synthetic_coco(Path(cache_dir).expanduser() / name, **full)
+    return cached_root(cache_dir, prefix="coco", writer=write_synthetic_coco, normalize=_params, params=params)

@@ -12,13 +12,14 @@ narrower or shorter than 1 output pixel are dropped together with their labels.
 from __future__ import annotations
 
 import os
-import random
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import albumentations as A
 import cv2
 import numpy as np
+
+from ._seeding import ProcessRandom
 
 __all__ = ["DetectionTransform", "build_eval_transform", "build_train_transform"]
 
@@ -96,9 +97,7 @@ class DetectionTransform:
                     format="pascal_voc", label_fields=["index"], min_width=_MIN_SIZE, min_height=_MIN_SIZE, clip=True
                 ),
             )
-        self._seed_key: object = "unset"
-        self._rng = np.random.default_rng()
-        self._reseed()
+        self._random = ProcessRandom(seed, pipeline=self.pipeline) if self.train else None
 
     def __repr__(self) -> str:
         if self.train:
@@ -110,23 +109,8 @@ class DetectionTransform:
 
     def _reseed(self) -> None:
         """Seed the generators for this process (see the class docstring); no-op when already done."""
-        if not self.train:
-            return
-        from torch.utils.data import get_worker_info
-
-        info = get_worker_info()
-        key = (info.id, info.seed) if info is not None else None
-        if key == self._seed_key:
-            return
-        self._seed_key = key
-        if info is not None:
-            entropy = [info.seed % 2**63] + ([] if self.seed is None else [int(self.seed)])
-        else:
-            entropy = [self.seed if self.seed is not None else random.getrandbits(63)]
-        seq = np.random.SeedSequence(entropy)
-        self._rng = np.random.default_rng(seq)
-        py_random = random.Random(int(seq.generate_state(1, np.uint64)[0]))
-        self.pipeline.set_random_state(self._rng, py_random)
+        if self._random is not None:
+            self._random.refresh()
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray) -> dict:
         if image.ndim != 3 or image.dtype != np.uint8:
@@ -147,7 +131,7 @@ class DetectionTransform:
             return {"image": out, "boxes": boxes, "labels": labels, "scale": float(base)}
 
         self._reseed()
-        scale = base * float(self._rng.uniform(*self.scale_range))
+        scale = base * float(self._random.rng.uniform(*self.scale_range))
         resized = _resize(image, scale)
         nh, nw = resized.shape[:2]
         # Boxes follow the actual per-axis resize factors (the rounding of the new size included).

@@ -1,7 +1,8 @@
-"""Heads and the small objects a detection task composes around them.
+"""Heads and the small objects the tasks compose around them.
 
 Modules (``nn.Module``) compute tensors only: :class:`EfficientDetHead` returns raw per-level logits and
-box deltas. Anchors, matching, box coding, the loss and post-processing are separate plain objects.
+box deltas, :class:`SegmentationHead` per-pixel logits. Anchors, matching, box coding, the losses and
+post-processing are separate plain objects.
 """
 
 from .anchors import AnchorGenerator
@@ -10,6 +11,8 @@ from .efficientdet import DetectionOutput, EfficientDetHead, HeadNet, flatten_le
 from .losses import DetectionLoss, huber_loss, sigmoid_focal_loss
 from .matcher import IoUMatcher, TargetAssigner, box_iou
 from .postprocess import DetectionPostProcess
+from .seg_loss import SegmentationLoss, ohem_cross_entropy
+from .segmentation import SegmentationHead, SegmentationOutput, upsample_logits
 
 __all__ = [
     "AnchorGenerator",
@@ -25,4 +28,9 @@ __all__ = [
     "TargetAssigner",
     "box_iou",
     "DetectionPostProcess",
+    "SegmentationHead",
+    "SegmentationLoss",
+    "SegmentationOutput",
+    "ohem_cross_entropy",
+    "upsample_logits",
 ]

@@ -1,4 +1,4 @@
-"""Detector: backbone + neck + head composed into one plain ``nn.Module``."""
+"""Dense prediction models: backbone + neck + head composed into one plain ``nn.Module``."""
 
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ from torch import nn
 
 from backbones.contract import FeatureSpec
 from backbones.timm_backbone import TimmBackbone
-from heads.efficientdet import DetectionOutput, EfficientDetHead
+from heads.efficientdet import EfficientDetHead
 from necks.bifpn import BiFPN
 
 from .scaling import get_scale
 
-__all__ = ["Detector", "efficientdet"]
+__all__ = ["DenseModel", "Detector", "Segmenter", "efficientdet"]
 
 SpecsToModule = Callable[[Mapping[str, FeatureSpec]], nn.Module]
 
 
-class Detector(nn.Module):
-    """``images -> backbone -> neck -> head``.
+class DenseModel(nn.Module):
+    """``images -> backbone -> neck -> head``: a detector or a segmenter, depending on the head.
 
     ``neck`` and ``head`` are either modules or factories that take the previous stage's ``out_specs``
     (e.g. ``functools.partial(BiFPN, channels=64, num_repeats=3)``), so channel counts are derived from
@@ -49,8 +49,13 @@ class Detector(nn.Module):
     def out_specs(self) -> dict[str, FeatureSpec]:
         return self.neck.out_specs
 
-    def forward(self, images: torch.Tensor) -> DetectionOutput:
+    def forward(self, images: torch.Tensor) -> Any:
         return self.head(self.neck(self.backbone(images)))
+
+
+#: Names that say what the composed model is for; all are :class:`DenseModel`.
+Detector = DenseModel
+Segmenter = DenseModel
 
 
 def efficientdet(

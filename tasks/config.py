@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from models.scaling import get_scale
 
-__all__ = ["CONFIG_DIR", "register_resolvers", "compose"]
+__all__ = ["CONFIG_DIR", "compose", "register_resolvers"]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -22,13 +22,18 @@ def _scale_field(scale: str, field: str):
 
 
 def register_resolvers() -> None:
-    """``${effdet:d3,fpn_channels}`` reads the compound-scaling table; ``${mul:a,b}`` and ``${len:list}``."""
+    """``${effdet:d3,fpn_channels}`` reads the compound-scaling table; ``${mul:a,b}``, ``${len:list}``,
+    ``${range:a,b}`` (the list a..b-1) and ``${pow:a,b}``."""
     if not OmegaConf.has_resolver("effdet"):
         OmegaConf.register_new_resolver("effdet", _scale_field)
     if not OmegaConf.has_resolver("mul"):
         OmegaConf.register_new_resolver("mul", lambda a, b: a * b)
     if not OmegaConf.has_resolver("len"):
         OmegaConf.register_new_resolver("len", lambda x: len(x))
+    if not OmegaConf.has_resolver("range"):
+        OmegaConf.register_new_resolver("range", lambda a, b: ListConfig(list(range(int(a), int(b)))))
+    if not OmegaConf.has_resolver("pow"):
+        OmegaConf.register_new_resolver("pow", lambda a, b: int(a) ** int(b))
 
 
 def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> DictConfig:

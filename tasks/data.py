@@ -13,16 +13,22 @@ import torch
 from torch.utils.data import DataLoader
 
 from datasets import (
+    CityscapesSegmentation,
     CocoDetection,
     DatasetError,
     DatasetNotFoundError,
+    SegmentationFolder,
     build_eval_transform,
+    build_segmentation_eval_transform,
+    build_segmentation_train_transform,
     build_train_transform,
     collate_detection,
+    collate_segmentation,
+    synthetic_cityscapes_root,
     synthetic_coco_root,
 )
 
-__all__ = ["CocoDataModule", "worker_init"]
+__all__ = ["CocoDataModule", "SegmentationDataModule", "worker_init"]
 
 
 def worker_init(worker_id: int) -> None:
@@ -35,7 +41,70 @@ def worker_init(worker_id: int) -> None:
 log = logging.getLogger(__name__)
 
 
-class CocoDataModule(L.LightningDataModule):
+class _FolderDataModule(L.LightningDataModule):
+    """Shared by the data modules: real data under ``root`` or a synthetic copy generated once into a cache,
+    the early "data not found" check, and the loaders."""
+
+    collate_fn = None
+
+    def __init__(
+        self,
+        *,
+        root: str | Path,
+        batch_size: int,
+        val_batch_size: int | None,
+        num_workers: int,
+        pin_memory: bool,
+        synthetic: dict[str, Any] | None,
+    ) -> None:
+        super().__init__()
+        # The loader workers are the parallelism: OpenCV's own thread pool would oversubscribe the cores, and a
+        # pool started before the workers fork can deadlock them. Set before any OpenCV call in this process.
+        cv2.setNumThreads(1)
+        self.root = Path(root).expanduser()
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.synthetic = dict(synthetic) if synthetic is not None else None
+        self.train_dataset = None
+        self.val_dataset = None
+
+    def _generate_synthetic(self, cache_dir: Path, params: dict[str, Any]) -> Path:
+        raise NotImplementedError
+
+    @functools.cached_property
+    def data_dir(self) -> Path:
+        """The dataset folder; for synthetic data it is generated (once, atomically) on first use."""
+        if self.synthetic is not None:
+            return self._generate_synthetic(self.root, self.synthetic)
+        return self.root
+
+    def prepare_data(self) -> None:
+        self.data_dir  # noqa: B018 - generates the synthetic dataset on the preparing rank
+
+    def _loader(self, ds, *, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate_fn,
+            worker_init_fn=worker_init if self.num_workers > 0 else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        drop_last = len(self.train_dataset) > self.batch_size
+        return self._loader(self.train_dataset, batch_size=self.batch_size, shuffle=True, drop_last=drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, batch_size=self.val_batch_size, shuffle=False, drop_last=False)
+
+
+class CocoDataModule(_FolderDataModule):
     """A COCO-format folder: ``<root>/annotations/instances_<split>.json`` and ``<root>/<split>/*.jpg``.
 
     Args:
@@ -68,35 +137,28 @@ class CocoDataModule(L.LightningDataModule):
         synthetic: dict[str, Any] | None = None,
         eval_backend: str = "pycocotools",
     ) -> None:
-        super().__init__()
-        # The loader workers are the parallelism: OpenCV's own thread pool would oversubscribe the cores, and a
-        # pool started before the workers fork can deadlock them. Set before any OpenCV call in this process.
-        cv2.setNumThreads(1)
-        self.root = Path(root).expanduser()
+        super().__init__(
+            root=root,
+            batch_size=batch_size,
+            val_batch_size=val_batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            synthetic=synthetic,
+        )
         self.num_classes = num_classes
         self.image_size = image_size
         self.train_split = train_split
         self.val_split = val_split
-        self.batch_size = batch_size
-        self.val_batch_size = val_batch_size or batch_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
         self.scale_range = tuple(scale_range)
         self.hflip_prob = hflip_prob
         self.min_box_size = min_box_size
         self.label_mode = label_mode
-        self.synthetic = dict(synthetic) if synthetic is not None else None
         self.eval_backend = eval_backend
-        self.train_dataset: CocoDetection | None = None
-        self.val_dataset: CocoDetection | None = None
 
-    # ------------------------------------------------------------------ paths
-    @functools.cached_property
-    def data_dir(self) -> Path:
-        """The dataset folder; for synthetic data it is generated (once, atomically) on first use."""
-        if self.synthetic is not None:
-            return synthetic_coco_root(self.root, **self.synthetic)
-        return self.root
+    collate_fn = staticmethod(collate_detection)
+
+    def _generate_synthetic(self, cache_dir: Path, params: dict[str, Any]) -> Path:
+        return synthetic_coco_root(cache_dir, **params)
 
     def paths(self, split: str) -> tuple[Path, Path]:
         d = self.data_dir
@@ -115,9 +177,6 @@ class CocoDataModule(L.LightningDataModule):
                         f"Point data.root at a folder with annotations/instances_{split}.json and {split}/ "
                         "(or set EFFDENSE_DATA_ROOT), or try data=synthetic for the built-in dataset."
                     )
-
-    def prepare_data(self) -> None:
-        self.data_dir  # noqa: B018 - generates the synthetic dataset on the preparing rank
 
     def _dataset(self, split: str, train: bool) -> CocoDetection:
         image_dir, ann_file = self.paths(split)
@@ -168,23 +227,165 @@ class CocoDataModule(L.LightningDataModule):
 
         return CocoEvaluator(self.val_dataset.coco, backend=self.eval_backend)
 
-    # ------------------------------------------------------------------ loaders
-    def _loader(self, ds, *, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
-        return DataLoader(
-            ds,
+
+SEGMENTATION_FORMATS = ("cityscapes", "folder")
+
+
+class SegmentationDataModule(_FolderDataModule):
+    """Semantic segmentation data: a Cityscapes folder or a generic folder of images and mask PNGs.
+
+    Layouts:
+        ``format="cityscapes"``: ``<root>/leftImg8bit/<split>/<city>/*_leftImg8bit.png`` and
+        ``<root>/gtFine/<split>/<city>/*_gtFine_labelIds.png`` (label ids mapped to the 19 train ids on the fly).
+        ``format="folder"``: ``<root>/<image_folder>/<split>/<name>.{jpg,png}`` and
+        ``<root>/<mask_folder>/<split>/<name>.png``, single-channel masks holding class indices
+        ``0..num_classes-1`` or ``ignore_index``; ``class_names`` are required.
+
+    Args:
+        num_classes: classes the model predicts; must match the dataset (19 for Cityscapes).
+        crop_size: train crop (H, W); ``base_size`` optionally resizes train images first.
+        scale_range, hflip_prob, color_jitter: train augmentation.
+        eval_size: resize eval images to (H, W) (``None``: original size); predictions and metrics are always at
+            the original size.
+        size_divisor: eval batches are padded to a multiple of it (the model's coarsest stride).
+        synthetic: parameters for :func:`datasets.synthetic_cityscapes_root` (``None`` for real data).
+        overlays: with prediction writing, also write colour overlays.
+    """
+
+    def __init__(
+        self,
+        *,
+        root: str | Path,
+        num_classes: int,
+        format: str = "cityscapes",
+        class_names: list[str] | None = None,
+        ignore_index: int = 255,
+        image_folder: str = "images",
+        mask_folder: str = "masks",
+        train_split: str = "train",
+        val_split: str = "val",
+        crop_size: tuple[int, int] = (512, 1024),
+        base_size: tuple[int, int] | None = None,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        hflip_prob: float = 0.5,
+        color_jitter: float = 0.2,
+        eval_size: tuple[int, int] | None = None,
+        size_divisor: int = 128,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        synthetic: dict[str, Any] | None = None,
+        overlays: bool = False,
+    ) -> None:
+        super().__init__(
+            root=root,
             batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            collate_fn=collate_detection,
-            worker_init_fn=worker_init if self.num_workers > 0 else None,
+            val_batch_size=val_batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            synthetic=synthetic,
         )
+        if format not in SEGMENTATION_FORMATS:
+            raise ValueError(f"data.format must be one of {SEGMENTATION_FORMATS}, got {format!r}")
+        if format == "folder" and not class_names:
+            raise ValueError("data.format=folder needs data.class_names (one name per class index)")
+        self.format = format
+        self.num_classes = num_classes
+        self.class_names_cfg = list(class_names) if class_names else None
+        self.ignore_index = ignore_index
+        self.image_folder = image_folder
+        self.mask_folder = mask_folder
+        self.train_split = train_split
+        self.val_split = val_split
+        self.crop_size = _pair_or_none(crop_size)
+        self.base_size = _pair_or_none(base_size)
+        self.scale_range = tuple(scale_range)
+        self.hflip_prob = hflip_prob
+        self.color_jitter = color_jitter
+        self.eval_size = _pair_or_none(eval_size)
+        self.size_divisor = int(size_divisor)
+        self.overlays = overlays
+        self.collate_fn = functools.partial(collate_segmentation, size_divisor=self.size_divisor)
 
-    def train_dataloader(self) -> DataLoader:
-        drop_last = len(self.train_dataset) > self.batch_size
-        return self._loader(self.train_dataset, batch_size=self.batch_size, shuffle=True, drop_last=drop_last)
+    def _generate_synthetic(self, cache_dir: Path, params: dict[str, Any]) -> Path:
+        return synthetic_cityscapes_root(cache_dir, **params)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, batch_size=self.val_batch_size, shuffle=False, drop_last=False)
+    def paths(self, split: str) -> tuple[Path, ...]:
+        d = self.data_dir
+        if self.format == "cityscapes":
+            return d / "leftImg8bit" / split, d / "gtFine" / split
+        return d / self.image_folder / split, d / self.mask_folder / split
+
+    def check(self, splits: tuple[str, ...] | None = None) -> None:
+        """Fail early, with one clear message, when the dataset is not where the config says."""
+        if self.synthetic is not None:
+            return
+        for split in splits or (self.train_split, self.val_split):
+            for path in self.paths(split):
+                if not path.is_dir():
+                    layout = (
+                        f"leftImg8bit/{split}/<city>/ and gtFine/{split}/<city>/"
+                        if self.format == "cityscapes"
+                        else f"{self.image_folder}/{split}/ and {self.mask_folder}/{split}/"
+                    )
+                    raise DatasetNotFoundError(
+                        f"{self.format} segmentation data not found: {path} does not exist (data.root={self.root}). "
+                        f"Point data.root at a folder with {layout} (or set EFFDENSE_DATA_ROOT), "
+                        "or try data=synthetic for the built-in dataset."
+                    )
+
+    def _dataset(self, split: str, train: bool):
+        if train:
+            transform = build_segmentation_train_transform(
+                crop_size=self.crop_size,
+                scale_range=self.scale_range,
+                base_size=self.base_size,
+                hflip_prob=self.hflip_prob,
+                color_jitter=self.color_jitter,
+            )
+        else:
+            transform = build_segmentation_eval_transform(eval_size=self.eval_size)
+        if self.format == "cityscapes":
+            ds = CityscapesSegmentation(root=self.data_dir, split=split, transform=transform)
+        else:
+            image_dir, mask_dir = self.paths(split)
+            ds = SegmentationFolder(
+                image_dir=image_dir,
+                mask_dir=mask_dir,
+                class_names=self.class_names_cfg,
+                ignore_index=self.ignore_index,
+                transform=transform,
+            )
+        if ds.num_classes != self.num_classes:
+            raise DatasetError(
+                f"{self.paths(split)[0]}: the dataset has {ds.num_classes} classes but the model is configured "
+                f"for data.num_classes={self.num_classes}"
+            )
+        return ds
+
+    def setup(self, stage: str | None = None) -> None:
+        self.check((self.val_split,) if stage in ("validate", "test") else (self.train_split, self.val_split))
+        if stage in (None, "fit") and self.train_dataset is None:
+            self.train_dataset = self._dataset(self.train_split, train=True)
+        if self.val_dataset is None:
+            self.val_dataset = self._dataset(self.val_split, train=False)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.val_dataset.class_names)
+
+    def make_writer(self, out_dir: Path):
+        """A writer of prediction PNGs (dataset label ids) and, with ``overlays``, colour overlays."""
+        from .seg_writer import SegmentationWriter
+
+        return SegmentationWriter(self.val_dataset, out_dir, overlays=self.overlays)
+
+
+def _pair_or_none(v) -> tuple[int, int] | None:
+    if v is None:
+        return None
+    if isinstance(v, int):
+        return (v, v)
+    a, b = (int(x) for x in v)
+    return (a, b)

@@ -4,90 +4,56 @@ post-processing and COCO evaluation, and trains it with Lightning."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from torch import nn
 
 from heads import AnchorGenerator, DetectionLoss, DetectionPostProcess, TargetAssigner, flatten_levels
 
-from .optim import WarmupCosine, param_groups
+from .base import IMAGENET_MEAN, IMAGENET_STD, DenseTask
 
 __all__ = ["DetectionTask", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
-
-class DetectionTask(L.LightningModule):
+class DetectionTask(DenseTask):
     """Trains and evaluates a detector that returns :class:`heads.DetectionOutput`.
 
     Batches are the dicts of :func:`datasets.collate_detection`: uint8 images are normalised on the device
     (so data workers move bytes, not floats).
 
     Args:
-        model: ``images -> DetectionOutput`` (e.g. :class:`models.Detector`).
+        model: ``images -> DetectionOutput`` (e.g. :class:`models.DenseModel` with an EfficientDet head).
         num_classes: number of foreground classes (contiguous labels ``0 .. num_classes-1``).
         anchors, assigner, loss, postprocess: the composed detection pieces.
-        optimizer: ``params -> torch.optim.Optimizer`` (e.g. ``functools.partial(torch.optim.SGD, lr=...)``).
-        weight_decay: applied to conv/linear weights only (not to norms, biases or fusion weights).
-        warmup_steps, warmup_factor, min_lr_factor: the warmup + cosine schedule, stepped per optimizer step.
-        channels_last: run the model in channels-last memory format.
+        **kwargs: optimizer, schedule, memory format and normalisation (see :class:`tasks.base.DenseTask`).
     """
 
     def __init__(
         self,
         *,
-        model: nn.Module,
+        model: torch.nn.Module,
         num_classes: int,
         anchors: AnchorGenerator,
         assigner: TargetAssigner,
         loss: DetectionLoss,
         postprocess: DetectionPostProcess,
-        optimizer: Callable[[Iterable], torch.optim.Optimizer],
-        weight_decay: float = 4e-5,
-        warmup_steps: int = 500,
-        warmup_factor: float = 0.1,
-        min_lr_factor: float = 0.0,
-        channels_last: bool = False,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model=model, **kwargs)
         self.num_classes = num_classes
         self.anchors = anchors
         self.assigner = assigner
         self.loss = loss
         self.postprocess = postprocess
-        self.optimizer_factory = optimizer
-        self.weight_decay = weight_decay
-        self.warmup_steps = warmup_steps
-        self.warmup_factor = warmup_factor
-        self.min_lr_factor = min_lr_factor
-        self.channels_last = channels_last
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
-        #: Set by the runner: the resolved run config, stored in every checkpoint so it is self-describing.
-        self.run_config: dict | None = None
         #: Set before validation (see :meth:`attach_evaluator`): accumulates COCO-format predictions.
         self.evaluator = None
         self.category_ids: torch.Tensor | None = None
-        self.last_metrics: dict[str, float] = {}
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
 
     # ------------------------------------------------------------------ forward pieces
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() - self.mean) / self.std
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
-
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normalised images -> flat class logits ``[B, A, C]``, box deltas ``[B, A, 4]`` and anchors ``[A, 4]``."""
         out = self.model(images)
@@ -169,19 +135,6 @@ class DetectionTask(L.LightningModule):
             # Every rank holds the same gathered numbers, so no reduction is needed.
             self.log(f"val/{k}", float(v), prog_bar=k in ("AP", "AP50"), rank_zero_only=False)
 
-    def configure_optimizers(self):
-        opt = self.optimizer_factory(param_groups(self.model, self.weight_decay))
-        total = int(self.trainer.estimated_stepping_batches)
-        schedule = WarmupCosine(
-            total_steps=max(total, 1),
-            # A short run spends at most a fifth of its steps warming up.
-            warmup_steps=min(self.warmup_steps, total // 5),
-            warmup_factor=self.warmup_factor,
-            min_factor=self.min_lr_factor,
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.run_config is not None:
-            checkpoint["effdense_config"] = self.run_config
+    def write_eval_outputs(self, run_dir) -> None:
+        super().write_eval_outputs(run_dir)
+        self.evaluator.write_predictions(Path(run_dir) / "predictions.json")

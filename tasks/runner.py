@@ -17,7 +17,6 @@ from omegaconf import DictConfig, OmegaConf
 from backbones.timm_backbone import state_dict_mismatches
 
 from .callbacks import EMA
-from .coco_eval import atomic_write_json
 
 __all__ = ["build_model", "build_task", "train", "evaluate", "load_checkpoint_weights", "CheckpointError"]
 
@@ -81,12 +80,16 @@ def _resolve_resume(ckpt_path: str | None, ckpt_dir: Path) -> str | None:
     return str(path)
 
 
-def _write_eval_outputs(task, run_dir: Path) -> dict[str, float]:
-    metrics = {k: float(v) for k, v in task.last_metrics.items()}
-    if task.trainer is None or task.trainer.is_global_zero:
-        atomic_write_json(run_dir / "metrics.json", metrics)
-        task.evaluator.write_predictions(run_dir / "predictions.json")
-    return metrics
+def _final_validation(trainer: L.Trainer, task, datamodule, run_dir: Path) -> dict[str, Any]:
+    """Validate once more with per-image outputs enabled; rank zero writes metrics.json and the task's files."""
+    task.output_dir = run_dir
+    try:
+        trainer.validate(task, datamodule=datamodule, verbose=False)
+    finally:
+        task.output_dir = None
+    if trainer.is_global_zero:
+        task.write_eval_outputs(run_dir)
+    return task.last_metrics
 
 
 def _setup_process() -> None:
@@ -99,9 +102,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Fit the configured task; returns final metrics (empty when ``eval_after_train`` is off)."""
     run_dir = Path(run_dir)
     _setup_process()
-    L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
-    datamodule.check()
+    datamodule.check()  # before anything is printed or written: missing data is one line
+    L.seed_everything(cfg.seed, workers=True)
     _write_run_config(cfg, run_dir)
     task = build_task(cfg)
     ckpt_dir = run_dir / "checkpoints"
@@ -115,8 +118,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     result: dict[str, Any] = {"run_dir": str(run_dir)}
     if cfg.eval_after_train and not cfg.trainer.get("fast_dev_run", False):
         # After fit the EMA callback has copied the averaged weights into the module.
-        trainer.validate(task, datamodule=datamodule, verbose=False)
-        result["metrics"] = _write_eval_outputs(task, run_dir)
+        result["metrics"] = _final_validation(trainer, task, datamodule, run_dir)
     return result
 
 
@@ -143,13 +145,14 @@ def load_checkpoint_weights(model: torch.nn.Module, path: str | Path, prefix: st
     return ckpt
 
 
-def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
-    """Evaluate ``cfg.ckpt`` on the val split; writes metrics.json and predictions.json into ``run_dir``."""
+def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Evaluate ``cfg.ckpt`` on the val split; writes metrics.json and the task's prediction files into
+    ``run_dir`` (detection: predictions.json; segmentation: predictions/*.png)."""
     run_dir = Path(run_dir)
     _setup_process()
-    L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     datamodule.check((datamodule.val_split,))
+    L.seed_everything(cfg.seed, workers=True)
     _write_run_config(cfg, run_dir)
     task = build_task(cfg)
     load_checkpoint_weights(task.model, cfg.ckpt)
@@ -157,7 +160,6 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     for key in ("max_epochs", "max_steps", "gradient_clip_val", "gradient_clip_algorithm", "check_val_every_n_epoch"):
         trainer_kwargs.pop(key, None)
     trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(run_dir), logger=False)
-    trainer.validate(task, datamodule=datamodule, verbose=False)
-    metrics = _write_eval_outputs(task, run_dir)
+    metrics = _final_validation(trainer, task, datamodule, run_dir)
     log.info("metrics: %s", json.dumps(metrics))
     return metrics

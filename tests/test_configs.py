@@ -49,11 +49,50 @@ def test_b3_selects_d3_row_and_overrides_win():
     assert cfg.model.image_size == 1536 and cfg.anchors.anchor_scale == 5.0
 
 
-@pytest.mark.parametrize("group", ["data", "neck", "head", "trainer", "task", "optim", "experiment"])
+@pytest.mark.parametrize("group", ["neck", "trainer", "task", "optim", "experiment"])
 def test_every_group_option_composes(group):
     for option in _options(group):
         cfg = compose("train", [f"{group}={option}"])
         OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.mark.parametrize("task", ["detection", "segmentation"])
+def test_every_dataset_of_a_task_composes(task):
+    options = _options(f"dataset/{task}")
+    assert "default" in options and "synthetic" in options
+    for option in options:
+        overrides = [f"task={task}", f"data={option}"]
+        if option == "folder":
+            overrides.append("data.class_names=[background,road,car]")
+        cfg = compose("train", overrides)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        assert resolved["head"]["num_classes"] == resolved["data"]["num_classes"]
+        assert resolved["head"]["_target_"].endswith("SegmentationHead" if task == "segmentation" else "EfficientDetHead")
+
+
+def test_every_data_choice_names_a_dataset_config():
+    for option in _options("data"):
+        assert any((CONFIG_DIR / "dataset" / task / f"{option}.yaml").is_file() for task in ("detection", "segmentation"))
+
+
+def test_segmentation_selects_p2_and_synthetic_cityscapes():
+    cfg = compose("train", ["task=segmentation", "data=synthetic", "backbone=b2"])
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["backbone"]["levels"] == [2, 3, 4, 5]
+    assert resolved["neck"]["min_level"] == 2 and resolved["neck"]["max_level"] == 7
+    assert resolved["data"]["format"] == "cityscapes" and resolved["data"]["synthetic"]["num_train"] > 0
+    assert resolved["data"]["size_divisor"] == 128 and resolved["data"]["num_classes"] == 19
+    assert resolved["checkpoint"]["monitor"] == "val/mIoU"
+    det = OmegaConf.to_container(compose("train", ["data=synthetic"]), resolve=True)
+    assert det["backbone"]["levels"] == [3, 4, 5] and det["neck"]["min_level"] == 3
+    assert det["data"]["label_mode"] == "contiguous"
+
+
+def test_wrong_dataset_for_the_task_is_a_config_error():
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="dataset/detection/cityscapes"):
+        compose("train", ["data=cityscapes"])
 
 
 def test_model_instantiates_to_plain_module():

@@ -1,0 +1,468 @@
+"""Semantic segmentation data: the shared dataset base, a generic image/mask folder, the train and eval
+pipelines and the batch collate function.
+
+Every segmentation dataset yields train ids: ``0..num_classes-1`` for the classes and ``255`` for pixels
+that are ignored by the loss and the metrics, whatever the file format stores. Each sample is a dict:
+
+* ``image``: uint8 ``[3, H, W]`` (contiguous CHW, RGB; normalisation happens later, on the device),
+* ``mask``: uint8 ``[h, w]`` train ids (255 = ignore). After the train pipeline ``(h, w) == (H, W)``; the eval
+  pipeline leaves the mask at the original resolution, because metrics are computed against the original labels,
+* ``index``: int, the sample's index in the dataset (for ``output_name`` / ``label_ids_for_output``),
+* ``orig_size``: ``(H0, W0)`` of the image file,
+* ``valid_size``: ``(H, W)`` of the image content in ``image`` (what collate's padding leaves untouched).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ._seeding import ProcessRandom
+from .errors import DatasetError, DatasetNotFoundError
+
+__all__ = [
+    "IGNORE_INDEX",
+    "IMAGE_EXTENSIONS",
+    "SegmentationDataset",
+    "SegmentationFolder",
+    "SegmentationTransform",
+    "build_segmentation_eval_transform",
+    "build_segmentation_train_transform",
+    "collate_segmentation",
+    "default_palette",
+]
+
+#: The train id of ignored pixels in every mask a segmentation dataset yields.
+IGNORE_INDEX = 255
+#: Image file extensions :class:`SegmentationFolder` picks up (case-insensitive).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def default_palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:
+    """A deterministic palette of ``num_classes`` distinct RGB colours (the PASCAL VOC bit-interleaving scheme,
+    starting at its first non-black colour)."""
+    colours = []
+    for k in range(1, num_classes + 1):
+        r = g = b = 0
+        c = k
+        for bit in range(8):
+            r |= ((c >> 0) & 1) << (7 - bit)
+            g |= ((c >> 1) & 1) << (7 - bit)
+            b |= ((c >> 2) & 1) << (7 - bit)
+            c >>= 3
+        colours.append((r, g, b))
+    return tuple(colours)
+
+
+def _read_file(path: Path) -> np.ndarray:
+    try:
+        return np.fromfile(path, dtype=np.uint8)
+    except FileNotFoundError as err:
+        raise DatasetNotFoundError(
+            f"{path}: file does not exist (was it removed after the dataset was scanned?)"
+        ) from err
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot be read ({err})") from err
+
+
+def _decode(buf: np.ndarray, flags: int) -> np.ndarray | None:
+    if not buf.size:
+        return None
+    try:
+        return cv2.imdecode(buf, flags)
+    except cv2.error:
+        return None
+
+
+class SegmentationDataset(Dataset):
+    """Base of the segmentation datasets: reads and validates image/mask pairs and maps the stored mask values
+    to train ids through a 256-entry lookup table.
+
+    Subclasses scan their folders and call ``super().__init__`` with the pairs, the output names, the lookup
+    table ``value_to_train_id`` (uint8 ``[256]``) and ``valid_values`` (bool ``[256]``, which stored values may
+    occur). ``transform`` is ``(image HxWx3 uint8 RGB, mask HxW uint8 train ids) -> dict(image, mask)``, e.g.
+    :func:`build_segmentation_train_transform`; None keeps both unchanged. With ``check_labels`` a mask holding a
+    value outside ``valid_values`` raises :class:`DatasetError` naming the file and the values; ``label_hint``
+    is appended to that message (what the values should be).
+    """
+
+    def __init__(
+        self,
+        *,
+        image_paths: Sequence[Path],
+        mask_paths: Sequence[Path],
+        output_names: Sequence[str],
+        class_names: Sequence[str],
+        palette: Sequence[Sequence[int]],
+        value_to_train_id: np.ndarray,
+        valid_values: np.ndarray,
+        transform: Callable | None = None,
+        check_labels: bool = True,
+        label_hint: str = "",
+    ) -> None:
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform must be callable or None, got {type(transform).__name__}")
+        if not len(image_paths) == len(mask_paths) == len(output_names):
+            raise ValueError("image_paths, mask_paths and output_names must have the same length")
+        lut = np.asarray(value_to_train_id)
+        valid = np.asarray(valid_values)
+        if lut.shape != (256,) or lut.dtype != np.uint8 or valid.shape != (256,) or valid.dtype != bool:
+            raise ValueError("value_to_train_id must be uint8 [256] and valid_values bool [256]")
+        self.class_names: tuple[str, ...] = tuple(str(n) for n in class_names)
+        self.num_classes = len(self.class_names)
+        self.ignore_index = IGNORE_INDEX
+        if len(palette) != self.num_classes:
+            raise ValueError(f"palette has {len(palette)} colours for {self.num_classes} classes")
+        self.palette: tuple[tuple[int, int, int], ...] = tuple(tuple(int(v) for v in c) for c in palette)
+        self.transform = transform
+        self.check_labels = bool(check_labels)
+        # Flat string arrays: cheap to share with forked loader workers.
+        self._image_paths = np.asarray([str(p) for p in image_paths], dtype=np.str_)
+        self._mask_paths = np.asarray([str(p) for p in mask_paths], dtype=np.str_)
+        self._output_names = np.asarray([str(n) for n in output_names], dtype=np.str_)
+        self._lut = lut
+        self._valid = valid
+        self._label_hint = label_hint
+
+    # ------------------------------------------------------------------ files
+    def __len__(self) -> int:
+        return len(self._image_paths)
+
+    def image_path(self, index: int) -> Path:
+        return Path(str(self._image_paths[index]))
+
+    def mask_path(self, index: int) -> Path:
+        return Path(str(self._mask_paths[index]))
+
+    def output_name(self, index: int) -> str:
+        """The name a prediction for sample ``index`` is written under (without extension)."""
+        return str(self._output_names[index])
+
+    def prediction_file_name(self, index: int) -> str:
+        """The file name a prediction PNG for sample ``index`` is written under: ``<output_name>.png``."""
+        return f"{self.output_name(index)}.png"
+
+    def label_ids_for_output(self, train_ids: np.ndarray) -> np.ndarray:
+        """Map a predicted train-id mask to the values the dataset's own files store (uint8). Base: identity."""
+        return np.asarray(train_ids).astype(np.uint8)
+
+    def read_image(self, index: int) -> np.ndarray:
+        """The image as HxWx3 uint8 RGB; :class:`DatasetError` naming the file when it is unreadable or corrupt."""
+        path = self.image_path(index)
+        image = _decode(_read_file(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        if image is None:
+            raise DatasetError(f"{path}: cannot be decoded as an image (corrupt or truncated file?)")
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+    def read_mask(self, index: int, image_size: tuple[int, int] | None = None) -> np.ndarray:
+        """The mask as stored (HxW uint8); :class:`DatasetError` naming the file when it is corrupt, not a
+        single-channel 8-bit image, not ``image_size`` (H, W) or (with ``check_labels``) holds invalid values."""
+        path = self.mask_path(index)
+        mask = _decode(_read_file(path), cv2.IMREAD_UNCHANGED)
+        if mask is None:
+            raise DatasetError(f"{path}: cannot be decoded as an image (corrupt or truncated file?)")
+        if mask.ndim != 2 or mask.dtype != np.uint8:
+            channels = 1 if mask.ndim == 2 else mask.shape[2]
+            raise DatasetError(
+                f"{path}: a mask must be a single-channel 8-bit image, got {channels} channel(s) of {mask.dtype}"
+            )
+        if image_size is not None and mask.shape != tuple(image_size):
+            raise DatasetError(
+                f"{path}: mask is {mask.shape[0]}x{mask.shape[1]} (HxW) but its image {self.image_path(index)} is "
+                f"{image_size[0]}x{image_size[1]}"
+            )
+        if self.check_labels:
+            counts = np.bincount(mask.reshape(-1), minlength=256)
+            bad = np.flatnonzero((counts > 0) & ~self._valid)
+            if bad.size:
+                hint = f"; {self._label_hint}" if self._label_hint else ""
+                raise DatasetError(f"{path}: mask holds invalid value(s) {bad.tolist()}{hint}")
+        return mask
+
+    def train_ids(self, mask: np.ndarray) -> np.ndarray:
+        """Map a stored mask to train ids (255 = ignore)."""
+        return self._lut[mask]
+
+    # ------------------------------------------------------------------ samples
+    def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} images")
+        index = index % len(self)
+        image = self.read_image(index)
+        h0, w0 = image.shape[:2]
+        mask = self.train_ids(self.read_mask(index, (h0, w0)))
+        if self.transform is not None:
+            out = self.transform(image, mask)
+            image, mask = out["image"], out["mask"]
+            valid_size = tuple(int(v) for v in out.get("valid_size", image.shape[:2]))
+        else:
+            valid_size = (h0, w0)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "mask": torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8)),
+            "index": int(index),
+            "orig_size": (int(h0), int(w0)),
+            "valid_size": valid_size,
+        }
+
+
+class SegmentationFolder(SegmentationDataset):
+    """Your own data: images in ``image_dir`` and one single-channel mask per image in ``mask_dir``.
+
+    Images are the ``.jpg/.jpeg/.png/.bmp`` files of ``image_dir`` (sorted by name); the mask of ``<stem>.jpg``
+    is ``mask_dir/<stem><mask_suffix>``. Mask values are class indices ``0..len(class_names)-1`` or
+    ``ignore_index``; any other value raises :class:`DatasetError` naming the file and the values. The dataset
+    yields 255 for ``ignore_index`` pixels, so everything downstream uses 255 (``self.ignore_index``; the value
+    the files use is ``self.mask_ignore_index``). ``palette`` defaults to :func:`default_palette`.
+
+    ``output_name(i)`` is the image's stem; ``label_ids_for_output`` is the identity (uint8, 255 kept).
+    """
+
+    def __init__(
+        self,
+        *,
+        image_dir: str | Path,
+        mask_dir: str | Path,
+        class_names: Sequence[str],
+        ignore_index: int = IGNORE_INDEX,
+        transform: Callable | None = None,
+        mask_suffix: str = ".png",
+        palette: Sequence[Sequence[int]] | None = None,
+    ) -> None:
+        if isinstance(class_names, str):
+            raise TypeError("class_names must be a sequence of names, not a single string")
+        num_classes = len(class_names)
+        if not 1 <= num_classes <= 255:
+            raise ValueError(f"need 1 to 255 class names (255 is the ignore value), got {num_classes}")
+        ignore_index = int(ignore_index)
+        if not 0 <= ignore_index <= 255 or ignore_index < num_classes:
+            raise ValueError(
+                f"ignore_index must be in [{num_classes}, 255] (masks are 8-bit and 0..{num_classes - 1} are "
+                f"classes), got {ignore_index}"
+            )
+        self.image_dir = Path(image_dir).expanduser()
+        self.mask_dir = Path(mask_dir).expanduser()
+        self.mask_ignore_index = ignore_index
+        images = self._scan()
+        if not self.mask_dir.is_dir():
+            raise DatasetNotFoundError(f"mask folder not found: {self.mask_dir}")
+        masks = [self.mask_dir / f"{p.stem}{mask_suffix}" for p in images]
+        for image, mask in zip(images, masks):
+            if not mask.is_file():
+                raise DatasetError(f"{image}: its mask {mask} does not exist")
+        lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+        lut[:num_classes] = np.arange(num_classes, dtype=np.uint8)
+        valid = np.zeros(256, dtype=bool)
+        valid[:num_classes] = True
+        valid[ignore_index] = True
+        super().__init__(
+            image_paths=images,
+            mask_paths=masks,
+            output_names=[p.stem for p in images],
+            class_names=class_names,
+            palette=default_palette(num_classes) if palette is None else palette,
+            value_to_train_id=lut,
+            valid_values=valid,
+            transform=transform,
+            check_labels=True,
+            label_hint=f"expected class indices 0..{num_classes - 1} or the ignore value {ignore_index}",
+        )
+
+    def _scan(self) -> list[Path]:
+        if not self.image_dir.is_dir():
+            raise DatasetNotFoundError(f"image folder not found: {self.image_dir}")
+        images = sorted(
+            p for p in self.image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        )
+        if not images:
+            raise DatasetNotFoundError(
+                f"{self.image_dir}: no images ({'/'.join(IMAGE_EXTENSIONS)}) found in the image folder"
+            )
+        seen: dict[str, Path] = {}
+        for p in images:
+            if p.stem in seen:
+                raise DatasetError(f"{p}: has the same name as {seen[p.stem]}; each image needs its own mask")
+            seen[p.stem] = p
+        return images
+
+
+# ---------------------------------------------------------------------- transforms
+def _pair(value, name: str) -> tuple[int, int]:
+    h, w = (int(v) for v in value)
+    if h < 1 or w < 1:
+        raise ValueError(f"{name} must be a positive (height, width), got {tuple(value)}")
+    return h, w
+
+
+class SegmentationTransform:
+    """Train or eval segmentation pipeline: ``(image HxWx3 uint8, mask HxW uint8) -> dict(image, mask)``.
+
+    Train: resize to ``base_size`` (H, W) when given, then by a factor drawn uniformly from ``scale_range``
+    (image bilinear, mask nearest, one resize each), pad bottom/right to at least ``crop_size`` (image 0, mask
+    255), take a random ``crop_size`` (H, W) crop, flip horizontally with probability ``hflip_prob`` and jitter
+    brightness, contrast and saturation of the image by up to ``color_jitter`` (0 disables it).
+
+    Eval: resize the image to ``eval_size`` (H, W) when given (bilinear); the mask is returned unchanged, at the
+    original resolution.
+
+    Randomness: see :class:`datasets._seeding.ProcessRandom` (one generator per process, re-seeded in each
+    loader worker; ``seed`` fixes it in the main process).
+    """
+
+    def __init__(
+        self,
+        *,
+        train: bool,
+        crop_size: tuple[int, int] | None = None,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        base_size: tuple[int, int] | None = None,
+        hflip_prob: float = 0.5,
+        color_jitter: float = 0.2,
+        eval_size: tuple[int, int] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.train = bool(train)
+        self.eval_size = None if eval_size is None else _pair(eval_size, "eval_size")
+        self.base_size = None if base_size is None else _pair(base_size, "base_size")
+        lo, hi = (float(v) for v in scale_range)
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale_range must satisfy 0 < low <= high, got {tuple(scale_range)}")
+        if not 0.0 <= hflip_prob <= 1.0:
+            raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}")
+        if not 0.0 <= color_jitter < 1.0:
+            raise ValueError(f"color_jitter must be in [0, 1), got {color_jitter}")
+        self.scale_range = (lo, hi)
+        self.hflip_prob = float(hflip_prob)
+        self.color_jitter = float(color_jitter)
+        self.crop_size: tuple[int, int] | None = None
+        self.pipeline: A.Compose | None = None
+        self._random: ProcessRandom | None = None
+        if not self.train:
+            return
+        if crop_size is None:
+            raise ValueError("a train transform needs crop_size")
+        self.crop_size = ch, cw = _pair(crop_size, "crop_size")
+        steps = [
+            A.PadIfNeeded(
+                min_height=ch,
+                min_width=cw,
+                position="top_left",
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=IGNORE_INDEX,
+            ),
+            A.RandomCrop(height=ch, width=cw, p=1.0),
+            A.HorizontalFlip(p=self.hflip_prob),
+        ]
+        if self.color_jitter > 0:
+            j = self.color_jitter
+            steps.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=0.0, p=1.0))
+        self.pipeline = A.Compose(steps)
+        self._random = ProcessRandom(seed, pipeline=self.pipeline)
+
+    def __repr__(self) -> str:
+        if self.train:
+            return (
+                f"{type(self).__name__}(train=True, crop_size={self.crop_size}, scale_range={self.scale_range}, "
+                f"base_size={self.base_size}, hflip_prob={self.hflip_prob}, color_jitter={self.color_jitter})"
+            )
+        return f"{type(self).__name__}(train=False, eval_size={self.eval_size})"
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> dict:
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(
+                f"expected an HxWx3 uint8 image, got shape {image.shape} and dtype {image.dtype}"
+            )
+        if mask.shape != image.shape[:2] or mask.dtype != np.uint8:
+            raise ValueError(
+                f"expected an HxW uint8 mask the size of the image {image.shape[:2]}, got {mask.shape} {mask.dtype}"
+            )
+        h, w = image.shape[:2]
+        if not self.train:
+            if self.eval_size is not None and self.eval_size != (h, w):
+                image = cv2.resize(image, self.eval_size[::-1], interpolation=cv2.INTER_LINEAR)
+            return {"image": image, "mask": mask}
+
+        self._random.refresh()
+        bh, bw = self.base_size if self.base_size is not None else (h, w)
+        factor = float(self._random.rng.uniform(*self.scale_range))
+        nh, nw = max(1, round(bh * factor)), max(1, round(bw * factor))
+        if (nh, nw) != (h, w):
+            image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
+            mask = cv2.resize(mask, (nw, nh), interpolation=cv2.INTER_NEAREST)
+        out = self.pipeline(image=image, mask=mask)
+        return {"image": np.ascontiguousarray(out["image"]), "mask": np.ascontiguousarray(out["mask"])}
+
+
+def build_segmentation_train_transform(
+    *,
+    crop_size: tuple[int, int],
+    scale_range: tuple[float, float] = (0.5, 2.0),
+    base_size: tuple[int, int] | None = None,
+    hflip_prob: float = 0.5,
+    color_jitter: float = 0.2,
+    seed: int | None = None,
+) -> SegmentationTransform:
+    """Resize to ``base_size`` (optional), random scale, pad (mask 255), random ``crop_size`` crop, flip, jitter."""
+    return SegmentationTransform(
+        train=True,
+        crop_size=crop_size,
+        scale_range=scale_range,
+        base_size=base_size,
+        hflip_prob=hflip_prob,
+        color_jitter=color_jitter,
+        seed=seed,
+    )
+
+
+def build_segmentation_eval_transform(*, eval_size: tuple[int, int] | None = None) -> SegmentationTransform:
+    """Resize the image (only) to ``eval_size`` (H, W) when given; the mask stays at the original resolution."""
+    return SegmentationTransform(train=False, eval_size=eval_size)
+
+
+def collate_segmentation(samples: Sequence[dict], *, size_divisor: int = 128) -> dict[str, torch.Tensor]:
+    """Stack segmentation samples into batch tensors.
+
+    Returns ``images`` uint8 ``[B, 3, Hp, Wp]``, zero-padded bottom/right to the largest image of the batch
+    rounded up to a multiple of ``size_divisor``; ``masks`` uint8 ``[B, Hm, Wm]``, padded with 255 to the largest
+    mask (no rounding); ``valid_sizes`` int64 ``[B, 2]`` (the content size of each image in ``images``),
+    ``orig_sizes`` int64 ``[B, 2]`` and ``indices`` int64 ``[B]``. Use
+    ``functools.partial(collate_segmentation, size_divisor=...)`` as a loader's ``collate_fn``.
+    """
+    if not samples:
+        raise ValueError("collate_segmentation needs at least one sample")
+    size_divisor = int(size_divisor)
+    if size_divisor < 1:
+        raise ValueError(f"size_divisor must be >= 1, got {size_divisor}")
+    hi = max(int(s["image"].shape[1]) for s in samples)
+    wi = max(int(s["image"].shape[2]) for s in samples)
+    hp, wp = -(-hi // size_divisor) * size_divisor, -(-wi // size_divisor) * size_divisor
+    hm = max(int(s["mask"].shape[0]) for s in samples)
+    wm = max(int(s["mask"].shape[1]) for s in samples)
+    images = torch.zeros((len(samples), 3, hp, wp), dtype=torch.uint8)
+    masks = torch.full((len(samples), hm, wm), IGNORE_INDEX, dtype=torch.uint8)
+    for k, s in enumerate(samples):
+        _, h, w = s["image"].shape
+        images[k, :, :h, :w] = s["image"]
+        mh, mw = s["mask"].shape
+        masks[k, :mh, :mw] = s["mask"]
+    return {
+        "images": images,
+        "masks": masks,
+        "valid_sizes": torch.tensor([tuple(s["valid_size"]) for s in samples], dtype=torch.int64).reshape(
+            -1, 2
+        ),
+        "orig_sizes": torch.tensor([tuple(s["orig_size"]) for s in samples], dtype=torch.int64).reshape(
+            -1, 2
+        ),
+        "indices": torch.tensor([int(s["index"]) for s in samples], dtype=torch.int64),
+    }

@@ -1,0 +1,107 @@
+"""What every task shares: on-device normalisation of uint8 batches, the optimizer and warmup + cosine
+schedule, the self-describing checkpoint and the evaluation outputs written into a run directory."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from .optim import WarmupCosine, param_groups
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DenseTask"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DenseTask(L.LightningModule):
+    """Base LightningModule of the detection and segmentation tasks.
+
+    Args:
+        model: the plain ``nn.Module`` (backbone + neck + head) being trained.
+        optimizer: ``params -> torch.optim.Optimizer`` (e.g. ``functools.partial(torch.optim.SGD, lr=...)``).
+        weight_decay: applied to conv/linear weights only (not to norms, biases or fusion weights).
+        warmup_steps, warmup_factor, min_lr_factor: the warmup + cosine schedule, stepped per optimizer step.
+        channels_last: run the model in channels-last memory format.
+        mean, std: per-channel normalisation (0..1 scale) applied on the device to uint8 images.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: Callable[[Iterable], torch.optim.Optimizer],
+        weight_decay: float = 4e-5,
+        warmup_steps: int = 500,
+        warmup_factor: float = 0.1,
+        min_lr_factor: float = 0.0,
+        channels_last: bool = False,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.weight_decay = weight_decay
+        self.warmup_steps = warmup_steps
+        self.warmup_factor = warmup_factor
+        self.min_lr_factor = min_lr_factor
+        self.channels_last = channels_last
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
+        #: Set by the runner: the resolved run config, stored in every checkpoint so it is self-describing.
+        self.run_config: dict | None = None
+        #: Set by the runner before a final evaluation: where per-image outputs (prediction files) go.
+        self.output_dir: Path | None = None
+        #: Metrics of the last validation epoch (the same on every rank).
+        self.last_metrics: dict[str, Any] = {}
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[B, 3, H, W]`` -> normalised float (in the model's memory format)."""
+        x = (images.float() - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def configure_optimizers(self):
+        opt = self.optimizer_factory(param_groups(self.model, self.weight_decay))
+        total = int(self.trainer.estimated_stepping_batches)
+        schedule = WarmupCosine(
+            total_steps=max(total, 1),
+            # A short run spends at most a fifth of its steps warming up.
+            warmup_steps=min(self.warmup_steps, total // 5),
+            warmup_factor=self.warmup_factor,
+            min_factor=self.min_lr_factor,
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.run_config is not None:
+            checkpoint["effdense_config"] = self.run_config
+
+    def write_eval_outputs(self, run_dir: Path) -> None:
+        """Write the files of a final evaluation (rank zero only): ``metrics.json`` here; tasks add their own."""
+        from .coco_eval import atomic_write_json
+
+        atomic_write_json(Path(run_dir) / "metrics.json", _json_safe(self.last_metrics), indent=2)
+
+
+def _json_safe(obj: Any) -> Any:
+    """Metrics as strict JSON: plain floats, and ``null`` for NaN (a metric with nothing to measure)."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, str, int)):
+        return obj
+    value = float(obj)
+    return None if math.isnan(value) or math.isinf(value) else value
