@@ -83,6 +83,20 @@ class _FolderDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         self.data_dir  # noqa: B018 - generates the synthetic dataset on the preparing rank
 
+    # Subclasses set train_split / val_split and implement these two.
+    def check(self, splits: tuple[str, ...] | None = None) -> None:
+        raise NotImplementedError
+
+    def _dataset(self, split: str, train: bool):
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        self.check((self.val_split,) if stage in ("validate", "test") else (self.train_split, self.val_split))
+        if stage in (None, "fit") and self.train_dataset is None:
+            self.train_dataset = self._dataset(self.train_split, train=True)
+        if self.val_dataset is None:
+            self.val_dataset = self._dataset(self.val_split, train=False)
+
     def _loader(self, ds, *, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
         return DataLoader(
             ds,
@@ -200,15 +214,6 @@ class CocoDataModule(_FolderDataModule):
                 f"data.num_classes={self.num_classes}"
             )
         return ds
-
-    def setup(self, stage: str | None = None) -> None:
-        self.check(
-            (self.val_split,) if stage in ("validate", "test") else (self.train_split, self.val_split)
-        )
-        if stage in (None, "fit") and self.train_dataset is None:
-            self.train_dataset = self._dataset(self.train_split, train=True)
-        if self.val_dataset is None:
-            self.val_dataset = self._dataset(self.val_split, train=False)
 
     # ------------------------------------------------------------------ evaluation helpers
     @property
@@ -363,13 +368,6 @@ class SegmentationDataModule(_FolderDataModule):
                 f"for data.num_classes={self.num_classes}"
             )
         return ds
-
-    def setup(self, stage: str | None = None) -> None:
-        self.check((self.val_split,) if stage in ("validate", "test") else (self.train_split, self.val_split))
-        if stage in (None, "fit") and self.train_dataset is None:
-            self.train_dataset = self._dataset(self.train_split, train=True)
-        if self.val_dataset is None:
-            self.val_dataset = self._dataset(self.val_split, train=False)
 
     @property
     def class_names(self) -> list[str]:

@@ -155,3 +155,52 @@ def test_missing_cityscapes_is_one_clear_line(tmp_path):
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert str(missing / "cityscapes" / "leftImg8bit" / "train") in lines[0]
     assert "data=synthetic" in lines[0]
+
+
+def _write_folder_dataset(root: Path) -> None:
+    """Images and single-channel class-index masks (3 classes, 99 = not labelled) in the generic layout."""
+    rng = np.random.default_rng(0)
+    colours = np.array([[30, 30, 30], [200, 60, 60], [60, 60, 200]], dtype=np.uint8)
+    for split, n in (("train", 4), ("val", 2)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "masks" / split).mkdir(parents=True)
+        for i in range(n):
+            mask = np.zeros((96, 160), dtype=np.uint8)
+            x = int(rng.integers(10, 90))
+            mask[:, x : x + 40] = 1
+            mask[60:, :] = 2
+            mask[:4, :] = 99
+            image = colours[np.minimum(mask, 2)] + rng.integers(0, 20, (96, 160, 3), dtype=np.uint8)
+            cv2.imwrite(str(root / "images" / split / f"img{i}.jpg"), image[:, :, ::-1])
+            cv2.imwrite(str(root / "masks" / split / f"img{i}.png"), mask)
+
+
+@pytest.mark.slow
+def test_generic_folder_trains_and_writes_class_index_pngs(tmp_path):
+    root = tmp_path / "mydata"
+    _write_folder_dataset(root)
+    overrides = [
+        "task=segmentation",
+        "data=folder",
+        f"data.root={root}",
+        "data.class_names=[background,pole,ground]",
+        "data.ignore_index=99",
+        "data.crop_size=[96,128]",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "neck.channels=16",
+        "neck.num_repeats=1",
+        "head.depth=1",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "trainer.max_steps=2",
+        "trainer.max_epochs=1",
+    ]
+    run = tmp_path / "run"
+    result = train(compose("train", overrides), run)
+    assert list(result["metrics"]["IoU"]) == ["background", "pole", "ground"]
+    preds = sorted((run / "predictions").glob("*.png"))
+    assert [p.name for p in preds] == ["img0.png", "img1.png"]
+    for p in preds:
+        pred = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
+        assert pred.shape == (96, 160) and pred.max() <= 2
