@@ -16,6 +16,7 @@ from .cityscapes import (
     CityscapesSegmentation,
     train_ids_to_label_ids,
 )
+from .coco_names import COCO_CATEGORIES, coco_label_names
 from .coco import LABEL_MODES, CocoDetection, collate_detection, load_coco_annotations
 from .errors import DatasetError, DatasetNotFoundError
 from .segmentation import (
@@ -40,6 +41,7 @@ __all__ = [
     "CITYSCAPES_CLASSES",
     "CITYSCAPES_LABELS",
     "CITYSCAPES_PALETTE",
+    "COCO_CATEGORIES",
     "IGNORE_INDEX",
     "LABEL_ID_TO_TRAIN_ID",
     "LABEL_MODES",
@@ -57,6 +59,7 @@ __all__ = [
     "SegmentationFolder",
     "SegmentationTransform",
     "build_eval_transform",
+    "coco_label_names",
     "build_segmentation_eval_transform",
     "build_segmentation_train_transform",
     "build_train_transform",
