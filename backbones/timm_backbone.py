@@ -44,6 +44,9 @@ class TimmBackbone(nn.Module):
         pretrained: let timm load its ImageNet weights (needs a network connection or a local hub cache).
         weights: path to a local weights file (``.pth``/``.pt``/``.safetensors``) to load instead; keys must match.
         drop_path_rate: stochastic depth rate passed to timm (``None`` keeps timm's default).
+        frozen_stages: freeze the stem and the first N stages, where stage k is the part of the network up to
+            timm's k-th feature (EfficientNet: stride 2, 4, 8, 16, 32 for k = 1..5). Frozen parameters get
+            ``requires_grad=False`` and frozen BatchNorm layers stay in eval mode (fixed statistics).
         **timm_kwargs: passed to ``timm.create_model``.
     """
 
@@ -55,6 +58,7 @@ class TimmBackbone(nn.Module):
         pretrained: bool = False,
         weights: str | Path | None = None,
         drop_path_rate: float | None = None,
+        frozen_stages: int = 0,
         **timm_kwargs,
     ) -> None:
         super().__init__()
@@ -68,6 +72,7 @@ class TimmBackbone(nn.Module):
         # Build once to read which stride each feature index has, then keep only the requested ones.
         probe = timm.create_model(self.model_name, features_only=True, pretrained=False, **kwargs)
         reductions = probe.feature_info.reduction()
+        stage_modules = [probe.feature_info.module_name(i) for i in range(len(reductions))]
         index_of = {int(r).bit_length() - 1: i for i, r in enumerate(reductions)}
         missing = [lv for lv in levels if lv not in index_of]
         if missing:
@@ -92,6 +97,37 @@ class TimmBackbone(nn.Module):
         self._names = list(self.out_specs)
         if weights is not None:
             load_backbone_weights(self, weights)
+        if not 0 <= int(frozen_stages) <= len(stage_modules):
+            raise ValueError(f"frozen_stages must be in 0..{len(stage_modules)} for {self.model_name}, got {frozen_stages}")
+        self.frozen_stages = int(frozen_stages)
+        self._frozen_modules: list[nn.Module] = []
+        if self.frozen_stages:
+            self._freeze(stage_modules[self.frozen_stages - 1])
+
+    def _freeze(self, last: str) -> None:
+        """Freeze every module registered before ``last`` (in forward order) and everything inside it."""
+        names = [n for n, _ in self.body.named_modules() if n]
+        # features_only wrappers may flatten "a.b" into "a_b".
+        last_name = next((c for c in (last, last.replace(".", "_")) if c in names), None)
+        if last_name is None:
+            raise ValueError(f"{self.model_name}: cannot find stage module {last!r} to freeze")
+        end = names.index(last_name)
+        modules = dict(self.body.named_modules())
+        for i, name in enumerate(names):
+            if i <= end or name.startswith(last_name + "."):
+                module = modules[name]
+                own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+                if not own:
+                    continue  # a container: its children decide (later stages may sit in the same container)
+                for p in module.parameters(recurse=False):
+                    p.requires_grad_(False)
+                self._frozen_modules.append(module)
+
+    def train(self, mode: bool = True) -> TimmBackbone:
+        super().train(mode)
+        for module in self._frozen_modules:
+            module.eval()  # frozen BatchNorm keeps its running statistics
+        return self
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.body(x)

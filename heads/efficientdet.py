@@ -74,6 +74,9 @@ class EfficientDetHead(nn.Module):
     channel ``a * 4 + j`` of a box map is delta ``j`` (dx, dy, dw, dh) of anchor ``a``.
     """
 
+    #: Parameters whose shape depends on the class count (re-initialised when fine-tuning to other classes).
+    class_specific_prefixes = ("class_net.predict.",)
+
     def __init__(
         self,
         in_specs: Mapping[str, FeatureSpec],

@@ -80,12 +80,15 @@ class DetectionPostProcess:
             flat_boxes, flat_scores = flat_boxes[candidates], flat_scores[candidates]
             flat_labels, flat_images = flat_labels[candidates], flat_images[candidates]
         keep = batched_nms(flat_boxes, flat_scores, flat_images * c + flat_labels, self.iou_threshold)
-        # `keep` is sorted by score over the whole batch; a stable sort by image keeps that order per image.
-        keep = keep[torch.sort(flat_images[keep], stable=True).indices]
+        # `keep` is sorted by score over the whole batch; sorting by (image, position in `keep`) -- unique keys,
+        # so no stable sort is needed -- groups it by image and keeps the score order within each image.
+        position = torch.arange(keep.numel(), device=device)
+        keep = keep[torch.sort(flat_images[keep] * keep.numel() + position).indices]
         kept_images = flat_images[keep]
-        counts = torch.bincount(kept_images, minlength=b)
+        # Detections per image (a comparison table rather than bincount, which ONNX export lacks).
+        counts = (kept_images[:, None] == torch.arange(b, device=device)[None, :]).sum(0)
         starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(keep.numel(), device=device) - starts[kept_images]
+        rank = position - starts[kept_images]
         sel = rank < self.max_detections
         keep, kept_images, rank = keep[sel], kept_images[sel], rank[sel]
 

@@ -47,6 +47,9 @@ class SegmentationHead(nn.Module):
         dropout: dropout probability before the classifier.
     """
 
+    #: Parameters whose shape depends on the class count (re-initialised when fine-tuning to other classes).
+    class_specific_prefixes = ("classifier.", "aux.2.")
+
     def __init__(
         self,
         in_specs: Mapping[str, FeatureSpec],

@@ -1,9 +1,27 @@
-"""Lightning glue: tasks (LightningModules), data modules, callbacks and the train/eval runners."""
+"""Lightning glue: tasks (LightningModules), data modules, callbacks and the train/eval/predict/export runners.
 
-from .base import DenseTask
-from .callbacks import EMA
-from .data import CocoDataModule, SegmentationDataModule
-from .detection import DetectionTask
-from .segmentation import SegmentationTask
+Names are imported on first use, so ``tasks.config`` (used by every tool at start-up) does not pull in
+Lightning.
+"""
 
-__all__ = ["EMA", "CocoDataModule", "DenseTask", "DetectionTask", "SegmentationDataModule", "SegmentationTask"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "DenseTask": ".base",
+    "EMA": ".callbacks",
+    "CocoDataModule": ".data",
+    "SegmentationDataModule": ".data",
+    "DetectionTask": ".detection",
+    "SegmentationTask": ".segmentation",
+    "Predictor": ".predictor",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -87,6 +87,20 @@ class DenseTask(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:
             checkpoint["effdense_config"] = self.run_config
+        names = self.class_names()
+        if names is not None:
+            checkpoint["effdense_class_names"] = names
+
+    def class_names(self) -> list[str] | None:
+        """The dataset's class names (label order), when a datamodule with a loaded val split is attached."""
+        trainer = self._trainer
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if dm is None or getattr(dm, "val_dataset", None) is None:
+            return None
+        try:
+            return [str(n) for n in dm.class_names]
+        except (AttributeError, TypeError):
+            return None
 
     def write_eval_outputs(self, run_dir: Path) -> None:
         """Write the files of a final evaluation (rank zero only): ``metrics.json`` here; tasks add their own."""

@@ -108,8 +108,11 @@ class DetectionTask(DenseTask):
         det = self.postprocess(cls, box, anchors, valid_hw)
         boxes = det["boxes"] / scales
         labels = det["labels"]
-        cat_ids = self.category_ids.to(labels.device)[labels.clamp(min=0)]
-        cat_ids = torch.where(labels >= 0, cat_ids, torch.full_like(cat_ids, -1))
+        if self.category_ids is None:  # no dataset attached (prediction): labels are the ids
+            cat_ids = labels
+        else:
+            cat_ids = self.category_ids.to(labels.device)[labels.clamp(min=0)]
+            cat_ids = torch.where(labels >= 0, cat_ids, torch.full_like(cat_ids, -1))
         return {"boxes": boxes, "scores": det["scores"], "category_ids": cat_ids, "labels": labels,
                 "num_detections": det["num_detections"]}
 

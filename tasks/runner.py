@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 from backbones.timm_backbone import state_dict_mismatches
 
 from .callbacks import EMA
+from .checkpoint import CheckpointError, merge_checkpoint_config, read_checkpoint
 
 __all__ = ["build_model", "build_task", "train", "evaluate", "load_checkpoint_weights", "CheckpointError"]
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, or holds weights of another model."""
 
 
 def build_model(cfg: DictConfig) -> torch.nn.Module:
@@ -98,15 +96,25 @@ def _setup_process() -> None:
     torch.set_flush_denormal(True)
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Fit the configured task; returns final metrics (empty when ``eval_after_train`` is off)."""
+def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Fit the configured task; returns final metrics (empty when ``eval_after_train`` is off).
+
+    With ``init_from=PATH`` the model's structure comes from that checkpoint and its weights initialise the
+    model (class layers re-initialised when the class count differs); ``overrides`` are the command line's
+    ``key=value`` items (see :func:`tasks.checkpoint.merge_checkpoint_config`)."""
     run_dir = Path(run_dir)
     _setup_process()
+    init = None
+    if cfg.get("init_from"):
+        init = read_checkpoint(cfg.init_from)
+        cfg = merge_checkpoint_config(cfg, init.get("effdense_config"), overrides, mode="finetune", source=cfg.init_from)
     datamodule = instantiate(cfg.data)
     datamodule.check()  # before anything is printed or written: missing data is one line
     L.seed_everything(cfg.seed, workers=True)
     _write_run_config(cfg, run_dir)
     task = build_task(cfg)
+    if init is not None:
+        load_finetune_weights(task.model, init, source=cfg.init_from)
     ckpt_dir = run_dir / "checkpoints"
     trainer = L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
@@ -122,40 +130,65 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     return result
 
 
-def load_checkpoint_weights(model: torch.nn.Module, path: str | Path, prefix: str = "model.") -> dict:
-    """Load the (EMA) weights of a training checkpoint into ``model``; any mismatch is a :class:`CheckpointError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file name
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(err).__name__}: {err})") from err
-    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: has no 'state_dict' (not a training checkpoint of this project)")
-    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+def load_checkpoint_weights(
+    model: torch.nn.Module, path: str | Path | dict, prefix: str = "model.", *, source: str | Path | None = None
+) -> dict:
+    """Load the (EMA) weights of a checkpoint (a path or an already loaded dict) into ``model``; any mismatch is a
+    :class:`CheckpointError` naming the file."""
+    ckpt = read_checkpoint(path) if not isinstance(path, dict) else path
+    source = source if source is not None else path if not isinstance(path, dict) else "checkpoint"
+    weights = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     problems = state_dict_mismatches(model.state_dict(), weights, source_name="checkpoint", show=3)
     if problems:
         raise CheckpointError(
-            f"{path} holds weights of another model (check backbone=, scale and data.num_classes): "
+            f"{source} holds weights of another model (check backbone=, scale and data.num_classes): "
             + "; ".join(problems)
         )
     model.load_state_dict(weights, strict=True)
     return ckpt
 
 
-def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+def load_finetune_weights(model: torch.nn.Module, ckpt: dict, *, source: str | Path, prefix: str = "model.") -> list[str]:
+    """Initialise ``model`` from a checkpoint of the same architecture with possibly another class count.
+
+    Weights whose shape differs only because of the class count (the head's class prediction layers, named
+    by ``model.head.class_specific_prefixes``) keep their fresh initialisation; every other key must match.
+    Returns the re-initialised keys (also logged)."""
+    weights = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    target = model.state_dict()
+    head = getattr(model, "head", None)
+    class_prefixes = tuple(f"head.{p}" for p in getattr(head, "class_specific_prefixes", ()))
+    reinit = [
+        k for k, v in target.items()
+        if k in weights and weights[k].shape != v.shape and k.startswith(class_prefixes)
+    ]
+    kept = {k: v for k, v in weights.items() if k not in reinit}
+    problems = state_dict_mismatches({k: v for k, v in target.items() if k not in reinit}, kept,
+                                     source_name="checkpoint", show=3)
+    if problems:
+        raise CheckpointError(f"{source} does not fit this model beyond its class layers: " + "; ".join(problems))
+    model.load_state_dict({**target, **kept}, strict=True)
+    if reinit:
+        log.warning("fine-tuning from %s: re-initialised %d class-specific tensors: %s", source, len(reinit),
+                    ", ".join(reinit))
+    else:
+        log.info("fine-tuning from %s: every weight loaded", source)
+    return reinit
+
+
+def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt`` on the val split; writes metrics.json and the task's prediction files into
     ``run_dir`` (detection: predictions.json; segmentation: predictions/*.png)."""
     run_dir = Path(run_dir)
     _setup_process()
+    ckpt = read_checkpoint(cfg.ckpt)
+    cfg = merge_checkpoint_config(cfg, ckpt.get("effdense_config"), overrides, mode="eval", source=cfg.ckpt)
     datamodule = instantiate(cfg.data)
     datamodule.check((datamodule.val_split,))
     L.seed_everything(cfg.seed, workers=True)
     _write_run_config(cfg, run_dir)
     task = build_task(cfg)
-    load_checkpoint_weights(task.model, cfg.ckpt)
+    load_checkpoint_weights(task.model, ckpt, source=cfg.ckpt)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     for key in ("max_epochs", "max_steps", "gradient_clip_val", "gradient_clip_algorithm", "check_val_every_n_epoch"):
         trainer_kwargs.pop(key, None)

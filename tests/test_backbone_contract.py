@@ -83,3 +83,58 @@ def test_local_weights_roundtrip_and_mismatch(tmp_path):
     torch.save({k: v for i, (k, v) in enumerate(state.items()) if i % 2}, partial)
     with pytest.raises(WeightsMismatchError, match="missing"):
         TimmBackbone(name="b0", weights=partial)
+
+
+OTHER_TIMM_FAMILIES = [
+    "efficientnetv2_rw_t",  # EfficientNetV2
+    "tf_efficientnet_lite0",  # EfficientNet-Lite
+    "mobilenetv3_large_100",  # MobileNetV3
+    "resnet18",  # ResNet
+    "convnext_nano",  # ConvNeXt (no stride-2 feature: P2..P5)
+]
+
+
+@pytest.mark.parametrize("name", OTHER_TIMM_FAMILIES)
+def test_timm_family_contract_and_config_selection(name):
+    bb = TimmBackbone(name=name, levels=(2, 3, 4, 5))
+    assert [s.stride for s in bb.out_specs.values()] == [4, 8, 16, 32]
+    # A multiple of the coarsest stride (ConvNeXt's unpadded 4x4 stem floors other sizes).
+    x = torch.randn(1, 3, 96, 128, requires_grad=True)
+    out = bb(x)
+    check_features(out, bb.out_specs, (96, 128))
+    assert all(torch.isfinite(f).all() for f in out.values())
+    sum(f.mean() for f in out.values()).backward()
+    assert x.grad is not None
+
+    # Selected from config: backbone=timm backbone.name=<name> builds a detector on it.
+    from hydra.utils import instantiate
+
+    from tasks.config import compose
+
+    cfg = compose("train", ["backbone=timm", f"backbone.name={name}", "neck.channels=16", "neck.num_repeats=1"])
+    model = instantiate(cfg.model).eval()
+    assert model.backbone.model_name == name
+    det = model(torch.randn(1, 3, 128, 128))
+    assert set(det.cls_logits) == {"p3", "p4", "p5", "p6", "p7"}
+
+
+@pytest.mark.parametrize(("name", "stages", "first_trainable"), [
+    ("b0", 3, "body.blocks.3."),
+    ("resnet18", 2, "body.layer2."),
+    ("convnext_nano", 1, "body.stages_1."),
+])
+def test_frozen_stages(name, stages, first_trainable):
+    bb = TimmBackbone(name=name, frozen_stages=stages)
+    params = list(bb.named_parameters())
+    frozen = [n for n, p in params if not p.requires_grad]
+    trainable = [n for n, p in params if p.requires_grad]
+    assert frozen and trainable[0].startswith(first_trainable)
+    assert all(i < len(frozen) for i, (n, p) in enumerate(params) if not p.requires_grad)  # a prefix
+    bb.train()
+    norms = [m for m in bb.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    frozen_norms = [m for m in norms if not m.weight.requires_grad]
+    assert all(not m.training for m in frozen_norms)
+    assert frozen_norms or name.startswith("convnext")  # ConvNeXt has LayerNorm only
+    assert all(m.training for m in norms if m.weight.requires_grad)
+    with pytest.raises(ValueError, match="frozen_stages"):
+        TimmBackbone(name=name, frozen_stages=9)

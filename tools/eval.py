@@ -17,7 +17,7 @@ def main(cfg: DictConfig) -> None:
     from tasks.runner import evaluate
 
     with user_errors():
-        evaluate(cfg, HydraConfig.get().runtime.output_dir)
+        evaluate(cfg, HydraConfig.get().runtime.output_dir, HydraConfig.get().overrides.task)
 
 
 if __name__ == "__main__":

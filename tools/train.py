@@ -18,7 +18,7 @@ def main(cfg: DictConfig) -> None:
     from tasks.runner import train
 
     with user_errors():
-        train(cfg, HydraConfig.get().runtime.output_dir)
+        train(cfg, HydraConfig.get().runtime.output_dir, HydraConfig.get().overrides.task)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,131 @@
+"""Self-describing checkpoints: the resolved run config (``effdense_config``) and class names
+(``effdense_class_names``) travel inside every checkpoint, so evaluation, prediction, export and fine-tuning
+need only ``ckpt=PATH``.
+
+How a checkpoint's config combines with the composed one (``merge_checkpoint_config``):
+
+- the model's structure (``scale``, ``padding``, ``backbone``, ``neck``, ``head``, ``model``, ``anchors``,
+  ``box_coder``) comes from the checkpoint; for evaluation/prediction also ``task`` (loss and post-processing
+  settings) and, unless the command line names ``data``/``data.*``/``data_root``, the dataset it was trained on;
+- for fine-tuning (``mode="finetune"``) the class count follows the *new* data (``${data.num_classes}``) and
+  the training recipe (``task``) is the composed one;
+- dotted command-line overrides of those keys (``task.module.postprocess.iou_threshold=0.6``) apply on top;
+- a group choice that contradicts the checkpoint (``task=segmentation`` for a detector, ``backbone=b3`` for a
+  B0 model) is an error rather than a silent swap.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = [
+    "CheckpointError",
+    "STRUCTURE_KEYS",
+    "merge_checkpoint_config",
+    "read_checkpoint",
+]
+
+log = logging.getLogger(__name__)
+
+#: Top-level config keys that define the model's structure.
+STRUCTURE_KEYS = ("scale", "padding", "backbone", "neck", "head", "model", "anchors", "box_coder")
+#: Config paths holding the class count (made to follow the new data when fine-tuning).
+CLASS_COUNT_KEYS = ("head.num_classes", "task.module.num_classes", "task.module.loss.num_classes")
+_DATA_KEYS = ("data", "data_root", "cache_dir", "dataset")
+_MODEL_GROUPS = ("task", "backbone", "neck", "head", "scale", "padding")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or holds weights of another model."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file (tensors and plain data only: ``torch.load(weights_only=True)``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with the file name
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"{path}: has no 'state_dict' (not a checkpoint of this project)")
+    return ckpt
+
+
+def _parse_overrides(overrides: Sequence[str]) -> list[tuple[str, str]]:
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            continue
+        key, value = item.split("=", 1)
+        parsed.append((key.lstrip("+~"), value))
+    return parsed
+
+
+def _choice_of(cfg: DictConfig, group: str):
+    if group == "task":
+        return OmegaConf.select(cfg, "task.name")
+    if group == "backbone":
+        return OmegaConf.select(cfg, "backbone.name")
+    if group in ("neck", "head"):
+        return OmegaConf.select(cfg, f"{group}._target_")
+    return OmegaConf.select(cfg, group)
+
+
+def merge_checkpoint_config(
+    cfg: DictConfig, ckpt_config: dict[str, Any] | None, overrides: Sequence[str] = (), *, mode: str = "eval",
+    source: str | Path = "checkpoint",
+) -> DictConfig:
+    """The composed ``cfg`` with the model (and, for evaluation, task and data) of ``ckpt_config``; see the
+    module docstring. ``overrides`` are the command line's ``key=value`` items. Returns ``cfg`` unchanged when
+    the checkpoint carries no config."""
+    if mode not in ("eval", "finetune"):
+        raise ValueError(f"mode must be 'eval' or 'finetune', got {mode!r}")
+    if not ckpt_config:
+        return cfg
+    parsed = _parse_overrides(overrides)
+    ck = OmegaConf.create(ckpt_config)
+    # Group choices on the command line must agree with the checkpoint.
+    for key, _ in parsed:
+        if key in _MODEL_GROUPS:
+            ours, theirs = _choice_of(cfg, key), _choice_of(ck, key)
+            if theirs is not None and ours != theirs:
+                raise CheckpointError(
+                    f"{source} holds a model with {key} {theirs!r}, but the command line asks for {key}={ours!r}: "
+                    f"drop {key}= (the checkpoint defines the model) or use a checkpoint of that model"
+                )
+    taken = list(STRUCTURE_KEYS)
+    if mode == "eval":
+        taken.append("task")
+        if not any(key.split(".")[0] in _DATA_KEYS for key, _ in parsed) and "data" in ck:
+            taken.append("data")
+    merged = OmegaConf.to_container(cfg, resolve=False)
+    for key in taken:
+        if key in ck:
+            value = ck[key]
+            merged[key] = OmegaConf.to_container(value, resolve=False) if OmegaConf.is_config(value) else value
+    # A stored config is resolved: model.{backbone,neck,head} are copies of the top-level nodes. Point them back
+    # at those nodes so overrides (and the class count when fine-tuning) reach the model.
+    model = merged.get("model")
+    if isinstance(model, dict):
+        for sub in ("backbone", "neck", "head"):
+            if sub in model and sub in merged and model[sub] == merged[sub]:
+                model[sub] = "${" + sub + "}"
+    out = OmegaConf.create(merged)
+    if mode == "finetune":
+        for path in CLASS_COUNT_KEYS:
+            if OmegaConf.select(out, path) is not None:
+                OmegaConf.update(out, path, "${data.num_classes}", merge=False)
+    for key, value in parsed:
+        if "." in key and key.split(".")[0] in taken:
+            OmegaConf.update(out, key, yaml.safe_load(value), merge=True)
+    log.info("model config from %s (%s)", source, ", ".join(k for k in taken if k in ck))
+    return out

@@ -1,0 +1,73 @@
+"""``tools/export.py``: ONNX / TorchScript export of a checkpoint with a numerical check."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .checkpoint import CheckpointError
+from .coco_eval import atomic_write_json
+from .export import ExportModule, check_onnx, check_torchscript, export_onnx, export_torchscript
+from .predictor import Predictor
+
+__all__ = ["export"]
+
+log = logging.getLogger(__name__)
+
+
+def _export_size(cfg: DictConfig, predictor: Predictor) -> tuple[int, int]:
+    size = cfg.image_size
+    if size is None:
+        if predictor.kind == "detection":
+            size = predictor.image_size
+        else:
+            data = predictor.config.get("data") or {}
+            size = data.get("eval_size") or data.get("crop_size")
+    if size is None:
+        raise CheckpointError("the export size is unknown: set image_size=[H,W]")
+    h, w = (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
+    d = predictor.size_divisor
+    if h % d or w % d:
+        raise CheckpointError(f"image_size {h}x{w} is not a multiple of the model's coarsest stride {d}")
+    return h, w
+
+
+def export(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_flush_denormal(True)
+    overrides = list(OmegaConf.to_container(cfg.config_overrides, resolve=True) or [])
+    predictor = Predictor.from_checkpoint(cfg.ckpt, device="cpu", overrides=overrides)
+    size = _export_size(cfg, predictor)
+    module = ExportModule(predictor.task, postprocess=cfg.postprocess).eval()
+    report: dict[str, Any] = {
+        "ckpt": str(cfg.ckpt), "task": predictor.kind, "image_size": list(size), "batch_size": int(cfg.batch_size),
+        "dynamic_batch": bool(cfg.dynamic_batch), "postprocess": bool(cfg.postprocess) and predictor.kind == "detection",
+        "inputs": "images: float [B, 3, H, W] RGB 0..255", "outputs": module.output_names,
+    }
+    onnx_path = export_onnx(module, run_dir / "model.onnx", image_size=size, batch_size=cfg.batch_size,
+                            dynamic_batch=cfg.dynamic_batch, opset=cfg.opset)
+    report["onnx"] = {"file": str(onnx_path)}
+    if cfg.check:
+        report["onnx"]["check"] = check_onnx(module, onnx_path, image_size=size, batch_size=cfg.batch_size)
+        if cfg.dynamic_batch:
+            other = cfg.batch_size + 1
+            report["onnx"][f"check_batch_{other}"] = check_onnx(module, onnx_path, image_size=size, batch_size=other)
+    if cfg.torchscript:
+        try:
+            ts_path = export_torchscript(module, run_dir / "model.pt", image_size=size, batch_size=cfg.batch_size)
+            report["torchscript"] = {"file": str(ts_path)}
+            if cfg.check:
+                report["torchscript"]["check"] = check_torchscript(module, ts_path, image_size=size,
+                                                                   batch_size=cfg.batch_size)
+        except Exception as err:  # noqa: BLE001 - TorchScript is best effort; the report says why it failed
+            report["torchscript"] = {"error": f"{type(err).__name__}: {err}"}
+            log.warning("TorchScript export failed: %s", err)
+    atomic_write_json(run_dir / "export.json", report, indent=2)
+    print(json.dumps(report, indent=2), flush=True)
+    return report

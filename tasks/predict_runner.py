@@ -1,0 +1,77 @@
+"""``tools/predict.py``: run a checkpoint on image files and write predictions.json and pictures."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import cv2
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .coco_eval import atomic_write_json
+from .predictor import Predictor, list_images, read_rgb
+from .seg_writer import write_image_atomic
+from .visualize import draw_detections, overlay_segmentation
+
+__all__ = ["predict"]
+
+log = logging.getLogger(__name__)
+
+
+def predict(cfg: DictConfig, run_dir: str | Path) -> list[dict[str, Any]]:
+    """Predict on ``cfg.inputs`` with ``cfg.ckpt``; returns the entries written to predictions.json."""
+    run_dir = Path(run_dir)
+    torch.set_flush_denormal(True)
+    try:
+        paths = list_images(cfg.inputs)
+    except FileNotFoundError as err:
+        from datasets.errors import DatasetNotFoundError
+
+        raise DatasetNotFoundError(f"{err} (inputs=...)") from None
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    overrides = list(OmegaConf.to_container(cfg.config_overrides, resolve=True) or [])
+    predictor = Predictor.from_checkpoint(cfg.ckpt, device=device, overrides=overrides)
+    names = predictor.class_names
+    vis_dir = run_dir / "visualizations"
+    mask_dir = run_dir / "masks"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.visualize:
+        vis_dir.mkdir(exist_ok=True)
+    if predictor.kind == "segmentation":
+        mask_dir.mkdir(exist_ok=True)
+    entries: list[dict[str, Any]] = []
+    batch = int(cfg.batch_size)
+    for start in range(0, len(paths), batch):
+        chunk = paths[start : start + batch]
+        images = []
+        for path in chunk:
+            try:
+                images.append(read_rgb(path))
+            except ValueError as err:
+                from datasets.errors import DatasetError
+
+                raise DatasetError(str(err)) from None
+        for path, image, result in zip(chunk, images, predictor.predict_arrays(images)):
+            entry: dict[str, Any] = {"file_name": str(path)}
+            if predictor.kind == "detection":
+                keep = [i for i, s in enumerate(result["scores"]) if s >= cfg.score_threshold]
+                for key in ("boxes", "scores", "labels", "names"):
+                    entry[key] = [result[key][i] for i in keep]
+                picture = draw_detections(image, entry["boxes"], entry["scores"], entry["labels"], names)
+            else:
+                mask = result["mask"]
+                write_image_atomic(mask_dir / f"{path.stem}.png", mask)
+                entry["mask"] = str(Path("masks") / f"{path.stem}.png")
+                entry["classes"] = [names[int(k)] for k in sorted(set(mask.reshape(-1).tolist())) if k < len(names)]
+                picture = overlay_segmentation(image, mask, names)
+            if cfg.visualize:
+                write_image_atomic(vis_dir / f"{path.stem}.png", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+            entries.append(entry)
+    atomic_write_json(run_dir / "predictions.json", entries)
+    log.info("wrote predictions for %d images to %s", len(entries), run_dir)
+    print(f"{len(entries)} images -> {run_dir / 'predictions.json'}", flush=True)
+    return entries

@@ -1,0 +1,58 @@
+"""Pictures a person can look at: detections drawn as labelled boxes, segmentations as colour overlays."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+__all__ = ["draw_detections", "overlay_segmentation", "palette_for"]
+
+
+def palette_for(class_names: Sequence[str]) -> list[tuple[int, int, int]]:
+    """The official colours for the Cityscapes classes, a fixed distinct palette otherwise (RGB)."""
+    from datasets import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, default_palette
+
+    if tuple(class_names) == tuple(CITYSCAPES_CLASSES):
+        return [tuple(c) for c in CITYSCAPES_PALETTE]
+    return [tuple(c) for c in default_palette(len(class_names))]
+
+
+def draw_detections(
+    image: np.ndarray,
+    boxes: Sequence[Sequence[float]],
+    scores: Sequence[float],
+    labels: Sequence[int],
+    class_names: Sequence[str],
+) -> np.ndarray:
+    """A copy of ``image`` (HxWx3 uint8 RGB) with each box outlined in its class colour and tagged
+    ``"<name> <score>"``."""
+    out = np.ascontiguousarray(image.copy())
+    palette = palette_for(class_names)
+    h, w = out.shape[:2]
+    thickness = max(1, round(min(h, w) / 300))
+    font_scale = max(0.35, min(h, w) / 1000)
+    for box, score, label in zip(boxes, scores, labels):
+        colour = tuple(int(c) for c in palette[int(label) % len(palette)])
+        x1, y1, x2, y2 = (int(round(v)) for v in box)
+        cv2.rectangle(out, (x1, y1), (x2, y2), colour, thickness)
+        text = f"{class_names[int(label)]} {score:.2f}"
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
+        ty = y1 - 2 if y1 - th - base - 2 >= 0 else y1 + th + base + 2
+        cv2.rectangle(out, (x1, ty - th - base), (x1 + tw + 2, ty + 1), colour, -1)
+        luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+        ink = (0, 0, 0) if luminance > 140 else (255, 255, 255)
+        cv2.putText(out, text, (x1 + 1, ty - base + 1), cv2.FONT_HERSHEY_SIMPLEX, font_scale, ink, 1, cv2.LINE_AA)
+    return out
+
+
+def overlay_segmentation(
+    image: np.ndarray, mask: np.ndarray, class_names: Sequence[str], *, alpha: float = 0.5
+) -> np.ndarray:
+    """``image`` (HxWx3 uint8 RGB) blended with the class colours of ``mask`` (HxW class map, 255 = none)."""
+    from .seg_writer import colorize
+
+    colours = colorize(mask, palette_for(class_names))
+    blended = cv2.addWeighted(image, 1.0 - alpha, colours, alpha, 0.0)
+    return np.where((mask == 255)[..., None], image, blended)
