@@ -19,8 +19,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import DatasetError, DatasetNotFoundError
-from .segmentation import IGNORE_INDEX, SegmentationDataset
+from .errors import DatasetNotFoundError
+from .segmentation import IGNORE_INDEX, SegmentationDataset, pair_files
 
 __all__ = [
     "CITYSCAPES_CLASSES",
@@ -152,6 +152,9 @@ class CityscapesSegmentation(SegmentationDataset):
             :func:`datasets.build_segmentation_train_transform`; None keeps both unchanged.
         check_labels: raise :class:`DatasetError` naming the file and the ids when a mask holds a label id that
             is not in the official table (costs one ``bincount`` per mask).
+        skip_bad: skip bad input instead of raising :class:`DatasetError`: images without an annotation are
+            dropped (one warning counts them); a sample whose image or mask turns out corrupt, truncated, of the
+            wrong size or holding unknown label ids is replaced by the next usable one and named in a warning.
 
     Images are sorted by path. ``output_name(i)`` is ``"<city>_<seq>_<frame>"``: write a prediction as
     ``<output_name>_leftImg8bit.png`` holding ``label_ids_for_output(pred)`` for the official evaluation.
@@ -165,6 +168,7 @@ class CityscapesSegmentation(SegmentationDataset):
         split: str,
         transform: Callable | None = None,
         check_labels: bool = True,
+        skip_bad: bool = False,
     ) -> None:
         self.root = Path(root).expanduser()
         self.split = str(split)
@@ -184,9 +188,10 @@ class CityscapesSegmentation(SegmentationDataset):
             )
         names = [p.name[: -len(_IMAGE_SUFFIX)] for p in images]
         masks = [mask_dir / p.parent.name / f"{name}{_MASK_SUFFIX}" for p, name in zip(images, names)]
-        for image, mask in zip(images, masks):
-            if not mask.is_file():
-                raise DatasetError(f"{image}: its annotation {mask} does not exist")
+        images, masks, self.skipped = pair_files(
+            images, masks, skip_bad=skip_bad, source=image_dir, what="annotation"
+        )
+        names = [p.name[: -len(_IMAGE_SUFFIX)] for p in images]
         super().__init__(
             image_paths=images,
             mask_paths=masks,
@@ -198,6 +203,8 @@ class CityscapesSegmentation(SegmentationDataset):
             transform=transform,
             check_labels=check_labels,
             label_hint="not label ids of the official Cityscapes table (0..33); is this a *_labelIds.png mask?",
+            skip_bad=skip_bad,
+            source=image_dir,
         )
 
     def prediction_file_name(self, index: int) -> str:

@@ -6,6 +6,8 @@ import contextlib
 import io
 import json
 import logging
+import os
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +17,8 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from ._imageio import decode_image, read_file
+from ._skip import first_readable, skip_summary
 from .errors import DatasetError, DatasetNotFoundError
 
 __all__ = ["LABEL_MODES", "CocoDetection", "collate_detection", "load_coco_annotations"]
@@ -26,20 +30,23 @@ log = logging.getLogger(__name__)
 LABEL_MODES = ("contiguous", "category_id")
 
 _IMREAD_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # COCO boxes refer to the stored pixels
+_IMAGE_FIELDS = ("id", "file_name", "height", "width")
+_ANN_FIELDS = ("id", "image_id", "category_id", "bbox")
 
 
-def _first_bad(mask: np.ndarray) -> int | None:
-    bad = np.flatnonzero(mask)
-    return int(bad[0]) if bad.size else None
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
-def load_coco_annotations(ann_file: str | Path) -> COCO:
-    """Load and validate a COCO instances file into a pycocotools ``COCO`` (its prints suppressed).
+def _contains(container, value) -> bool:
+    try:
+        return value in container
+    except TypeError:  # an unhashable id (a list, an object) is in no index
+        return False
 
-    Raises :class:`DatasetNotFoundError` when the file does not exist and :class:`DatasetError` naming the
-    file and the problem when it is not JSON or lacks what a detection dataset needs.
-    """
-    ann_file = Path(ann_file).expanduser()
+
+def _read_json(ann_file: Path) -> dict:
+    """The parsed file; the checks every COCO file must pass (what ``skip_bad`` cannot repair)."""
     if not ann_file.is_file():
         raise DatasetNotFoundError(f"annotation file not found: {ann_file}")
     try:
@@ -54,55 +61,159 @@ def load_coco_annotations(ann_file: str | Path) -> COCO:
             raise DatasetError(f"{ann_file}: missing or invalid '{key}' list")
     if not data["categories"]:
         raise DatasetError(f"{ann_file}: the 'categories' list is empty")
-
-    image_ids = set()
-    for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or not {"id", "file_name", "height", "width"} <= img.keys():
-            raise DatasetError(f"{ann_file}: images[{i}] needs id, file_name, height and width")
-        if img["id"] in image_ids:
-            raise DatasetError(f"{ann_file}: image id {img['id']} appears more than once")
-        if not all(isinstance(v, (int, float)) and float(v).is_integer() and v > 0 for v in (img["height"], img["width"])):
-            raise DatasetError(f"{ann_file}: image id {img['id']} has an invalid size {img['height']}x{img['width']}")
-        image_ids.add(img["id"])
     cat_ids = set()
     for i, cat in enumerate(data["categories"]):
-        if not isinstance(cat, dict) or not {"id", "name"} <= cat.keys() or not isinstance(cat["id"], int):
+        if not isinstance(cat, dict) or not {"id", "name"} <= cat.keys() or not _is_int(cat["id"]):
             raise DatasetError(f"{ann_file}: categories[{i}] needs an integer id and a name")
         if cat["id"] in cat_ids:
             raise DatasetError(f"{ann_file}: category id {cat['id']} appears more than once")
         cat_ids.add(cat["id"])
+    return data
 
-    anns = data["annotations"]
+
+def _check_images(ann_file: Path, images: list, skip_bad: bool) -> tuple[list[dict], Counter, set]:
+    """The valid image entries; with ``skip_bad`` the others are dropped and counted, else the first raises."""
+    kept, skipped, skipped_ids, seen = [], Counter(), set(), set()
+    for i, img in enumerate(images):
+        problem = message = None
+        if not isinstance(img, dict) or not set(_IMAGE_FIELDS) <= img.keys() or not _is_int(img["id"]):
+            problem = "invalid image entry"
+            message = f"{ann_file}: images[{i}] needs id (an integer), file_name, height and width"
+        elif img["id"] in seen:  # which of the two would the annotations mean? Not repairable.
+            raise DatasetError(f"{ann_file}: image id {img['id']} appears more than once")
+        elif not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() and v > 0
+            for v in (img["height"], img["width"])
+        ):
+            problem = "invalid image size"
+            message = f"{ann_file}: image id {img['id']} has an invalid size {img['height']}x{img['width']}"
+        if problem is None:
+            seen.add(img["id"])
+            kept.append(img)
+            continue
+        if not skip_bad:
+            raise DatasetError(message)
+        skipped[problem] += 1
+        if isinstance(img, dict) and _is_int(img.get("id")):
+            skipped_ids.add(img["id"])
+    return kept, skipped, skipped_ids
+
+
+def _check_annotations(
+    ann_file: Path, anns: list, images: list[dict], cat_ids: set, skipped_image_ids: set, skip_bad: bool
+) -> tuple[list[dict], Counter]:
+    """The valid annotations; with ``skip_bad`` the others are dropped and counted, else the first raises.
+
+    Boxes that cross the border are valid (the dataset clips them); a box entirely outside its image, with a
+    negative width or height, or with non-finite numbers is not.
+    """
+    size_of = {img["id"]: (float(img["width"]), float(img["height"])) for img in images}
+    kept, sizes, skipped = [], [], Counter()
     for i, ann in enumerate(anns):
-        if not isinstance(ann, dict) or not {"id", "image_id", "category_id", "bbox"} <= ann.keys():
-            raise DatasetError(f"{ann_file}: annotations[{i}] needs id, image_id, category_id and bbox")
-        if ann["image_id"] not in image_ids:
-            raise DatasetError(f"{ann_file}: annotation id {ann['id']} refers to unknown image id {ann['image_id']}")
-        if ann["category_id"] not in cat_ids:
-            raise DatasetError(
+        problem = message = None
+        if not isinstance(ann, dict):
+            problem, message = "not a JSON object", f"{ann_file}: annotations[{i}] is not a JSON object"
+        elif missing := [k for k in _ANN_FIELDS if k not in ann]:
+            problem = f"no {missing[0]}"
+            message = (
+                f"{ann_file}: annotations[{i}] needs id, image_id, category_id and bbox "
+                f"(it has no {' and no '.join(missing)})"
+            )
+        elif _contains(skipped_image_ids, ann["image_id"]):
+            continue  # goes with its (skipped) image, which is counted already
+        elif not _contains(size_of, ann["image_id"]):
+            problem = "unknown image id"
+            message = f"{ann_file}: annotation id {ann['id']} refers to unknown image id {ann['image_id']}"
+        elif not _contains(cat_ids, ann["category_id"]):
+            problem = "unknown category id"
+            message = (
                 f"{ann_file}: annotation id {ann['id']} has category id {ann['category_id']}, "
                 "which is not in the categories list"
             )
-        bbox = ann["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
-            raise DatasetError(f"{ann_file}: annotation id {ann['id']} has a malformed bbox {bbox!r}")
-    if anns:
-        boxes = np.asarray([a["bbox"] for a in anns], dtype=np.float64)
-        bad = _first_bad(~np.isfinite(boxes).all(1))
-        if bad is not None:
-            raise DatasetError(f"{ann_file}: annotation id {anns[bad]['id']} has a non-finite bbox {anns[bad]['bbox']}")
-        bad = _first_bad((boxes[:, 2] < 0) | (boxes[:, 3] < 0))
-        if bad is not None:
-            raise DatasetError(
-                f"{ann_file}: annotation id {anns[bad]['id']} has a negative box size {anns[bad]['bbox']!r}"
-            )
+        elif not (
+            isinstance(ann["bbox"], list) and len(ann["bbox"]) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in ann["bbox"])
+        ):
+            problem = "malformed bbox"
+            message = f"{ann_file}: annotation id {ann['id']} has a malformed bbox {ann['bbox']!r}"
+        if problem is None:
+            kept.append(ann)
+            sizes.append(size_of[ann["image_id"]])
+            continue
+        if not skip_bad:
+            raise DatasetError(message)
+        skipped[problem] += 1
+    if not kept:
+        return kept, skipped
 
+    boxes = np.asarray([a["bbox"] for a in kept], dtype=np.float64).reshape(-1, 4)
+    wh = np.asarray(sizes, dtype=np.float64).reshape(-1, 2)
+    with np.errstate(invalid="ignore"):
+        nonfinite = ~np.isfinite(boxes).all(1)
+        negative = ~nonfinite & ((boxes[:, 2] < 0) | (boxes[:, 3] < 0))
+        x0, y0 = boxes[:, 0], boxes[:, 1]
+        x1, y1 = x0 + boxes[:, 2], y0 + boxes[:, 3]
+        # No point in common with the image, not even its border (a box touching the border is degenerate, the
+        # dataset's min_box_size drops it).
+        outside = ~nonfinite & ~negative & ((x0 > wh[:, 0]) | (y0 > wh[:, 1]) | (x1 < 0) | (y1 < 0))
+    checks = (
+        (nonfinite, "non-finite bbox", "has a non-finite bbox {bbox!r}"),
+        (negative, "negative box size", "has a negative box size {bbox!r} (width and height must be >= 0)"),
+        (
+            outside,
+            "box outside the image",
+            "has a box {bbox!r} (x, y, w, h) entirely outside its image (image id {image_id}: {w:g} wide, {h:g} high)",
+        ),
+    )
+    bad = np.zeros(len(kept), dtype=bool)
+    for mask, problem, template in checks:
+        if not mask.any():
+            continue
+        if not skip_bad:
+            k = int(np.flatnonzero(mask)[0])
+            ann = kept[k]
+            detail = template.format(bbox=ann["bbox"], image_id=ann["image_id"], w=wh[k, 0], h=wh[k, 1])
+            raise DatasetError(f"{ann_file}: annotation id {ann['id']} {detail}")
+        skipped[problem] += int(mask.sum())
+        bad |= mask
+    if bad.any():
+        kept = [a for a, b in zip(kept, bad) if not b]
+    return kept, skipped
+
+
+def _load_checked(ann_file: Path, *, skip_bad: bool) -> tuple[dict, Counter, Counter]:
+    """The validated file contents (bad entries dropped with ``skip_bad``) and the counts of skipped annotations
+    and images by reason."""
+    data = _read_json(ann_file)
+    cat_ids = {c["id"] for c in data["categories"]}
+    images, image_skips, skipped_ids = _check_images(ann_file, data["images"], skip_bad)
+    anns, ann_skips = _check_annotations(ann_file, data["annotations"], images, cat_ids, skipped_ids, skip_bad)
+    return {**data, "images": images, "annotations": anns}, ann_skips, image_skips
+
+
+def _make_coco(data: dict) -> COCO:
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
+
+
+def load_coco_annotations(ann_file: str | Path, *, skip_bad: bool = False) -> COCO:
+    """Load and validate a COCO instances file into a pycocotools ``COCO`` (its prints suppressed).
+
+    Raises :class:`DatasetNotFoundError` when the file does not exist and :class:`DatasetError` naming the
+    file and the problem when it is not JSON or lacks what a detection dataset needs. With ``skip_bad`` the bad
+    annotations (unknown image or category id, no or malformed bbox, a box with a negative size or entirely
+    outside its image) and bad image entries are dropped instead, and one warning counts them by reason; what no
+    skipping can repair (not JSON, no categories, duplicate ids) still raises.
+    """
+    ann_file = Path(ann_file).expanduser()
+    data, ann_skips, image_skips = _load_checked(ann_file, skip_bad=skip_bad)
+    summary = skip_summary(str(ann_file), annotation=ann_skips, image=image_skips)
+    if summary:
+        log.warning("%s", summary)
+    return _make_coco(data)
 
 
 class CocoDetection(Dataset):
@@ -118,6 +229,10 @@ class CocoDetection(Dataset):
         label_mode: ``"contiguous"`` (label k is ``cat_ids[k]``, the k-th category in id order) or
             ``"category_id"`` (label = category id - 1; ``cat_ids`` is ``1..num_classes``).
         num_classes: size of the label space for ``label_mode="category_id"`` (default: the largest id).
+        skip_bad: skip bad input instead of raising :class:`DatasetError`. Bad annotations (see
+            :func:`load_coco_annotations`) and images whose file is missing are dropped when the dataset is built,
+            and one warning counts them by reason; an image found corrupt, truncated or of the wrong size when it
+            is read is replaced by the next readable image (index order) and named in a warning.
 
     Crowd annotations stay in ``coco`` (evaluation uses them) but are not training targets. Images without
     objects are kept and train as pure background. Targets are precomputed into flat arrays at construction,
@@ -137,6 +252,7 @@ class CocoDetection(Dataset):
         min_box_size: float = 1.0,
         label_mode: str = "contiguous",
         num_classes: int | None = None,
+        skip_bad: bool = False,
     ) -> None:
         if label_mode not in LABEL_MODES:
             raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
@@ -146,11 +262,22 @@ class CocoDetection(Dataset):
         self.ann_file = Path(ann_file).expanduser()
         if not self.image_dir.is_dir():
             raise DatasetNotFoundError(f"image folder not found: {self.image_dir}")
-        self._coco: COCO | None = load_coco_annotations(self.ann_file)
+        self.skip_bad = bool(skip_bad)
+        self._bad: dict[int, str] = {}  # index -> why it cannot be read (skip_bad; per process)
+        data, ann_skips, image_skips = self._load(check_folder=True)
+        self.skipped: dict[str, Counter] = {"annotations": ann_skips, "images": image_skips}
+        summary = skip_summary(str(self.ann_file), annotation=ann_skips, image=image_skips)
+        if summary:
+            log.warning("%s", summary)
+        if not data["images"]:
+            raise DatasetError(
+                f"{self.ann_file}: no image left to use"
+                + (f" ({summary})" if summary else " (its 'images' list is empty)")
+            )
+        self._coco: COCO | None = _make_coco(data)
         self.transform = transform
         self.label_mode = label_mode
         self.min_box_size = float(min_box_size)
-        data = self._coco.dataset
 
         cats = sorted(data["categories"], key=lambda c: c["id"])
         if label_mode == "contiguous":
@@ -176,6 +303,38 @@ class CocoDetection(Dataset):
         self._file_names = np.asarray([str(im["file_name"]) for im in images], dtype=np.str_)
         self._sizes = np.asarray([(im["height"], im["width"]) for im in images], dtype=np.int64).reshape(-1, 2)
         self._boxes, self._labels, self._offsets = self._build_targets(data["annotations"], label_of)
+
+    def _load(self, *, check_folder: bool) -> tuple[dict, Counter, Counter]:
+        """The validated annotations; with ``skip_bad`` without the bad entries and the images whose file is
+        missing. ``check_folder``: an empty image folder is an error (the data is not where the config says)."""
+        data, ann_skips, image_skips = _load_checked(self.ann_file, skip_bad=self.skip_bad)
+        images = data["images"]
+        if check_folder and images:
+            with os.scandir(self.image_dir) as entries:
+                if next(entries, None) is None:
+                    raise DatasetNotFoundError(
+                        f"{self.image_dir}: the image folder is empty, but {self.ann_file.name} lists "
+                        f"{len(images)} image(s) in it"
+                    )
+        if self.skip_bad and images:
+            with os.scandir(self.image_dir) as entries:  # one listing instead of a stat per image
+                names = {e.name for e in entries if not e.is_dir()}
+
+            def exists(file_name: str) -> bool:
+                if "/" in file_name or os.sep in file_name:  # in a sub-folder
+                    return (self.image_dir / file_name).is_file()
+                return file_name in names
+
+            present = [img for img in images if exists(str(img["file_name"]))]
+            if len(present) < len(images):
+                image_skips["missing file"] += len(images) - len(present)
+                kept_ids = {img["id"] for img in present}
+                data = {
+                    **data,
+                    "images": present,
+                    "annotations": [a for a in data["annotations"] if a["image_id"] in kept_ids],
+                }
+        return data, ann_skips, image_skips
 
     def _build_targets(self, anns: list[dict], label_of: dict[int, int]):
         """Flat xyxy boxes and labels of all non-crowd, non-degenerate annotations, grouped by image
@@ -207,9 +366,10 @@ class CocoDetection(Dataset):
     # ------------------------------------------------------------------ pycocotools object
     @property
     def coco(self) -> COCO:
-        """The pycocotools ``COCO`` of the annotation file (all annotations, crowds included)."""
+        """The pycocotools ``COCO`` of the annotation file (all annotations, crowds included; with ``skip_bad``
+        without what was skipped when the dataset was built)."""
         if self._coco is None:  # dropped when pickled to a loader worker; reloaded only if asked for
-            self._coco = load_coco_annotations(self.ann_file)
+            self._coco = _make_coco(self._load(check_folder=False)[0])
         return self._coco
 
     def __getstate__(self) -> dict:
@@ -234,22 +394,10 @@ class CocoDetection(Dataset):
         """The image as an HxWx3 uint8 RGB array; :class:`DatasetError` naming the file when it is missing,
         corrupt or not the size the annotation file says."""
         path = self.image_path(index)
-        try:
-            buf = np.fromfile(path, dtype=np.uint8)
-        except FileNotFoundError as err:
-            raise DatasetNotFoundError(
-                f"{path}: image listed in {self.ann_file.name} (id {self.image_ids[index]}) does not exist"
-            ) from err
-        except OSError as err:
-            raise DatasetError(f"{path}: cannot be read ({err})") from err
-        image = None
-        if buf.size:
-            try:
-                image = cv2.imdecode(buf, _IMREAD_FLAGS)
-            except cv2.error:
-                image = None
-        if image is None:
-            raise DatasetError(f"{path}: cannot be decoded as an image (corrupt or truncated file?)")
+        buf = read_file(
+            path, missing=f"image listed in {self.ann_file.name} (id {self.image_ids[index]}) does not exist"
+        )
+        image = decode_image(buf, _IMREAD_FLAGS, path)
         h, w = (int(v) for v in self._sizes[index])
         if image.shape[:2] != (h, w):
             raise DatasetError(
@@ -261,6 +409,11 @@ class CocoDetection(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} images")
         index = index % len(self)
+        if self.skip_bad:
+            return first_readable(index, len(self), self._sample, self._bad, source=str(self.ann_file), log=log)
+        return self._sample(index)
+
+    def _sample(self, index: int) -> dict:
         image = self.read_image(index)
         h, w = image.shape[:2]
         boxes, labels = self.targets(index)

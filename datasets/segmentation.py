@@ -14,7 +14,9 @@ that are ignored by the loss and the metrics, whatever the file format stores. E
 
 from __future__ import annotations
 
+import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,7 +28,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ._imageio import decode_image, read_file
 from ._seeding import ProcessRandom
+from ._skip import first_readable, skip_summary
 from .errors import DatasetError, DatasetNotFoundError
 
 __all__ = [
@@ -40,6 +44,8 @@ __all__ = [
     "collate_segmentation",
     "default_palette",
 ]
+
+log = logging.getLogger(__name__)
 
 #: The train id of ignored pixels in every mask a segmentation dataset yields.
 IGNORE_INDEX = 255
@@ -64,23 +70,29 @@ def default_palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:
 
 
 def _read_file(path: Path) -> np.ndarray:
-    try:
-        return np.fromfile(path, dtype=np.uint8)
-    except FileNotFoundError as err:
-        raise DatasetNotFoundError(
-            f"{path}: file does not exist (was it removed after the dataset was scanned?)"
-        ) from err
-    except OSError as err:
-        raise DatasetError(f"{path}: cannot be read ({err})") from err
+    return read_file(path, missing="file does not exist (was it removed after the dataset was scanned?)")
 
 
-def _decode(buf: np.ndarray, flags: int) -> np.ndarray | None:
-    if not buf.size:
-        return None
-    try:
-        return cv2.imdecode(buf, flags)
-    except cv2.error:
-        return None
+def pair_files(
+    images: Sequence[Path], masks: Sequence[Path], *, skip_bad: bool, source: Path, what: str = "mask"
+) -> tuple[list[Path], list[Path], Counter]:
+    """Keep the (image, mask) pairs whose mask file exists. A missing mask raises :class:`DatasetError` naming
+    both files, or with ``skip_bad`` drops the pair; returns the kept pairs and the skips by reason."""
+    kept_images, kept_masks, skipped = [], [], Counter()
+    for image, mask in zip(images, masks):
+        if mask.is_file():
+            kept_images.append(image)
+            kept_masks.append(mask)
+        elif skip_bad:
+            skipped[f"no {what}"] += 1
+        else:
+            raise DatasetError(f"{image}: its {what} {mask} does not exist")
+    if not kept_images:
+        raise DatasetError(f"{source}: no image left to use: none of the {len(images)} images has its {what}")
+    summary = skip_summary(str(source), image=skipped)
+    if summary:
+        log.warning("%s", summary)
+    return kept_images, kept_masks, skipped
 
 
 class SegmentationDataset(Dataset):
@@ -92,7 +104,10 @@ class SegmentationDataset(Dataset):
     occur). ``transform`` is ``(image HxWx3 uint8 RGB, mask HxW uint8 train ids) -> dict(image, mask)``, e.g.
     :func:`build_segmentation_train_transform`; None keeps both unchanged. With ``check_labels`` a mask holding a
     value outside ``valid_values`` raises :class:`DatasetError` naming the file and the values; ``label_hint``
-    is appended to that message (what the values should be).
+    is appended to that message (what the values should be). With ``skip_bad`` a sample whose image or mask
+    cannot be used (corrupt, truncated, wrong size, invalid values) is replaced by the next usable sample (index
+    order, so the result does not depend on the loading order) and the file is named in a warning that also
+    names ``source`` (the data folder).
     """
 
     def __init__(
@@ -108,6 +123,8 @@ class SegmentationDataset(Dataset):
         transform: Callable | None = None,
         check_labels: bool = True,
         label_hint: str = "",
+        skip_bad: bool = False,
+        source: str | Path = "",
     ) -> None:
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable or None, got {type(transform).__name__}")
@@ -132,6 +149,9 @@ class SegmentationDataset(Dataset):
         self._lut = lut
         self._valid = valid
         self._label_hint = label_hint
+        self.skip_bad = bool(skip_bad)
+        self.source = str(source) or "segmentation dataset"  # what the skip warnings name
+        self._bad: dict[int, str] = {}  # index -> why it cannot be used (skip_bad; per process)
 
     # ------------------------------------------------------------------ files
     def __len__(self) -> int:
@@ -158,18 +178,14 @@ class SegmentationDataset(Dataset):
     def read_image(self, index: int) -> np.ndarray:
         """The image as HxWx3 uint8 RGB; :class:`DatasetError` naming the file when it is unreadable or corrupt."""
         path = self.image_path(index)
-        image = _decode(_read_file(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-        if image is None:
-            raise DatasetError(f"{path}: cannot be decoded as an image (corrupt or truncated file?)")
+        image = decode_image(_read_file(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION, path)
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
     def read_mask(self, index: int, image_size: tuple[int, int] | None = None) -> np.ndarray:
         """The mask as stored (HxW uint8); :class:`DatasetError` naming the file when it is corrupt, not a
         single-channel 8-bit image, not ``image_size`` (H, W) or (with ``check_labels``) holds invalid values."""
         path = self.mask_path(index)
-        mask = _decode(_read_file(path), cv2.IMREAD_UNCHANGED)
-        if mask is None:
-            raise DatasetError(f"{path}: cannot be decoded as an image (corrupt or truncated file?)")
+        mask = decode_image(_read_file(path), cv2.IMREAD_UNCHANGED, path)
         if mask.ndim != 2 or mask.dtype != np.uint8:
             channels = 1 if mask.ndim == 2 else mask.shape[2]
             raise DatasetError(
@@ -197,6 +213,11 @@ class SegmentationDataset(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} images")
         index = index % len(self)
+        if self.skip_bad:
+            return first_readable(index, len(self), self._sample, self._bad, source=self.source, log=log)
+        return self._sample(index)
+
+    def _sample(self, index: int) -> dict:
         image = self.read_image(index)
         h0, w0 = image.shape[:2]
         mask = self.train_ids(self.read_mask(index, (h0, w0)))
@@ -225,6 +246,8 @@ class SegmentationFolder(SegmentationDataset):
     the files use is ``self.mask_ignore_index``). ``palette`` defaults to :func:`default_palette`.
 
     ``output_name(i)`` is the image's stem; ``label_ids_for_output`` is the identity (uint8, 255 kept).
+    ``skip_bad``: images without a mask are dropped (one warning counts them) and unusable samples are replaced
+    (see :class:`SegmentationDataset`) instead of raising :class:`DatasetError`.
     """
 
     def __init__(
@@ -237,6 +260,7 @@ class SegmentationFolder(SegmentationDataset):
         transform: Callable | None = None,
         mask_suffix: str = ".png",
         palette: Sequence[Sequence[int]] | None = None,
+        skip_bad: bool = False,
     ) -> None:
         if isinstance(class_names, str):
             raise TypeError("class_names must be a sequence of names, not a single string")
@@ -256,9 +280,7 @@ class SegmentationFolder(SegmentationDataset):
         if not self.mask_dir.is_dir():
             raise DatasetNotFoundError(f"mask folder not found: {self.mask_dir}")
         masks = [self.mask_dir / f"{p.stem}{mask_suffix}" for p in images]
-        for image, mask in zip(images, masks):
-            if not mask.is_file():
-                raise DatasetError(f"{image}: its mask {mask} does not exist")
+        images, masks, self.skipped = pair_files(images, masks, skip_bad=skip_bad, source=self.image_dir)
         lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
         lut[:num_classes] = np.arange(num_classes, dtype=np.uint8)
         valid = np.zeros(256, dtype=bool)
@@ -275,6 +297,8 @@ class SegmentationFolder(SegmentationDataset):
             transform=transform,
             check_labels=True,
             label_hint=f"expected class indices 0..{num_classes - 1} or the ignore value {ignore_index}",
+            skip_bad=skip_bad,
+            source=self.image_dir,
         )
 
     def _scan(self) -> list[Path]:

@@ -98,14 +98,15 @@ def _write(root, data):
 
 
 def _tiny():
-    """One 60 x 40 image: a normal box, a too-thin box, a box cut by the border, one fully outside, a crowd."""
+    """One 60 x 40 image: a normal box, a too-thin box, a box cut by the border, one on the border with no
+    area (boxes entirely outside the image are bad input: tests/test_bad_input.py), a crowd."""
     return {
         "images": [{"id": 5, "file_name": "a.jpg", "height": 40, "width": 60}],
         "annotations": [
             {"id": 1, "image_id": 5, "category_id": 9, "bbox": [1, 1, 20, 20], "iscrowd": 0, "area": 400},
             {"id": 2, "image_id": 5, "category_id": 9, "bbox": [5, 5, 0.5, 10], "iscrowd": 0, "area": 5},
             {"id": 3, "image_id": 5, "category_id": 4, "bbox": [50, 30, 20, 20], "iscrowd": 0, "area": 100},
-            {"id": 4, "image_id": 5, "category_id": 4, "bbox": [70, 5, 10, 10], "iscrowd": 0, "area": 100},
+            {"id": 4, "image_id": 5, "category_id": 4, "bbox": [60, 5, 0, 10], "iscrowd": 0, "area": 0},
             {"id": 6, "image_id": 5, "category_id": 4, "bbox": [30, 2, 10, 10], "iscrowd": 1, "area": 100},
         ],
         "categories": [{"id": 9, "name": "thing"}, {"id": 4, "name": "other"}],
@@ -173,6 +174,7 @@ def test_bad_annotations_are_clear_errors(tmp_path, mutate, message):
 
 def test_bad_images_name_the_file(tmp_path):
     _write(tmp_path, _tiny())
+    (tmp_path / "val2017" / "other.jpg").write_bytes(b"")  # not empty: an empty folder fails at construction
     ds = _ds(tmp_path)
     with pytest.raises(DatasetNotFoundError, match="a.jpg.*does not exist"):
         ds[0]
