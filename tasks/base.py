@@ -3,6 +3,7 @@ schedule, the self-describing checkpoint and the evaluation outputs written into
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -14,10 +15,16 @@ from torch import nn
 
 from .optim import WarmupCosine, param_groups
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DenseTask"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DenseTask", "NonFiniteLossError"]
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss kept being NaN or infinite."""
 
 
 class DenseTask(L.LightningModule):
@@ -30,6 +37,9 @@ class DenseTask(L.LightningModule):
         warmup_steps, warmup_factor, min_lr_factor: the warmup + cosine schedule, stepped per optimizer step.
         channels_last: run the model in channels-last memory format.
         mean, std: per-channel normalisation (0..1 scale) applied on the device to uint8 images.
+        max_nonfinite_steps: a step whose loss is NaN/inf is skipped (no backward, no update) with a warning and
+            counted (``train/nonfinite_steps``); this many such steps in a row stop training with
+            :class:`NonFiniteLossError`.
     """
 
     def __init__(
@@ -44,8 +54,15 @@ class DenseTask(L.LightningModule):
         channels_last: bool = False,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        max_nonfinite_steps: int = 10,
     ) -> None:
         super().__init__()
+        if max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
+        self.max_nonfinite_steps = int(max_nonfinite_steps)
+        #: Steps skipped because of a non-finite loss (in total, and in a row).
+        self.nonfinite_steps = 0
+        self._nonfinite_run = 0
         self.model = model
         self.optimizer_factory = optimizer
         self.weight_decay = weight_decay
@@ -70,6 +87,44 @@ class DenseTask(L.LightningModule):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+    @torch.no_grad()
+    def sync_state_from_rank_zero(self) -> None:
+        """Make every process evaluate rank 0's model. DDP keeps the parameters equal, but BatchNorm running
+        statistics (and their EMA) are updated from each process's own batches; rank 0's are the ones a
+        checkpoint holds, so evaluating with them makes distributed metrics equal to evaluating the checkpoint."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        for tensor in list(self.model.parameters()) + list(self.model.buffers()):
+            dist.broadcast(tensor.data, src=0)
+
+    def guard_loss(self, loss: torch.Tensor) -> torch.Tensor | None:
+        """``loss`` when it is finite on every process; otherwise ``None`` (Lightning then skips the backward
+        pass and the optimizer step on all processes together), a warning and a count. Too many non-finite steps
+        in a row raise :class:`NonFiniteLossError`."""
+        finite = torch.isfinite(loss.detach()).all().to(torch.int32)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size() > 1:  # every process must skip the same steps
+                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if bool(finite):
+            self._nonfinite_run = 0
+            return loss
+        self.nonfinite_steps += 1
+        self._nonfinite_run += 1
+        step = self.global_step if self._trainer is not None else -1
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=1)
+        log.warning(
+            "non-finite loss (%s) at step %d: step skipped (%d skipped so far, %d in a row)",
+            float(loss.detach().float().mean()), step, self.nonfinite_steps, self._nonfinite_run,
+        )
+        if self._nonfinite_run >= self.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"the training loss was NaN/inf for {self._nonfinite_run} steps in a row (up to step {step}): "
+                "training stopped. Lower the learning rate (task.module.optimizer.lr), check the data, or train in "
+                "full precision (trainer.precision=32-true); task.module.max_nonfinite_steps sets the limit."
+            )
+        return None
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(param_groups(self.model, self.weight_decay))

@@ -6,7 +6,8 @@ How a checkpoint's config combines with the composed one (``merge_checkpoint_con
 
 - the model's structure (``scale``, ``padding``, ``backbone``, ``neck``, ``head``, ``model``, ``anchors``,
   ``box_coder``) comes from the checkpoint; for evaluation/prediction also ``task`` (loss and post-processing
-  settings) and, unless the command line names ``data``/``data.*``/``data_root``, the dataset it was trained on;
+  settings) and, unless the command line chooses a dataset (``data=``, ``data_root=``, ``cache_dir=``), the
+  dataset it was trained on (dotted ``data.*`` overrides apply to it);
 - for fine-tuning (``mode="finetune"``) the class count follows the *new* data (``${data.num_classes}``) and
   the training recipe (``task``) is the composed one;
 - dotted command-line overrides of those keys (``task.module.postprocess.iou_threshold=0.6``) apply on top;
@@ -105,7 +106,9 @@ def merge_checkpoint_config(
     taken = list(STRUCTURE_KEYS)
     if mode == "eval":
         taken.append("task")
-        if not any(key.split(".")[0] in _DATA_KEYS for key, _ in parsed) and "data" in ck:
+        # A dataset choice (data=..., data_root=..., cache_dir=...) replaces the stored dataset; dotted data.*
+        # overrides apply on top of it.
+        if not any(key in _DATA_KEYS for key, _ in parsed) and "data" in ck:
             taken.append("data")
     merged = OmegaConf.to_container(cfg, resolve=False)
     for key in taken:

@@ -28,6 +28,8 @@ from datasets import (
     synthetic_coco_root,
 )
 
+from .samplers import UnpaddedDistributedSampler
+
 __all__ = ["CocoDataModule", "SegmentationDataModule", "worker_init"]
 
 
@@ -97,11 +99,12 @@ class _FolderDataModule(L.LightningDataModule):
         if self.val_dataset is None:
             self.val_dataset = self._dataset(self.val_split, train=False)
 
-    def _loader(self, ds, *, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
+    def _loader(self, ds, *, batch_size: int, shuffle: bool, drop_last: bool, sampler=None) -> DataLoader:
         return DataLoader(
             ds,
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle if sampler is None else None,
+            sampler=sampler,
             drop_last=drop_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
@@ -115,7 +118,15 @@ class _FolderDataModule(L.LightningDataModule):
         return self._loader(self.train_dataset, batch_size=self.batch_size, shuffle=True, drop_last=drop_last)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, batch_size=self.val_batch_size, shuffle=False, drop_last=False)
+        # Under several processes every val image must be evaluated exactly once: no padding repeats
+        # (Lightning leaves a DistributedSampler in place instead of adding its own).
+        sampler = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size() > 1:
+                sampler = UnpaddedDistributedSampler(self.val_dataset)
+        return self._loader(
+            self.val_dataset, batch_size=self.val_batch_size, shuffle=False, drop_last=False, sampler=sampler
+        )
 
 
 class CocoDataModule(_FolderDataModule):
@@ -130,6 +141,8 @@ class CocoDataModule(_FolderDataModule):
         synthetic: parameters for :func:`datasets.synthetic_coco_root`, or ``None`` for real data.
         scale_range: train-time scale jitter.
         eval_backend: "pycocotools" or "faster_coco_eval".
+        skip_bad: skip bad annotations and unreadable images with a warning that counts them, instead of
+            failing on the first (see :class:`datasets.CocoDetection`).
     """
 
     def __init__(
@@ -150,6 +163,7 @@ class CocoDataModule(_FolderDataModule):
         label_mode: str = "contiguous",
         synthetic: dict[str, Any] | None = None,
         eval_backend: str = "pycocotools",
+        skip_bad: bool = False,
     ) -> None:
         super().__init__(
             root=root,
@@ -168,6 +182,7 @@ class CocoDataModule(_FolderDataModule):
         self.min_box_size = min_box_size
         self.label_mode = label_mode
         self.eval_backend = eval_backend
+        self.skip_bad = bool(skip_bad)
 
     collate_fn = staticmethod(collate_detection)
 
@@ -207,6 +222,7 @@ class CocoDataModule(_FolderDataModule):
             min_box_size=self.min_box_size,
             label_mode=self.label_mode,
             num_classes=self.num_classes,
+            skip_bad=self.skip_bad,
         )
         if ds.num_classes != self.num_classes:
             raise DatasetError(
@@ -255,6 +271,8 @@ class SegmentationDataModule(_FolderDataModule):
         size_divisor: eval batches are padded to a multiple of it (the model's coarsest stride).
         synthetic: parameters for :func:`datasets.synthetic_cityscapes_root` (``None`` for real data).
         overlays: with prediction writing, also write colour overlays.
+        skip_bad: skip images without a mask and unreadable samples with a warning, instead of failing (see
+            :class:`datasets.SegmentationDataset`).
     """
 
     def __init__(
@@ -282,6 +300,7 @@ class SegmentationDataModule(_FolderDataModule):
         pin_memory: bool = True,
         synthetic: dict[str, Any] | None = None,
         overlays: bool = False,
+        skip_bad: bool = False,
     ) -> None:
         super().__init__(
             root=root,
@@ -311,6 +330,7 @@ class SegmentationDataModule(_FolderDataModule):
         self.eval_size = _pair_or_none(eval_size)
         self.size_divisor = int(size_divisor)
         self.overlays = overlays
+        self.skip_bad = bool(skip_bad)
         self.collate_fn = functools.partial(collate_segmentation, size_divisor=self.size_divisor)
 
     def _generate_synthetic(self, cache_dir: Path, params: dict[str, Any]) -> Path:
@@ -352,7 +372,9 @@ class SegmentationDataModule(_FolderDataModule):
         else:
             transform = build_segmentation_eval_transform(eval_size=self.eval_size)
         if self.format == "cityscapes":
-            ds = CityscapesSegmentation(root=self.data_dir, split=split, transform=transform)
+            ds = CityscapesSegmentation(
+                root=self.data_dir, split=split, transform=transform, skip_bad=self.skip_bad
+            )
         else:
             image_dir, mask_dir = self.paths(split)
             ds = SegmentationFolder(
@@ -361,6 +383,7 @@ class SegmentationDataModule(_FolderDataModule):
                 class_names=self.class_names_cfg,
                 ignore_index=self.ignore_index,
                 transform=transform,
+                skip_bad=self.skip_bad,
             )
         if ds.num_classes != self.num_classes:
             raise DatasetError(

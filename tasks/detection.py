@@ -78,7 +78,7 @@ class DetectionTask(DenseTask):
         self.log("train/cls_loss", losses["cls_loss"], batch_size=bs)
         self.log("train/box_loss", losses["box_loss"], batch_size=bs)
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=bs)
-        return losses["loss"]
+        return self.guard_loss(losses["loss"])
 
     def attach_evaluator(self, evaluator, category_ids: Sequence[int]) -> None:
         """Use ``evaluator`` (a :class:`tasks.coco_eval.CocoEvaluator`) for validation; ``category_ids[k]`` is
@@ -87,6 +87,7 @@ class DetectionTask(DenseTask):
         self.category_ids = torch.as_tensor(list(category_ids), dtype=torch.long)
 
     def on_validation_epoch_start(self) -> None:
+        self.sync_state_from_rank_zero()
         if self.evaluator is None:
             dm = getattr(self.trainer, "datamodule", None)
             if dm is None or not hasattr(dm, "make_evaluator"):

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from backbones.timm_backbone import state_dict_mismatches
 
-from .callbacks import EMA
+from .callbacks import EMA, AtomicCheckpointIO, SaveLastOnTrainEnd
 from .checkpoint import CheckpointError, merge_checkpoint_config, read_checkpoint
 
 __all__ = ["build_model", "build_task", "train", "evaluate", "load_checkpoint_weights", "CheckpointError"]
@@ -38,17 +38,19 @@ def build_task(cfg: DictConfig, model: torch.nn.Module | None = None) -> L.Light
 
 def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[L.Callback]:
     monitor = cfg.checkpoint.monitor
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename=f"best-{{epoch:03d}}-{{{monitor}:.4f}}",
+        monitor=monitor,
+        mode=cfg.checkpoint.mode,
+        save_top_k=cfg.checkpoint.save_top_k,
+        save_last=True,
+        auto_insert_metric_name=False,
+    )
     callbacks: list[L.Callback] = [
-        ModelCheckpoint(
-            dirpath=ckpt_dir,
-            filename=f"best-{{epoch:03d}}-{{{monitor}:.4f}}",
-            monitor=monitor,
-            mode=cfg.checkpoint.mode,
-            save_top_k=cfg.checkpoint.save_top_k,
-            save_last=True,
-            auto_insert_metric_name=False,
-        ),
+        checkpoint,
         LearningRateMonitor(logging_interval="step"),
+        SaveLastOnTrainEnd(checkpoint),  # before EMA: see its docstring
     ]
     if cfg.ema.enabled:
         callbacks.append(EMA(decay=cfg.ema.decay, warmup=cfg.ema.warmup))
@@ -121,6 +123,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
         default_root_dir=str(run_dir),
         callbacks=_callbacks(cfg, ckpt_dir),
         logger=CSVLogger(save_dir=str(run_dir), name="logs", version=""),
+        plugins=[AtomicCheckpointIO()],
     )
     trainer.fit(task, datamodule=datamodule, ckpt_path=_resolve_resume(cfg.ckpt_path, ckpt_dir))
     result: dict[str, Any] = {"run_dir": str(run_dir)}

@@ -129,9 +129,10 @@ class SegmentationTask(DenseTask):
         if getattr(getattr(self.model, "head", None), "aux", None) is not None:
             self.log("train/aux_loss", losses["aux_loss"], batch_size=bs)
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=bs)
-        return losses["loss"]
+        return self.guard_loss(losses["loss"])
 
     def on_validation_epoch_start(self) -> None:
+        self.sync_state_from_rank_zero()
         dm = getattr(self.trainer, "datamodule", None)
         names = getattr(dm, "class_names", None)
         if names is not None and len(names) == self.num_classes:

@@ -93,6 +93,8 @@ def test_merge_rules():
     # Naming the data on the command line keeps the composed data config.
     merged = merge_checkpoint_config(cfg, ck, ["ckpt=x", "data=synthetic"])
     assert merged.data.root != "/somewhere"
+    merged = merge_checkpoint_config(cfg, ck, ["ckpt=x", "data.num_classes=91"])
+    assert merged.data.root == "/somewhere" and merged.data.num_classes == 91
     # Fine-tuning: class counts follow the new data, the training recipe is the composed one.
     merged = merge_checkpoint_config(compose("train", ["data=synthetic"]), ck, [], mode="finetune")
     assert merged.head.num_classes == merged.data.num_classes == 4

@@ -25,10 +25,11 @@ def user_errors() -> Iterator[None]:
     """Report user errors (missing data, bad input, wrong checkpoint) as one line and exit with status 2."""
     from backbones.timm_backbone import WeightsMismatchError
     from datasets.errors import DatasetError
-    from tasks.runner import CheckpointError
+    from tasks.base import NonFiniteLossError
+    from tasks.checkpoint import CheckpointError
 
     try:
         yield
-    except (DatasetError, CheckpointError, WeightsMismatchError) as err:
+    except (DatasetError, CheckpointError, WeightsMismatchError, NonFiniteLossError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

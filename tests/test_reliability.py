@@ -1,0 +1,150 @@
+"""Scale-out and reliability: 2-process DDP on CPU (gloo) with metrics equal to single-process evaluation,
+crash-safe checkpoint writes, last.ckpt at the final step, and non-finite losses skipped then stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.config import compose
+from tasks.runner import evaluate, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY_DET = [
+    "data=synthetic", "model.image_size=128", "neck.channels=16", "neck.num_repeats=1", "head.depth=1",
+    "data.batch_size=4", "data.num_workers=0", "data.synthetic.num_train=16", "data.synthetic.num_val=7",
+    "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+]
+TINY_SEG = [
+    "task=segmentation", "data=synthetic", "neck.channels=16", "neck.num_repeats=1", "head.depth=1",
+    "data.batch_size=2", "data.num_workers=0", "data.synthetic.num_train=8", "data.synthetic.num_val=5",
+    "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+]
+
+
+def _ddp_train(tmp_path: Path, overrides: list[str]) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, str(ROOT / "tools" / "train.py"), *overrides, "trainer.devices=2", "trainer.strategy=ddp",
+        "trainer.max_steps=3", f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}",
+        # One image per evaluation batch: batch composition changes float rounding in the convolutions.
+        "data.val_batch_size=1",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["detection", "segmentation"])
+def test_two_process_ddp_metrics_equal_single_process(tmp_path, task):
+    """An odd number of val images over 2 ranks: every image is evaluated exactly once, and the metrics of the
+    distributed run's final evaluation equal evaluating its last.ckpt in one process."""
+    tiny = TINY_DET if task == "detection" else TINY_SEG
+    proc = _ddp_train(tmp_path, tiny)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Starting with 2 processes" in proc.stderr + proc.stdout
+    run = tmp_path / "run"
+    ddp_metrics = json.loads((run / "metrics.json").read_text())
+    last = run / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3  # the final step
+    single = evaluate(compose("eval", [*tiny, f"ckpt={last}", "data.val_batch_size=1"]), tmp_path / "eval",
+                      overrides=[f"ckpt={last}", "data.val_batch_size=1"])
+    if task == "detection":
+        preds = json.loads((run / "predictions.json").read_text())
+        assert len({p["image_id"] for p in preds}) == 7  # all images, none lost
+        assert ddp_metrics == pytest.approx(single, abs=1e-12)
+    else:
+        assert len(list((run / "predictions").glob("*.png"))) == 5
+        assert ddp_metrics["mIoU"] == pytest.approx(single["mIoU"], abs=1e-12)
+        assert ddp_metrics["IoU"] == single["IoU"] or all(
+            (a is None and b is None) or a == pytest.approx(b, abs=1e-12)
+            for a, b in zip(ddp_metrics["IoU"].values(), single["IoU"].values())
+        )
+
+
+def test_unpadded_sampler_covers_each_index_once():
+    from tasks.samplers import UnpaddedDistributedSampler
+
+    data = list(range(7))
+    seen = []
+    for rank in range(3):
+        sampler = UnpaddedDistributedSampler(data, num_replicas=3, rank=rank)
+        indices = list(sampler)
+        assert len(indices) == len(sampler)
+        seen += indices
+    assert sorted(seen) == data
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def test_crash_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from tasks.callbacks import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"partial bytes")
+        raise KeyboardInterrupt("killed during the save")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 2}, path)
+    monkeypatch.undo()
+    kept = torch.load(path, weights_only=True)
+    assert kept["global_step"] == 1 and torch.equal(kept["state_dict"]["w"], torch.ones(3))
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temporary file left
+
+
+def test_last_checkpoint_holds_the_final_step_mid_epoch(tmp_path):
+    # 16 images / batch 4 = 4 steps per epoch; stopping at 6 is mid-epoch.
+    train(compose("train", [*TINY_DET, f"cache_dir={tmp_path / 'cache'}", "trainer.max_steps=6",
+                            "eval_after_train=false"]), tmp_path / "run")
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 6
+    assert "current_model_state" in ckpt  # raw weights next to the EMA weights, for resuming
+
+
+# ---------------------------------------------------------------------------------------------- non-finite loss
+def _nan_loss_after(monkeypatch, nan_calls: set[int]):
+    from heads.losses import DetectionLoss
+
+    original = DetectionLoss.__call__
+    calls = {"n": 0}
+
+    def patched(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] in nan_calls:
+            out = {**out, "loss": out["loss"] * float("nan")}
+        return out
+
+    monkeypatch.setattr(DetectionLoss, "__call__", patched)
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch, caplog):
+    _nan_loss_after(monkeypatch, {2, 3})
+    cfg = compose("train", [*TINY_DET, f"cache_dir={tmp_path / 'cache'}", "trainer.max_steps=4",
+                            "eval_after_train=false", "trainer.log_every_n_steps=1"])
+    with caplog.at_level("WARNING"):
+        train(cfg, tmp_path / "run")
+    assert "step skipped (1 skipped so far, 1 in a row)" in caplog.text
+    assert "(2 skipped so far, 2 in a row)" in caplog.text
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_training_stops_when_the_loss_stays_nonfinite(tmp_path, monkeypatch):
+    from tasks.base import NonFiniteLossError
+
+    _nan_loss_after(monkeypatch, set(range(1, 100)))
+    cfg = compose("train", [*TINY_DET, f"cache_dir={tmp_path / 'cache'}", "trainer.max_steps=10",
+                            "eval_after_train=false", "task.module.max_nonfinite_steps=3"])
+    with pytest.raises(NonFiniteLossError, match="NaN/inf for 3 steps in a row"):
+        train(cfg, tmp_path / "run")
