@@ -27,6 +27,15 @@ class NonFiniteLossError(RuntimeError):
     """The training loss kept being NaN or infinite."""
 
 
+class _SkipUpdate(Exception):
+    """Raised after the backward pass of a skipped step, before the optimizer changes anything."""
+
+
+def _distributed() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class DenseTask(L.LightningModule):
     """Base LightningModule of the detection and segmentation tasks.
 
@@ -63,6 +72,7 @@ class DenseTask(L.LightningModule):
         #: Steps skipped because of a non-finite loss (in total, and in a row).
         self.nonfinite_steps = 0
         self._nonfinite_run = 0
+        self._skip_update = False
         self.model = model
         self.optimizer_factory = optimizer
         self.weight_decay = weight_decay
@@ -104,9 +114,8 @@ class DenseTask(L.LightningModule):
         pass and the optimizer step on all processes together), a warning and a count. Too many non-finite steps
         in a row raise :class:`NonFiniteLossError`."""
         finite = torch.isfinite(loss.detach()).all().to(torch.int32)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_world_size() > 1:  # every process must skip the same steps
-                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if _distributed():  # every process must skip the same steps
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         if bool(finite):
             self._nonfinite_run = 0
             return loss
@@ -124,6 +133,28 @@ class DenseTask(L.LightningModule):
                 "training stopped. Lower the learning rate (task.module.optimizer.lr), check the data, or train in "
                 "full precision (trainer.precision=32-true); task.module.max_nonfinite_steps sets the limit."
             )
+        if _distributed():
+            # DDP needs a backward pass on every process: a zero loss reaching every parameter (all gradients
+            # zero), then optimizer_step drops the update before the optimizer changes any state.
+            self._skip_update = True
+            return sum((p * 0.0).sum() for p in self.model.parameters() if p.requires_grad)
+        return None
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        if optimizer_closure is None or not _distributed():
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+
+        def closure():
+            result = optimizer_closure()
+            if self._skip_update:
+                self._skip_update = False
+                raise _SkipUpdate
+            return result
+
+        try:
+            optimizer.step(closure=closure)
+        except _SkipUpdate:
+            pass
         return None
 
     def configure_optimizers(self):

@@ -148,3 +148,41 @@ def test_training_stops_when_the_loss_stays_nonfinite(tmp_path, monkeypatch):
                             "eval_after_train=false", "task.module.max_nonfinite_steps=3"])
     with pytest.raises(NonFiniteLossError, match="NaN/inf for 3 steps in a row"):
         train(cfg, tmp_path / "run")
+
+
+_DDP_NAN_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+from heads.losses import DetectionLoss
+original = DetectionLoss.__call__
+calls = {{"n": 0}}
+def patched(self, *args, **kwargs):
+    out = original(self, *args, **kwargs)
+    calls["n"] += 1
+    if calls["n"] == 2:  # the second step of every process
+        out = {{**out, "loss": out["loss"] * float("nan")}}
+    return out
+DetectionLoss.__call__ = patched
+from tasks.config import compose
+from tasks.runner import train
+overrides = {overrides!r}
+train(compose("train", overrides), {run!r})
+print("finished", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_nonfinite_step_is_skipped_on_every_ddp_process(tmp_path):
+    overrides = [*TINY_DET, "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=4",
+                 "eval_after_train=false", f"cache_dir={tmp_path / 'cache'}"]
+    script = tmp_path / "ddp_nan.py"
+    script.write_text(_DDP_NAN_SCRIPT.format(root=str(ROOT), overrides=overrides, run=str(tmp_path / "run")))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
+    proc = subprocess.run([sys.executable, str(script)], check=False, capture_output=True, text=True, timeout=900,
+                          cwd=tmp_path, env=env)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert output.count("finished") == 2
+    assert output.count("step skipped (1 skipped so far, 1 in a row)") == 2
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
