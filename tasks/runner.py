@@ -125,7 +125,8 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
         logger=CSVLogger(save_dir=str(run_dir), name="logs", version=""),
         plugins=[AtomicCheckpointIO()],
     )
-    trainer.fit(task, datamodule=datamodule, ckpt_path=_resolve_resume(cfg.ckpt_path, ckpt_dir))
+    # Checkpoints hold tensors and plain data only: resume without unpickling arbitrary objects.
+    trainer.fit(task, datamodule=datamodule, ckpt_path=_resolve_resume(cfg.ckpt_path, ckpt_dir), weights_only=True)
     result: dict[str, Any] = {"run_dir": str(run_dir)}
     if cfg.eval_after_train and not cfg.trainer.get("fast_dev_run", False):
         # After fit the EMA callback has copied the averaged weights into the module.

@@ -186,3 +186,16 @@ def test_nonfinite_step_is_skipped_on_every_ddp_process(tmp_path):
     assert output.count("step skipped (1 skipped so far, 1 in a row)") == 2
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_resume_from_last_continues_with_weights_only_loading(tmp_path):
+    """ckpt_path=last in the same run dir continues to max_steps; the checkpoint loads with weights_only=True
+    (no arbitrary pickled objects). Bit-exact equality with an uninterrupted run is not claimed here."""
+    base = [*TINY_DET, f"cache_dir={tmp_path / 'cache'}", "data.synthetic.num_train=12", "eval_after_train=false"]
+    run = tmp_path / "run"
+    train(compose("train", [*base, "trainer.max_steps=3"]), run)
+    first = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    train(compose("train", [*base, "trainer.max_steps=6", "ckpt_path=last"]), run)
+    second = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert (first["global_step"], second["global_step"]) == (3, 6)
+    assert second["callbacks"] and "current_model_state" in second  # EMA and raw weights both kept
