@@ -6,7 +6,7 @@ import random
 
 import numpy as np
 
-__all__ = ["ProcessRandom"]
+__all__ = ["ProcessRandom", "sample_key_split"]
 
 
 class ProcessRandom:
@@ -29,6 +29,17 @@ class ProcessRandom:
         self.py_random = random.Random()
         self.refresh()
 
+    def seed_sample(self, key: int) -> None:
+        """Seed the generators from ``(seed, key)`` for one sample: augmentation then depends only on the sample
+        key (see :class:`datasets.segmentation.SegmentationDataset` and ``CocoDetection``: the epoch and the
+        index), not on the process or the order of draws -- which is what makes a resumed run repeat exactly."""
+        seq = np.random.SeedSequence([0 if self.seed is None else self.seed, int(key)])
+        self.rng = np.random.default_rng(seq)
+        self.py_random = random.Random(int(seq.generate_state(1, np.uint64)[0]))
+        self._key = "sample"  # the next refresh() re-seeds per process again
+        if self.pipeline is not None:
+            self.pipeline.set_random_state(self.rng, self.py_random)
+
     def refresh(self) -> bool:
         """Seed the generators for this process; no-op (False) when already done for it."""
         from torch.utils.data import get_worker_info
@@ -48,3 +59,16 @@ class ProcessRandom:
         if self.pipeline is not None:
             self.pipeline.set_random_state(self.rng, self.py_random)
         return True
+
+
+def sample_key_split(index: int, size: int) -> tuple[int, int | None]:
+    """``(image index, sample key or None)``: indices in ``-size..size-1`` are plain indices (no key); an index at
+    or beyond ``size`` is a sample key for image ``index % size``."""
+    index = int(index)
+    if size <= 0:
+        raise IndexError("the dataset is empty")
+    if index >= size:
+        return index % size, index
+    if not -size <= index < size:
+        raise IndexError(f"index {index} out of range for a dataset of {size} images")
+    return index % size, None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -18,6 +19,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from ._imageio import decode_image, read_file
+from ._seeding import sample_key_split
 from ._skip import first_readable, skip_summary
 from .errors import DatasetError, DatasetNotFoundError
 
@@ -406,18 +408,22 @@ class CocoDetection(Dataset):
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
     def __getitem__(self, index: int) -> dict:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for a dataset of {len(self)} images")
-        index = index % len(self)
+        """Sample ``index``. An index at or beyond ``len(self)`` is a *sample key* (as a resumable sampler yields:
+        ``(epoch + 1) * len + i``): it reads image ``index % len`` and fixes its augmentation by the key."""
+        index, key = sample_key_split(index, len(self))
+        load = functools.partial(self._sample, sample_key=key)
         if self.skip_bad:
-            return first_readable(index, len(self), self._sample, self._bad, source=str(self.ann_file), log=log)
-        return self._sample(index)
+            return first_readable(index, len(self), load, self._bad, source=str(self.ann_file), log=log)
+        return load(index)
 
-    def _sample(self, index: int) -> dict:
+    def _sample(self, index: int, sample_key: int | None = None) -> dict:
         image = self.read_image(index)
         h, w = image.shape[:2]
         boxes, labels = self.targets(index)
-        out = self.transform(image, boxes, labels)
+        if sample_key is not None:
+            out = self.transform(image, boxes, labels, sample_key=sample_key)
+        else:
+            out = self.transform(image, boxes, labels)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1))),
             "boxes": torch.from_numpy(np.asarray(out["boxes"], dtype=np.float32).reshape(-1, 4)),

@@ -14,6 +14,7 @@ that are ignored by the loss and the metrics, whatever the file format stores. E
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import Counter
@@ -29,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ._imageio import decode_image, read_file
-from ._seeding import ProcessRandom
+from ._seeding import ProcessRandom, sample_key_split
 from ._skip import first_readable, skip_summary
 from .errors import DatasetError, DatasetNotFoundError
 
@@ -210,19 +211,22 @@ class SegmentationDataset(Dataset):
 
     # ------------------------------------------------------------------ samples
     def __getitem__(self, index: int) -> dict:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for a dataset of {len(self)} images")
-        index = index % len(self)
+        """Sample ``index``. An index at or beyond ``len(self)`` is a *sample key* (as a resumable sampler yields:
+        ``(epoch + 1) * len + i``): it reads image ``index % len`` and fixes its augmentation by the key."""
+        index, key = sample_key_split(index, len(self))
+        load = functools.partial(self._sample, sample_key=key)
         if self.skip_bad:
-            return first_readable(index, len(self), self._sample, self._bad, source=self.source, log=log)
-        return self._sample(index)
+            return first_readable(index, len(self), load, self._bad, source=self.source, log=log)
+        return load(index)
 
-    def _sample(self, index: int) -> dict:
+    def _sample(self, index: int, sample_key: int | None = None) -> dict:
         image = self.read_image(index)
         h0, w0 = image.shape[:2]
         mask = self.train_ids(self.read_mask(index, (h0, w0)))
         if self.transform is not None:
-            out = self.transform(image, mask)
+            out = self.transform(image, mask, sample_key=sample_key) if sample_key is not None else self.transform(
+                image, mask
+            )
             image, mask = out["image"], out["mask"]
             valid_size = tuple(int(v) for v in out.get("valid_size", image.shape[:2]))
         else:
@@ -401,7 +405,7 @@ class SegmentationTransform:
             )
         return f"{type(self).__name__}(train=False, eval_size={self.eval_size})"
 
-    def __call__(self, image: np.ndarray, mask: np.ndarray) -> dict:
+    def __call__(self, image: np.ndarray, mask: np.ndarray, *, sample_key: int | None = None) -> dict:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(
                 f"expected an HxWx3 uint8 image, got shape {image.shape} and dtype {image.dtype}"
@@ -416,7 +420,10 @@ class SegmentationTransform:
                 image = cv2.resize(image, self.eval_size[::-1], interpolation=cv2.INTER_LINEAR)
             return {"image": image, "mask": mask}
 
-        self._random.refresh()
+        if sample_key is not None:  # augmentation fixed by the sample key (resumable, worker-independent)
+            self._random.seed_sample(sample_key)
+        else:
+            self._random.refresh()
         bh, bw = self.base_size if self.base_size is not None else (h, w)
         factor = float(self._random.rng.uniform(*self.scale_range))
         nh, nw = max(1, round(bh * factor)), max(1, round(bw * factor))

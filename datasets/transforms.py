@@ -112,7 +112,9 @@ class DetectionTransform:
         if self._random is not None:
             self._random.refresh()
 
-    def __call__(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray) -> dict:
+    def __call__(
+        self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, *, sample_key: int | None = None
+    ) -> dict:
         if image.ndim != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an HxWxC uint8 image, got shape {image.shape} and dtype {image.dtype}")
         boxes = np.array(boxes, dtype=np.float32).reshape(-1, 4)  # a copy: clipped in place below
@@ -130,7 +132,10 @@ class DetectionTransform:
             boxes, labels = _clip_and_filter(boxes * np.float32(base), labels, nw, nh)
             return {"image": out, "boxes": boxes, "labels": labels, "scale": float(base)}
 
-        self._reseed()
+        if sample_key is not None:  # augmentation fixed by the sample key (resumable, worker-independent)
+            self._random.seed_sample(sample_key)
+        else:
+            self._reseed()
         scale = base * float(self._random.rng.uniform(*self.scale_range))
         resized = _resize(image, scale)
         nh, nw = resized.shape[:2]

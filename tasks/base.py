@@ -171,11 +171,21 @@ class DenseTask(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The random-number state of every process (stochastic depth draws from torch's global generator), so a
+        # resumed run continues with the same draws. Plain lists and tensors: loadable with weights_only=True.
+        checkpoint["effdense_rng"] = _gather_rng_states()
         if self.run_config is not None:
             checkpoint["effdense_config"] = self.run_config
         names = self.class_names()
         if names is not None:
             checkpoint["effdense_class_names"] = names
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("effdense_rng")
+        if states:
+            rank = torch.distributed.get_rank() if _distributed() else 0
+            if rank < len(states):
+                _set_rng_state(states[rank])
 
     def class_names(self) -> list[str] | None:
         """The dataset's class names (label order), when a datamodule with a loaded val split is attached."""
@@ -205,3 +215,44 @@ def _json_safe(obj: Any) -> Any:
         return obj
     value = float(obj)
     return None if math.isnan(value) or math.isinf(value) else value
+
+
+def _rng_state() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+        "python": [version, list(internal), gauss_next],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _gather_rng_states() -> list[dict[str, Any]]:
+    """Each process's random state, in rank order (every process calls this while a checkpoint is dumped)."""
+    state = _rng_state()
+    if not _distributed():
+        return [state]
+    states: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states

@@ -28,7 +28,7 @@ from datasets import (
     synthetic_coco_root,
 )
 
-from .samplers import UnpaddedDistributedSampler
+from .samplers import ResumableRandomSampler, UnpaddedDistributedSampler
 
 __all__ = ["CocoDataModule", "SegmentationDataModule", "worker_init"]
 
@@ -58,8 +58,13 @@ class _FolderDataModule(L.LightningDataModule):
         num_workers: int,
         pin_memory: bool,
         synthetic: dict[str, Any] | None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        #: Fixes the training order and augmentation per (seed, epoch, sample); see ResumableRandomSampler.
+        self.seed = int(seed)
+        self.train_sampler: ResumableRandomSampler | None = None
+        self._resume_state: dict[str, int] | None = None
         # The loader workers are the parallelism: OpenCV's own thread pool would oversubscribe the cores, and a
         # pool started before the workers fork can deadlock them. Set before any OpenCV call in this process.
         cv2.setNumThreads(1)
@@ -105,6 +110,9 @@ class _FolderDataModule(L.LightningDataModule):
             batch_size=batch_size,
             shuffle=shuffle if sampler is None else None,
             sampler=sampler,
+            # The loader's own generator: creating iterators does not draw from the global torch RNG, whose
+            # state (stochastic depth) a checkpoint stores.
+            generator=torch.Generator().manual_seed(self.seed),
             drop_last=drop_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
@@ -115,7 +123,31 @@ class _FolderDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         drop_last = len(self.train_dataset) > self.batch_size
-        return self._loader(self.train_dataset, batch_size=self.batch_size, shuffle=True, drop_last=drop_last)
+        world, rank = 1, 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        # A DistributedSampler subclass: Lightning keeps it instead of adding its own.
+        self.train_sampler = ResumableRandomSampler(self.train_dataset, seed=self.seed, num_replicas=world, rank=rank)
+        if self._resume_state is not None:
+            self.train_sampler.resume(self._resume_state["epoch"], self._resume_state["position"])
+            self._resume_state = None
+        return self._loader(
+            self.train_dataset, batch_size=self.batch_size, shuffle=False, drop_last=drop_last,
+            sampler=self.train_sampler,
+        )
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the training order stands: the epoch and how many samples of this process's shard were trained
+        on (stored in checkpoints, so a run killed mid-epoch resumes with the next batch)."""
+        trainer = self.trainer
+        if trainer is None or self.train_sampler is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": int(trainer.current_epoch), "position": int(done) * int(self.batch_size)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state:
+            self._resume_state = {"epoch": int(state["epoch"]), "position": int(state["position"])}
 
     def val_dataloader(self) -> DataLoader:
         # Under several processes every val image must be evaluated exactly once: no padding repeats
@@ -141,6 +173,7 @@ class CocoDataModule(_FolderDataModule):
         synthetic: parameters for :func:`datasets.synthetic_coco_root`, or ``None`` for real data.
         scale_range: train-time scale jitter.
         eval_backend: "pycocotools" or "faster_coco_eval".
+        seed: fixes the training order and augmentation per (seed, epoch, sample), so resumed runs repeat exactly.
         skip_bad: skip bad annotations and unreadable images with a warning that counts them, instead of
             failing on the first (see :class:`datasets.CocoDetection`).
     """
@@ -164,6 +197,7 @@ class CocoDataModule(_FolderDataModule):
         synthetic: dict[str, Any] | None = None,
         eval_backend: str = "pycocotools",
         skip_bad: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__(
             root=root,
@@ -172,6 +206,7 @@ class CocoDataModule(_FolderDataModule):
             num_workers=num_workers,
             pin_memory=pin_memory,
             synthetic=synthetic,
+            seed=seed,
         )
         self.num_classes = num_classes
         self.image_size = image_size
@@ -301,6 +336,7 @@ class SegmentationDataModule(_FolderDataModule):
         synthetic: dict[str, Any] | None = None,
         overlays: bool = False,
         skip_bad: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__(
             root=root,
@@ -309,6 +345,7 @@ class SegmentationDataModule(_FolderDataModule):
             num_workers=num_workers,
             pin_memory=pin_memory,
             synthetic=synthetic,
+            seed=seed,
         )
         if format not in SEGMENTATION_FORMATS:
             raise ValueError(f"data.format must be one of {SEGMENTATION_FORMATS}, got {format!r}")

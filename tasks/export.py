@@ -120,25 +120,31 @@ def _compare(names: list[str], ours: tuple[torch.Tensor, ...], theirs: list[np.n
     ref = {n: t.detach().cpu().numpy() for n, t in zip(names, ours)}
     got = dict(zip(names, theirs))
     if kind == "detection" and "num_detections" in ref:
-        # Detections are matched per image by label and box (tied scores may come out in another order).
+        # Detections are matched per image by label and box (tied scores may come out in another order). A
+        # detection scoring within 1e-5 of the image's last kept score may be swapped with another equally scored
+        # one at the max_detections cut: those are counted as cut ties, not as mismatches.
         diffs["num_detections_equal"] = bool(np.array_equal(ref["num_detections"], got["num_detections"]))
-        matched = total = 0
+        matched = total = ties = 0
         box_diff = score_diff = 0.0
         for b in range(ref["boxes"].shape[0]):
             n_ref, n_got = int(ref["num_detections"][b]), int(got["num_detections"][b])
             got_boxes, got_labels, got_scores = got["boxes"][b, :n_got], got["labels"][b, :n_got], got["scores"][b, :n_got]
+            cut = float(ref["scores"][b, n_ref - 1]) if n_ref else 0.0
             for i in range(n_ref):
-                total += 1
                 same = np.flatnonzero(got_labels == ref["labels"][b, i])
-                if same.size == 0:
-                    continue
-                d = np.abs(got_boxes[same] - ref["boxes"][b, i]).max(axis=1)
-                j = same[int(d.argmin())]
+                d = np.abs(got_boxes[same] - ref["boxes"][b, i]).max(axis=1) if same.size else np.array([np.inf])
                 if d.min() <= 0.5:
+                    total += 1
                     matched += 1
+                    j = same[int(d.argmin())]
                     box_diff = max(box_diff, float(d.min()))
                     score_diff = max(score_diff, float(abs(got_scores[j] - ref["scores"][b, i])))
+                elif abs(float(ref["scores"][b, i]) - cut) <= 1e-5 and n_got == n_ref:
+                    ties += 1
+                else:
+                    total += 1
         diffs["matched_fraction"] = matched / total if total else 1.0
+        diffs["cut_ties"] = ties
         diffs["boxes"] = box_diff
         diffs["scores"] = score_diff
         return diffs

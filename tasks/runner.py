@@ -52,6 +52,10 @@ def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[L.Callback]:
         LearningRateMonitor(logging_interval="step"),
         SaveLastOnTrainEnd(checkpoint),  # before EMA: see its docstring
     ]
+    every = cfg.checkpoint.get("every_n_train_steps")
+    if every:  # last.ckpt every N steps as well, so a killed run loses at most N steps
+        callbacks.insert(1, ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=int(every), save_last=True,
+                                            save_top_k=0))
     if cfg.ema.enabled:
         callbacks.append(EMA(decay=cfg.ema.decay, warmup=cfg.ema.warmup))
     return callbacks
