@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from .distributed import broadcast_from_rank_zero, is_distributed, rank_and_world
 from .optim import WarmupCosine, param_groups
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DenseTask", "NonFiniteLossError"]
@@ -29,11 +30,6 @@ class NonFiniteLossError(RuntimeError):
 
 class _SkipUpdate(Exception):
     """Raised after the backward pass of a skipped step, before the optimizer changes anything."""
-
-
-def _distributed() -> bool:
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class DenseTask(L.LightningModule):
@@ -98,23 +94,18 @@ class DenseTask(L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    @torch.no_grad()
     def sync_state_from_rank_zero(self) -> None:
         """Make every process evaluate rank 0's model. DDP keeps the parameters equal, but BatchNorm running
         statistics (and their EMA) are updated from each process's own batches; rank 0's are the ones a
         checkpoint holds, so evaluating with them makes distributed metrics equal to evaluating the checkpoint."""
-        dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-            return
-        for tensor in list(self.model.parameters()) + list(self.model.buffers()):
-            dist.broadcast(tensor.data, src=0)
+        broadcast_from_rank_zero(list(self.model.parameters()) + list(self.model.buffers()))
 
     def guard_loss(self, loss: torch.Tensor) -> torch.Tensor | None:
         """``loss`` when it is finite on every process; otherwise ``None`` (Lightning then skips the backward
         pass and the optimizer step on all processes together), a warning and a count. Too many non-finite steps
         in a row raise :class:`NonFiniteLossError`."""
         finite = torch.isfinite(loss.detach()).all().to(torch.int32)
-        if _distributed():  # every process must skip the same steps
+        if is_distributed():  # every process must skip the same steps
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         if bool(finite):
             self._nonfinite_run = 0
@@ -133,7 +124,7 @@ class DenseTask(L.LightningModule):
                 "training stopped. Lower the learning rate (task.module.optimizer.lr), check the data, or train in "
                 "full precision (trainer.precision=32-true); task.module.max_nonfinite_steps sets the limit."
             )
-        if _distributed():
+        if is_distributed():
             # DDP needs a backward pass on every process: a zero loss reaching every parameter (all gradients
             # zero), then optimizer_step drops the update before the optimizer changes any state.
             self._skip_update = True
@@ -141,7 +132,7 @@ class DenseTask(L.LightningModule):
         return None
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        if optimizer_closure is None or not _distributed():
+        if optimizer_closure is None or not is_distributed():
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
 
         def closure():
@@ -183,7 +174,7 @@ class DenseTask(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("effdense_rng")
         if states:
-            rank = torch.distributed.get_rank() if _distributed() else 0
+            rank, _ = rank_and_world()
             if rank < len(states):
                 _set_rng_state(states[rank])
 
@@ -251,7 +242,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def _gather_rng_states() -> list[dict[str, Any]]:
     """Each process's random state, in rank order (every process calls this while a checkpoint is dumped)."""
     state = _rng_state()
-    if not _distributed():
+    if not is_distributed():
         return [state]
     states: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(states, state)

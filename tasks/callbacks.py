@@ -13,6 +13,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
 
+from .distributed import broadcast_from_rank_zero
+
 __all__ = ["EMA", "AtomicCheckpointIO", "SaveLastOnTrainEnd"]
 
 
@@ -46,17 +48,11 @@ class EMA(WeightAveraging):
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx % self.update_every_n_steps == 0
 
-    @torch.no_grad()
     def _sync_average(self) -> None:
         """Give every process rank 0's average. Parameters agree across DDP processes, but BatchNorm statistics
         are averaged from each process's own batches; rank 0's are the ones checkpoints hold."""
-        dist = torch.distributed
-        if self._average_model is None or not (dist.is_available() and dist.is_initialized()):
-            return
-        if dist.get_world_size() < 2:
-            return
-        for tensor in list(self._average_model.parameters()) + list(self._average_model.buffers()):
-            dist.broadcast(tensor.data, src=0)
+        if self._average_model is not None:
+            broadcast_from_rank_zero(list(self._average_model.parameters()) + list(self._average_model.buffers()))
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._sync_average()

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 __all__ = [
     "CheckpointError",
     "STRUCTURE_KEYS",
+    "apply_overrides",
     "merge_checkpoint_config",
     "read_checkpoint",
 ]
@@ -69,6 +70,14 @@ def _parse_overrides(overrides: Sequence[str]) -> list[tuple[str, str]]:
         key, value = item.split("=", 1)
         parsed.append((key.lstrip("+~"), value))
     return parsed
+
+
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str], *, under: Sequence[str] | None = None) -> None:
+    """Apply ``key=value`` overrides (values parsed as YAML) to ``cfg`` in place; with ``under``, only dotted
+    keys below those top-level keys."""
+    for key, value in _parse_overrides(overrides):
+        if under is None or ("." in key and key.split(".")[0] in under):
+            OmegaConf.update(cfg, key, yaml.safe_load(value), merge=True)
 
 
 def _choice_of(cfg: DictConfig, group: str):
@@ -127,8 +136,6 @@ def merge_checkpoint_config(
         for path in CLASS_COUNT_KEYS:
             if OmegaConf.select(out, path) is not None:
                 OmegaConf.update(out, path, "${data.num_classes}", merge=False)
-    for key, value in parsed:
-        if "." in key and key.split(".")[0] in taken:
-            OmegaConf.update(out, key, yaml.safe_load(value), merge=True)
+    apply_overrides(out, overrides, under=taken)
     log.info("model config from %s (%s)", source, ", ".join(k for k in taken if k in ck))
     return out

@@ -28,6 +28,7 @@ from datasets import (
     synthetic_coco_root,
 )
 
+from .distributed import is_distributed, rank_and_world
 from .samplers import ResumableRandomSampler, UnpaddedDistributedSampler
 
 __all__ = ["CocoDataModule", "SegmentationDataModule", "worker_init"]
@@ -123,9 +124,7 @@ class _FolderDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         drop_last = len(self.train_dataset) > self.batch_size
-        world, rank = 1, 0
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        rank, world = rank_and_world()
         # A DistributedSampler subclass: Lightning keeps it instead of adding its own.
         self.train_sampler = ResumableRandomSampler(self.train_dataset, seed=self.seed, num_replicas=world, rank=rank)
         if self._resume_state is not None:
@@ -152,10 +151,7 @@ class _FolderDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         # Under several processes every val image must be evaluated exactly once: no padding repeats
         # (Lightning leaves a DistributedSampler in place instead of adding its own).
-        sampler = None
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_world_size() > 1:
-                sampler = UnpaddedDistributedSampler(self.val_dataset)
+        sampler = UnpaddedDistributedSampler(self.val_dataset) if is_distributed() else None
         return self._loader(
             self.val_dataset, batch_size=self.val_batch_size, shuffle=False, drop_last=False, sampler=sampler
         )

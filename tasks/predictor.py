@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from .checkpoint import CheckpointError, read_checkpoint
+from .checkpoint import CheckpointError, apply_overrides, read_checkpoint
 
 __all__ = ["IMAGE_SUFFIXES", "Predictor", "list_images", "read_rgb"]
 
@@ -99,6 +99,15 @@ class Predictor:
         self.image_size = getattr(model, "image_size", None) or (config.get("model") or {}).get("image_size")
         data = config.get("data") or {}
         self.eval_size = data.get("eval_size") if self.kind == "segmentation" else None
+        # The evaluation pre-processing the model was trained for (built once, used for every batch).
+        if self.kind == "detection":
+            from datasets import build_eval_transform
+
+            self.transform = build_eval_transform(image_size=int(self.image_size))
+        else:
+            from datasets import build_segmentation_eval_transform
+
+            self.transform = build_segmentation_eval_transform(eval_size=self.eval_size)
 
     @classmethod
     def from_checkpoint(
@@ -106,7 +115,6 @@ class Predictor:
     ) -> Predictor:
         """Build the model the checkpoint describes, load its (EMA) weights; ``overrides`` are ``key=value``
         changes of the stored config (e.g. ``task.module.postprocess.iou_threshold=0.6``)."""
-        import yaml
         from hydra.utils import instantiate
 
         from .config import register_resolvers
@@ -121,9 +129,7 @@ class Predictor:
                 "or tools/convert_weights.py"
             )
         cfg = OmegaConf.create(stored)
-        for item in overrides:
-            key, _, value = item.partition("=")
-            OmegaConf.update(cfg, key.lstrip("+"), yaml.safe_load(value), merge=True)
+        apply_overrides(cfg, list(overrides))
         model = instantiate(cfg.model)
         task = instantiate(cfg.task.module, model=model)
         load_checkpoint_weights(task.model, ckpt, source=path)
@@ -132,10 +138,7 @@ class Predictor:
 
     # ------------------------------------------------------------------ batches
     def _detection_batch(self, images: list[np.ndarray]) -> dict[str, torch.Tensor]:
-        from datasets import build_eval_transform
-
-        transform = build_eval_transform(image_size=int(self.image_size))
-        outs = [transform(im, np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)) for im in images]
+        outs = [self.transform(im, np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)) for im in images]
         return {
             "images": torch.stack([torch.from_numpy(o["image"].transpose(2, 0, 1).copy()) for o in outs]),
             "scales": torch.tensor([o["scale"] for o in outs], dtype=torch.float32),
@@ -143,12 +146,11 @@ class Predictor:
         }
 
     def _segmentation_batch(self, images: list[np.ndarray]) -> dict[str, torch.Tensor]:
-        from datasets import build_segmentation_eval_transform, collate_segmentation
+        from datasets import collate_segmentation
 
-        transform = build_segmentation_eval_transform(eval_size=self.eval_size)
         samples = []
         for i, im in enumerate(images):
-            out = transform(im, np.zeros(im.shape[:2], np.uint8))
+            out = self.transform(im, np.zeros(im.shape[:2], np.uint8))
             samples.append({
                 "image": torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1))),
                 "mask": torch.full((1, 1), 255, dtype=torch.uint8),

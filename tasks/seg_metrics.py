@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from .distributed import is_distributed
+
 __all__ = ["ConfusionMatrix", "format_iou_table", "iou_from_confusion"]
 
 
@@ -64,7 +66,7 @@ class ConfusionMatrix:
         matrix = self.matrix
         if matrix is None:
             matrix = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if is_distributed():
             device = matrix.device
             if dist.get_backend() == "nccl" and device.type != "cuda":
                 device = torch.device("cuda", torch.cuda.current_device())
