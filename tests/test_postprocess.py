@@ -193,11 +193,13 @@ def _reference(cls, deltas, anchors, hw, *, topk, score_threshold, iou_threshold
     return results
 
 
+@pytest.mark.parametrize("nms_prefix", [None, 1, 6, 512])
 @pytest.mark.parametrize(
     "topk, score_threshold, iou_threshold, max_det",
-    [(150, 0.3, 0.5, 12), (5000, 0.0, 0.3, 400), (20, 0.0, 0.7, 5)],
+    [(150, 0.3, 0.5, 12), (5000, 0.0, 0.3, 400), (20, 0.0, 0.7, 5), (160, 0.0, 0.5, 30)],
 )
-def test_batch_equals_naive_per_image_loop(topk, score_threshold, iou_threshold, max_det):
+def test_batch_equals_naive_per_image_loop(topk, score_threshold, iou_threshold, max_det, nms_prefix):
+    """Also with NMS tried on a prefix of the candidates first (``nms_prefix`` 1 and 6 need widening)."""
     g = torch.Generator().manual_seed(1)
     b, a, c = 3, 40, 4
     xy = torch.rand(a, 2, generator=g) * 60
@@ -206,7 +208,8 @@ def test_batch_equals_naive_per_image_loop(topk, score_threshold, iou_threshold,
     cls[1] = torch.randn(a, c, generator=g) - 20.0  # image 1: every score below 1e-6
     deltas = torch.randn(b, a, 4, generator=g) * 0.2
     post = _post(
-        topk=topk, score_threshold=score_threshold, iou_threshold=iou_threshold, max_detections=max_det
+        topk=topk, score_threshold=score_threshold, iou_threshold=iou_threshold, max_detections=max_det,
+        nms_prefix=nms_prefix,
     )
     out = post(cls, deltas, anchors, (80, 90))
     ref = _reference(
@@ -243,3 +246,50 @@ def test_batch_equals_naive_per_image_loop(topk, score_threshold, iou_threshold,
 def test_invalid_arguments_raise(kwargs):
     with pytest.raises(ValueError):
         _post(**kwargs)
+
+
+def test_prefix_nms_equals_full_nms_on_clustered_candidates():
+    """A trained detector's top candidates crowd around few objects, so most of them are suppressed and
+    the prefix must widen several times; the result equals NMS over all candidates."""
+    g = torch.Generator().manual_seed(3)
+    b, a, c = 4, 3000, 5
+    centres = torch.rand(6, 2, generator=g) * 400
+    which = torch.randint(0, 6, (a,), generator=g)
+    xy = centres[which] + torch.randn(a, 2, generator=g) * 4
+    anchors = torch.cat([xy - 20, xy + 20], 1)
+    cls = torch.randn(b, a, c, generator=g) * 3
+    deltas = torch.randn(b, a, 4, generator=g) * 0.05
+    full = _post(topk=5000, max_detections=100, nms_prefix=None)(cls, deltas, anchors, (480, 480))
+    calls = []
+    post = _post(topk=5000, max_detections=100, nms_prefix=16)
+    inner = post._nms
+    post._nms = lambda scores, *rest: calls.append(scores.shape[1]) or inner(scores, *rest)
+    out = post(cls, deltas, anchors, (480, 480))
+    assert len(calls) >= 3, calls  # the prefix was widened
+    for key in ("boxes", "scores", "labels", "num_detections"):
+        assert torch.equal(out[key], full[key]), key
+
+
+def test_bf16_logits_rank_like_their_float32_values():
+    g = torch.Generator().manual_seed(4)
+    cls = torch.randn(2, 500, 3, generator=g).bfloat16()
+    anchors = _diagonal_boxes(500)
+    deltas = torch.zeros(2, 500, 4)
+    a = _post(max_detections=50)(cls, deltas, anchors, (1e4, 1e4))
+    b = _post(max_detections=50)(cls.float(), deltas, anchors, (1e4, 1e4))
+    torch.testing.assert_close(a["scores"], b["scores"])  # same values; ties may come in another order
+    assert a["num_detections"].tolist() == b["num_detections"].tolist() == [50, 50]
+
+
+@pytest.mark.parametrize("b, a, c, k", [(1, 3000, 90, 500), (3, 2000, 7, 2000), (2, 100, 4, 300)])
+def test_cpu_candidate_preselection_equals_full_topk(b, a, c, k):
+    from heads.postprocess import _topk
+
+    g = torch.Generator().manual_seed(5)
+    cls = torch.randn(b, a, c, generator=g) * 2 - 4
+    cls[0, :10] += 8.0  # a few confident anchors
+    values, index = _topk(cls, k)
+    ref_values, _ = cls.reshape(b, -1).topk(k, dim=1)
+    assert torch.equal(values, ref_values)
+    assert torch.equal(torch.gather(cls.reshape(b, -1), 1, index), values)  # the indices point at the values
+    assert all(len(set(row.tolist())) == k for row in index)  # no candidate twice
