@@ -55,15 +55,40 @@ class HeadNet(nn.Module):
         self.act = act_layer()
         self.predict = SeparableConv2d(channels, out_channels, bias=True)
         nn.init.constant_(self.predict.pointwise.bias, bias_init)
+        #: Per level, the convs with that level's norms folded in (inference only; see fold_batchnorm_).
+        self.folded: nn.ModuleList | None = None
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
         for li, name in enumerate(self.names):
             x = features[name]
-            for conv, norms in zip(self.convs, self.norms):
-                x = self.act(norms[li](conv(x)))
+            if self.folded is not None:
+                for conv in self.folded[li]:
+                    x = self.act(conv(x))
+            else:
+                for conv, norms in zip(self.convs, self.norms):
+                    x = self.act(norms[li](conv(x)))
             out[name] = self.predict(x)
         return out
+
+    @torch.no_grad()
+    def fold_batchnorm_(self) -> int:
+        """Inference only: give every level its own copy of the shared pointwise convs with that level's norm
+        folded in (depthwise convs stay shared). Returns the number of norms folded."""
+        from models.fusion import fold_conv_norm
+
+        if self.folded is not None:
+            return 0
+        self.folded = nn.ModuleList(
+            nn.ModuleList(
+                nn.Sequential(conv.depthwise, fold_conv_norm(conv.pointwise, norms[li]))
+                for conv, norms in zip(self.convs, self.norms)
+            )
+            for li in range(len(self.names))
+        )
+        del self.convs, self.norms
+        self.convs, self.norms = None, None
+        return len(self.names) * len(self.folded[0])
 
 
 class EfficientDetHead(nn.Module):

@@ -37,6 +37,9 @@ class SeparableConv2d(nn.Module):
     Stride is always 1 here, where "same" and symmetric padding coincide, so one padding serves both modes.
     """
 
+    #: ``pointwise`` feeds ``norm`` (see :func:`models.fusion.fold_batchnorm`).
+    batchnorm_fold_pairs = (("pointwise", "norm"),)
+
     def __init__(
         self,
         in_channels: int,
@@ -59,6 +62,8 @@ class SeparableConv2d(nn.Module):
 
 class ConvNorm(nn.Module):
     """1x1 convolution (no bias) + norm: changes the channel count of a feature map."""
+
+    batchnorm_fold_pairs = (("conv", "norm"),)
 
     def __init__(self, in_channels: int, out_channels: int, *, norm_layer: NormLayer) -> None:
         super().__init__()
