@@ -144,13 +144,22 @@ EFFDET_VARIANTS: dict[str, EffDetVariant] = {
             "tf_efficientdet_d7x", "d7x", "tf_efficientnet_b7", "same", 1536, 384, 8, 5, "sum", 4.0, 0.2,
             max_level=8,
         ),
-        # PyTorch-native padding, trained by effdet's author; no redundant biases.
+        # PyTorch-native padding (d0, d1 trained by effdet's author; d2, d3 without published weights); no
+        # redundant biases.
         EffDetVariant(
             "efficientdet_d0", "d0", "efficientnet_b0", "native", 512, 64, 3, 3, "fast", 4.0, 0.1,
             redundant_bias=False,
         ),
         EffDetVariant(
             "efficientdet_d1", "d1", "efficientnet_b1", "native", 640, 88, 4, 3, "fast", 4.0, 0.2,
+            redundant_bias=False,
+        ),
+        EffDetVariant(
+            "efficientdet_d2", "d2", "efficientnet_b2", "native", 768, 112, 5, 3, "fast", 4.0, 0.2,
+            redundant_bias=False,
+        ),
+        EffDetVariant(
+            "efficientdet_d3", "d3", "efficientnet_b3", "native", 896, 160, 6, 4, "fast", 4.0, 0.2,
             redundant_bias=False,
         ),
     )

@@ -21,8 +21,9 @@ CONFIG_PATH = str(ROOT / "configs")
 
 
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Report user errors (missing data, bad input, wrong checkpoint) as one line and exit with status 2."""
+def user_errors(*extra: type[BaseException]) -> Iterator[None]:
+    """Report user errors (missing data, bad input, wrong checkpoint, and ``extra`` types) as one line and
+    exit with status 2."""
     from backbones.timm_backbone import WeightsMismatchError
     from datasets.errors import DatasetError
     from tasks.base import NonFiniteLossError
@@ -30,6 +31,6 @@ def user_errors() -> Iterator[None]:
 
     try:
         yield
-    except (DatasetError, CheckpointError, WeightsMismatchError, NonFiniteLossError) as err:
+    except (DatasetError, CheckpointError, WeightsMismatchError, NonFiniteLossError, *extra) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

@@ -1,0 +1,460 @@
+"""Speed and size of a configured model, optionally side by side with effdet's equivalent model.
+
+``python tools/benchmark.py task=detection backbone=b0 device=cuda compare=effdet`` (see configs/benchmark.yaml)
+prints one JSON line per measurement and a table. Measurements:
+
+- ``params``: parameter count; ``flops``: multiply-adds x 2 of one forward pass of one image
+  (``torch.utils.flop_counter``: convolutions and matrix products);
+- ``agreement`` (with ``compare=effdet``): effdet's randomly initialised (or ``effdet_checkpoint``) weights are
+  converted into this project's model and both predict the same float32 input; the line gives the largest
+  class-logit difference and how many detections agree;
+- ``predict``: images/s at ``batch_size``, model + decoding + NMS, with the fast paths (``fast.*``);
+- ``latency``: milliseconds for one image, the same pipeline;
+- ``train``: images/s of a training step at ``train_batch_size`` (forward, target assignment, loss, backward,
+  SGD step), with bf16 autocast / channels-last / compilation as configured (norms are not folded in training).
+
+Both implementations run in the same process on the same input, batch and precision, alternating in
+``rounds`` so that a machine's drift hits both; ``ratio`` is this project's time over effdet's (below 1 is
+faster). effdet gets the generic paths that apply to it too (channels-last, autocast, torch.compile of its
+network; its own post-processing and anchor labeller as they are).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .inference import FastPaths, FlatDetector, compile_module, optimize_model, prepare_predictor
+
+__all__ = ["BenchmarkError", "run_benchmark", "format_table"]
+
+
+class BenchmarkError(ValueError):
+    """A benchmark request that cannot be carried out (unknown measure, no effdet equivalent, no CUDA)."""
+
+
+MEASURES = ("params", "flops", "agreement", "predict", "latency", "train")
+
+
+# ----------------------------------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_rounds(
+    fns: dict[str, Callable[[], Any]], *, device: torch.device, warmup: int, iters: int, rounds: int
+) -> dict[str, dict[str, float]]:
+    """Seconds per call of each function: ``warmup`` calls each, then ``rounds`` alternating blocks of ``iters``
+    calls; the median block mean is reported, with the peak memory of the blocks."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+        _sync(device)
+    blocks: dict[str, list[float]] = {name: [] for name in fns}
+    peaks: dict[str, int] = dict.fromkeys(fns, 0)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            _sync(device)
+            blocks[name].append((time.perf_counter() - start) / iters)
+            if device.type == "cuda":
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device))
+    out = {}
+    for name, times in blocks.items():
+        out[name] = {"seconds": statistics.median(times), "spread": (max(times) - min(times)) / min(times)}
+        out[name]["peak_memory_mb"] = round(peaks[name] / 2**20, 1) if device.type == "cuda" else None
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- effdet
+def effdet_variant_for(cfg: DictConfig) -> str:
+    """effdet's name of the configured model (``backbone=b0`` -> ``efficientdet_d0``, ``tf_b0`` -> ``tf_..``)."""
+    from models.effdet_convert import EFFDET_VARIANTS
+
+    prefix = "tf_efficientdet" if cfg.padding == "same" else "efficientdet"
+    name = f"{prefix}_{cfg.scale}"
+    if name not in EFFDET_VARIANTS:
+        known = sorted(EFFDET_VARIANTS)
+        raise BenchmarkError(f"compare=effdet: effdet has no {name} this project converts; use one of {known}")
+    return name
+
+
+class _Effdet:
+    """effdet's model for the configured detector, with this project's model loaded with the same weights."""
+
+    def __init__(self, cfg: DictConfig, task, size: tuple[int, int]) -> None:
+        try:
+            import effdet
+        except ImportError as err:
+            raise BenchmarkError("compare=effdet needs effdet: pip install -e '.[bench]'") from err
+        from backbones.timm_backbone import WeightsMismatchError
+        from models.effdet_convert import convert_effdet_state_dict
+
+        self.effdet = effdet
+        self.name = effdet_variant_for(cfg)
+        num_classes = task.num_classes
+        self.model = effdet.create_model(
+            self.name, pretrained=False, pretrained_backbone=False, num_classes=num_classes, image_size=size
+        ).eval()
+        if cfg.effdet_checkpoint:
+            state = torch.load(cfg.effdet_checkpoint, map_location="cpu", weights_only=True)
+            self.model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        try:
+            converted = convert_effdet_state_dict(self.model.state_dict(), variant=self.name, num_classes=num_classes)
+            task.model.load_state_dict(converted)
+        except (WeightsMismatchError, RuntimeError) as err:
+            raise BenchmarkError(f"compare=effdet: the configured model is not effdet's {self.name}: {err}") from None
+
+    def predictor(self, paths: FastPaths, device: torch.device, size: tuple[int, int]):
+        model = copy.deepcopy(self.model).to(device).eval()
+        if paths.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        bench = self.effdet.DetBenchPredict(model).eval()
+        bench.model = compile_module(model, paths)
+        h, w = size
+
+        @torch.inference_mode()
+        def predict(images: torch.Tensor):
+            b = images.shape[0]
+            if paths.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            if paths.compile and paths.cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            info = {"img_scale": torch.ones(b, device=device), "img_size": torch.tensor([[w, h]] * b, device=device)}
+            with paths.autocast(device):
+                return bench(images, img_info=info)
+
+        return predict
+
+    def trainer(self, paths: FastPaths, device: torch.device):
+        model = copy.deepcopy(self.model).to(device).train()
+        if paths.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        bench = self.effdet.DetBenchTrain(model, create_labeler=True).to(device)
+        bench.model = compile_module(model, paths, training=True)
+        return bench, model
+
+
+# ----------------------------------------------------------------------------------------------- pieces
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchmarkError("device=cuda but CUDA is not available here; use device=cpu")
+    return device
+
+
+def _image_size(cfg: DictConfig, task_name: str) -> tuple[int, int]:
+    size = cfg.image_size
+    if size is None:
+        size = [1024, 2048] if task_name == "segmentation" else cfg.model.image_size
+    if isinstance(size, int):
+        size = [size, size]
+    h, w = (int(s) for s in size)
+    if h % 128 or w % 128:
+        raise BenchmarkError(f"image_size must be a multiple of 128 (the coarsest stride), got {h}x{w}")
+    return h, w
+
+
+#: Batches used on a GPU when none is given: the sizes effdet's published measurements used.
+GPU_PREDICT_BATCH = {"d0": 32, "d1": 32, "d2": 16, "d3": 16, "d4": 8, "d5": 4, "d6": 4, "d7": 2, "d7x": 2}
+GPU_TRAIN_BATCH = {"d0": 32, "d1": 16, "d2": 16, "d3": 8, "d4": 4, "d5": 2, "d6": 2, "d7": 1, "d7x": 1}
+
+
+def _batches(cfg: DictConfig, device: torch.device, task_name: str) -> tuple[int, int]:
+    if device.type != "cuda":
+        auto_predict = auto_train = 2
+    elif task_name == "segmentation":
+        auto_predict = auto_train = 4
+    else:
+        auto_predict, auto_train = GPU_PREDICT_BATCH.get(cfg.scale, 8), GPU_TRAIN_BATCH.get(cfg.scale, 4)
+    return int(cfg.batch_size or auto_predict), int(cfg.train_batch_size or auto_train)
+
+
+def _flops(model: torch.nn.Module, size: tuple[int, int]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = copy.deepcopy(model).cpu().eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, *size))
+    return int(counter.get_total_flops())
+
+
+def _random_targets(b: int, size: tuple[int, int], num_classes: int, *, per_image: int, device, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    xy = torch.rand(b, per_image, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
+    wh = (torch.rand(b, per_image, 2, generator=g) * 0.25 + 0.05) * torch.tensor([w, h])
+    boxes = torch.cat([xy, xy + wh], -1)
+    labels = torch.randint(0, num_classes, (b, per_image), generator=g)
+    return boxes.to(device), labels.to(device)
+
+
+def _agreement(ours: dict, theirs: torch.Tensor, cls_diff: float) -> dict[str, Any]:
+    """Detections of the same weights: sorted scores compared position by position, and the share of this
+    project's boxes that effdet also found (same class, IoU > 0.99)."""
+    from torchvision.ops import box_iou
+
+    matched = total = 0
+    score_diff = 0.0
+    for i in range(theirs.shape[0]):
+        n = int(ours["num_detections"][i])
+        ref = theirs[i][theirs[i, :, 4] > 0]
+        m = min(n, ref.shape[0])
+        a = ours["scores"][i, :m].float().sort(descending=True).values
+        b = ref[:m, 4].float().sort(descending=True).values
+        if m:
+            score_diff = max(score_diff, float((a - b).abs().max()))
+            iou = box_iou(ours["boxes"][i, :n].float(), ref[:, :4].float())
+            same = ours["labels"][i, :n, None] + 1 == ref[None, :, 5].long()
+            matched += int(((iou > 0.99) & same).any(1).sum())
+        total += n
+    return {"max_class_logit_diff": cls_diff, "max_sorted_score_diff": score_diff,
+            "detections_matched": matched / max(total, 1), "detections": total}
+
+
+# ----------------------------------------------------------------------------------------------- main
+def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: None) -> list[dict]:
+    """Run the measurements of ``cfg`` (configs/benchmark.yaml); ``emit`` sees each row as it is made."""
+    from .runner import build_model, build_task
+
+    unknown = [m for m in cfg.measures if m not in MEASURES]
+    if unknown:
+        raise BenchmarkError(f"unknown measures {unknown}; choose from {list(MEASURES)}")
+    compare = cfg.compare
+    if compare not in (None, "effdet"):
+        raise BenchmarkError(f"compare must be null or effdet, got {compare!r}")
+    task_name = cfg.task.name
+    if compare and task_name != "detection":
+        raise BenchmarkError("compare=effdet is for task=detection (effdet has no segmentation model)")
+    device = _device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if device.type == "cpu" and cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    size = _image_size(cfg, task_name)
+    task = build_task(cfg, build_model(cfg)).eval()
+    ref = _Effdet(cfg, task, size) if compare else None
+    paths = FastPaths(**OmegaConf.to_container(cfg.fast)).resolve(device)
+    batch, train_batch = _batches(cfg, device, task_name)
+
+    common = {
+        "task": task_name, "backbone": cfg.backbone.name, "scale": cfg.scale, "device": _device_name(device),
+        "image_size": list(size), "precision": paths.precision, "channels_last": paths.channels_last,
+        "compile": paths.compile, "cudagraphs": paths.cudagraphs, "fold_bn": paths.fold_bn,
+    }
+    rows: list[dict] = []
+
+    def add(measure: str, impl: str, **fields) -> None:
+        row = {"measure": measure, "impl": impl, **common, **fields}
+        rows.append(row)
+        emit(row)
+
+    def add_pair(measure: str, times: dict, per_call_images: int, *, unit: str, **fields) -> None:
+        ours_s = times["effdense"]["seconds"]
+        ratio = round(ours_s / times["effdet"]["seconds"], 3) if "effdet" in times else None
+        for impl, t in times.items():
+            value = per_call_images / t["seconds"] if unit == "images/s" else t["seconds"] * 1000
+            extra = {"ratio": ratio} if impl == "effdense" and ratio is not None else {}
+            add(measure, impl, value=round(value, 2), unit=unit, ms_per_call=round(t["seconds"] * 1000, 3),
+                spread=round(t["spread"], 3), peak_memory_mb=t["peak_memory_mb"] or _rss_mb(device),
+                **fields, **extra)
+
+    measures = list(cfg.measures)
+    if "params" in measures:
+        add("params", "effdense", value=sum(p.numel() for p in task.model.parameters()), unit="parameters")
+        if ref:
+            add("params", "effdet", value=sum(p.numel() for p in ref.model.parameters()), unit="parameters",
+                model=ref.name)
+    if "flops" in measures:
+        flops = _flops(task.model, size)
+        add("flops", "effdense", value=round(flops / 1e9, 3), unit="GFLOPs (2 x multiply-adds)")
+        if ref:
+            add("flops", "effdet", value=round(_flops(ref.model, size) / 1e9, 3), unit="GFLOPs (2 x multiply-adds)",
+                model=ref.name)
+
+    g = torch.Generator().manual_seed(cfg.seed)
+    images = torch.randn(batch, 3, *size, generator=g).to(device)
+
+    if ref and "agreement" in measures:
+        exact = FastPaths(channels_last=paths.channels_last, fold_bn=paths.fold_bn, precision="fp32", compile=False)
+        ours_pred, _ = prepare_predictor(task, exact, device)
+        theirs_pred = ref.predictor(exact.resolve(device), device, size)
+        x = images[:2]
+        tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # true float32 here
+        with torch.inference_mode():
+            flat = FlatDetector(task.model.to(device).eval(), task.num_classes)(x)[0]
+            cls_ref, _ = ref.model.to(device).eval()(x)
+            cls_ref = torch.cat([c.permute(0, 2, 3, 1).reshape(x.shape[0], -1, task.num_classes) for c in cls_ref], 1)
+            cls_diff = float((flat - cls_ref).abs().max())
+            task.model.cpu(), ref.model.cpu()
+            agree = _agreement(ours_pred(x), theirs_pred(x), cls_diff)
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+        add("agreement", "effdense", model=ref.name, **{k: round(v, 7) if isinstance(v, float) else v
+                                                        for k, v in agree.items()})
+
+    timing = {"device": device, "warmup": int(cfg.warmup), "iters": int(cfg.iters), "rounds": int(cfg.rounds)}
+    for measure, n in (("predict", batch), ("latency", 1)):
+        if measure not in measures:
+            continue
+        ours_pred, info = prepare_predictor(task, paths, device)
+        x = images[:n]
+        fns = {"effdense": lambda: ours_pred(x)}
+        if ref:
+            theirs_pred = ref.predictor(paths, device, size)
+            fns["effdet"] = lambda: theirs_pred(x)
+        times = _time_rounds(fns, **timing)
+        if cfg.profile:
+            _profile(f"{measure} batch {n}", fns, device)
+        unit = "images/s" if measure == "predict" else "ms"
+        add_pair(measure, times, n, unit=unit, batch=n, **({"model": ref.name} if ref else {}))
+        del fns, ours_pred
+    if "train" in measures:
+        if task_name != "detection":
+            raise BenchmarkError("measure 'train' is implemented for task=detection")
+        x = images[:train_batch] if train_batch <= batch else torch.randn(train_batch, 3, *size).to(device)
+        boxes, labels = _random_targets(train_batch, size, task.num_classes, per_image=8, device=device, seed=cfg.seed)
+        fns = {"effdense": _our_train_step(task, paths, device, x, boxes, labels)}
+        if ref:
+            fns["effdet"] = _effdet_train_step(ref, paths, device, x, boxes, labels)
+        times = _time_rounds(fns, **timing)
+        if cfg.profile:
+            _profile(f"train batch {train_batch}", fns, device)
+        add_pair("train", times, train_batch, unit="images/s", batch=train_batch)
+    return rows
+
+
+def _profile(title: str, fns: dict[str, Callable[[], Any]], device: torch.device, calls: int = 3) -> None:
+    """Print where the time of ``calls`` calls of each function goes (torch.profiler, top operators) to stderr."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for name, fn in fns.items():
+        _sync(device)
+        with profile(activities=activities) as prof:
+            for _ in range(calls):
+                fn()
+            _sync(device)
+        table = prof.key_averages().table(sort_by=key, row_limit=25)
+        print(f"\n### profile: {name} {title}, {calls} calls\n{table}", file=sys.stderr, flush=True)
+
+
+def _our_train_step(task, paths: FastPaths, device, x, boxes, labels) -> Callable[[], None]:
+    model = copy.deepcopy(task.model).to(device).train()
+    if paths.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    net = compile_module(FlatDetector(model, task.num_classes), paths, training=True)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=4e-5)
+    hw = tuple(x.shape[-2:])
+    from .inference import _anchors_for
+
+    anchors = _anchors_for(task, model, hw, device)
+    assigner, loss_fn = task.assigner, task.loss
+
+    def step() -> None:
+        with paths.autocast(device):
+            cls, box = net(x)
+        cls_t, box_t, num_pos = assigner(anchors, boxes, labels)
+        loss = loss_fn(cls, box, cls_t, box_t, num_pos)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _effdet_train_step(ref: _Effdet, paths: FastPaths, device, x, boxes, labels) -> Callable[[], None]:
+    bench, model = ref.trainer(paths, device)
+    if paths.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=4e-5)
+    # effdet's targets: yxyx boxes, classes counted from 1.
+    target = {"bbox": boxes[..., [1, 0, 3, 2]].float(), "cls": (labels + 1).float()}
+
+    def step() -> None:
+        with paths.autocast(device):
+            loss = bench(x, target)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _rss_mb(device: torch.device) -> float | None:
+    """On the CPU: the process's peak resident memory so far (Linux reports KiB)."""
+    if device.type == "cuda":
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def environment() -> dict[str, Any]:
+    import timm
+    import torchvision
+
+    env = {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
+           "python": platform.python_version()}
+    try:
+        env["effdet"] = importlib.metadata.version("effdet")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    if torch.cuda.is_available():
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def format_table(rows: list[dict]) -> str:
+    """A readable table of the rows (one line per measurement and implementation)."""
+    header = ["measure", "impl", "batch", "value", "unit", "ratio", "peak MB"]
+    lines = [header]
+    for r in rows:
+        if r["measure"] == "agreement":
+            value = (f"logits {r['max_class_logit_diff']:.1e}, scores {r['max_sorted_score_diff']:.1e}, "
+                     f"matched {r['detections_matched']:.3f}")
+            lines.append([r["measure"], f"{r['impl']} vs {r['model']}", "", value, "", "", ""])
+            continue
+        value = r["value"]
+        value = f"{value:,}" if isinstance(value, int) else f"{value:,.2f}" if value >= 10 else f"{value:.3f}"
+        ratio = r.get("ratio")
+        lines.append([r["measure"], r["impl"], str(r.get("batch", "")), value, r["unit"],
+                      "" if ratio is None else f"{ratio:.3f}",
+                      "" if r.get("peak_memory_mb") is None else f"{r['peak_memory_mb']:,.0f}"])
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def write_rows(rows: list[dict], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+

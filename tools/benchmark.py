@@ -1,0 +1,33 @@
+#!/usr/bin/env python
+"""Benchmark a model: ``python tools/benchmark.py task=detection backbone=b0 device=cuda compare=effdet``.
+
+One JSON line per measurement (params, FLOPs, agreement with effdet, predict images/s, single-image latency,
+training images/s, peak memory), then a table; the lines are also written to <run dir>/benchmark.jsonl.
+See configs/benchmark.yaml for the options and docs/benchmarks.md for results.
+"""
+
+import json
+import sys
+
+from _common import CONFIG_PATH, user_errors
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="benchmark")
+def main(cfg: DictConfig) -> None:
+    from pathlib import Path
+
+    from tasks.benchmark import BenchmarkError, environment, format_table, run_benchmark, write_rows
+
+    with user_errors(BenchmarkError):
+        print(json.dumps({"measure": "environment", **environment()}), flush=True)
+        rows = run_benchmark(cfg, emit=lambda row: print(json.dumps(row), flush=True))
+    print("\n" + format_table(rows), file=sys.stderr, flush=True)
+    write_rows(rows, Path(HydraConfig.get().runtime.output_dir) / "benchmark.jsonl")
+
+
+if __name__ == "__main__":
+    main()
