@@ -30,15 +30,16 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .inference import FastPaths, FlatDetector, compile_module, optimize_model, prepare_predictor
+from .inference import FastPaths, FlatDetector, compile_module, prepare_predictor
 
-__all__ = ["BenchmarkError", "run_benchmark", "format_table"]
+__all__ = ["BenchmarkError", "format_table", "run_benchmark"]
 
 
 class BenchmarkError(ValueError):
@@ -317,18 +318,16 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
     for measure, n in (("predict", batch), ("latency", 1)):
         if measure not in measures:
             continue
-        ours_pred, info = prepare_predictor(task, paths, device)
+        ours_pred, _ = prepare_predictor(task, paths, device)
         x = images[:n]
-        fns = {"effdense": lambda: ours_pred(x)}
+        fns = {"effdense": partial(ours_pred, x)}
         if ref:
-            theirs_pred = ref.predictor(paths, device, size)
-            fns["effdet"] = lambda: theirs_pred(x)
+            fns["effdet"] = partial(ref.predictor(paths, device, size), x)
         times = _time_rounds(fns, **timing)
         if cfg.profile:
             _profile(f"{measure} batch {n}", fns, device)
         unit = "images/s" if measure == "predict" else "ms"
         add_pair(measure, times, n, unit=unit, batch=n, **({"model": ref.name} if ref else {}))
-        del fns, ours_pred
     if "train" in measures:
         if task_name != "detection":
             raise BenchmarkError("measure 'train' is implemented for task=detection")

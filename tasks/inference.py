@@ -53,7 +53,7 @@ class FastPaths:
         if compile_ == "auto":
             compile_ = cuda
         if not isinstance(compile_, bool):
-            raise ValueError(f"compile must be true, false or auto, got {compile_!r}")
+            raise TypeError(f"compile must be true, false or auto, got {compile_!r}")
         return replace(self, precision=precision, compile=compile_, cudagraphs=bool(self.cudagraphs and cuda))
 
     @property
