@@ -7,7 +7,7 @@ from torchvision.ops import nms
 
 from .box_coder import BoxCoder
 
-__all__ = ["DetectionPostProcess"]
+__all__ = ["DetectionPostProcess", "dense_greedy_nms"]
 
 
 class DetectionPostProcess:
@@ -26,6 +26,11 @@ class DetectionPostProcess:
     from higher-scoring boxes alone, so the output is the same as NMS over all ``topk`` candidates, at a
     fraction of the cost (``None``: always all ``topk``; exported graphs always use all of them).
 
+    ``nms_impl``: ``"torchvision"`` runs one :func:`torchvision.ops.nms` over the batch (every (image, class)
+    pair moved to its own region of the plane); ``"dense"`` runs :func:`dense_greedy_nms`, pairwise IoUs per
+    image as batched tensor algebra (no quadratic all-batch mask, a handful of launches: the fast choice on
+    a GPU); ``"auto"`` picks dense on CUDA and torchvision elsewhere. Both give the same detections.
+
     Returns ``boxes [B, D, 4]`` (xyxy, float32), ``scores [B, D]``, ``labels [B, D]`` (-1 for padding),
     ``num_detections [B]``; rows are sorted by score and padded with zeros.
     """
@@ -40,6 +45,7 @@ class DetectionPostProcess:
         max_detections: int = 100,
         clip_boxes: bool = True,
         nms_prefix: int | None = 512,
+        nms_impl: str = "auto",
     ) -> None:
         if topk < 1 or max_detections < 1:
             raise ValueError(f"topk and max_detections must be >= 1, got {topk} and {max_detections}")
@@ -56,6 +62,9 @@ class DetectionPostProcess:
         if nms_prefix is not None and nms_prefix < 1:
             raise ValueError(f"nms_prefix must be >= 1 or None, got {nms_prefix}")
         self.nms_prefix = nms_prefix
+        if nms_impl not in ("auto", "dense", "torchvision"):
+            raise ValueError(f"nms_impl must be auto, dense or torchvision, got {nms_impl!r}")
+        self.nms_impl = nms_impl
 
     @torch.no_grad()
     def __call__(
@@ -95,6 +104,8 @@ class DetectionPostProcess:
             hw = torch.as_tensor(image_size, dtype=boxes.dtype, device=device).reshape(-1, 2)
             upper = hw.flip(-1).repeat(1, 2)[:, None, :]  # [B or 1, 1, 4]: (w, h, w, h)
             boxes = torch.minimum(boxes.clamp(min=0), upper)
+        if self._dense(device):
+            return self._dense_output(boxes, scores, labels)
         image_idx = torch.arange(b, device=device)[:, None].expand(b, k)
 
         flat_boxes, flat_scores = boxes.reshape(-1, 4), scores.reshape(-1)
@@ -129,6 +140,78 @@ class DetectionPostProcess:
             "labels": out_labels,
             "num_detections": counts.clamp(max=d),
         }
+
+
+    def _dense(self, device: torch.device) -> bool:
+        if self.nms_impl == "auto":
+            return device.type == "cuda" and not _tracing()
+        return self.nms_impl == "dense"
+
+    def _dense_output(self, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Greedy NMS of each image's candidates (already sorted by score) as batched tensor algebra, then the
+        first ``max_detections`` survivors of each image: no per-box host work, few kernel launches."""
+        b, n = scores.shape
+        d = self.max_detections
+        keep = torch.empty(b, n, dtype=torch.bool, device=scores.device)
+        chunk = max(1, _DENSE_PAIRS // (n * n))  # images per step, bounding the [chunk, n, n] pair tensors
+        for i in range(0, b, chunk):
+            sl = slice(i, i + chunk)
+            keep[sl] = dense_greedy_nms(boxes[sl], labels[sl], scores[sl] >= self.score_threshold, self.iou_threshold)
+        rank = torch.cumsum(keep, 1) - 1
+        slot = torch.where(keep & (rank < d), rank, torch.full_like(rank, d))  # slot d collects the rest
+        rows = torch.arange(b, device=scores.device)[:, None].expand(b, n)
+        out_boxes = torch.zeros(b, d + 1, 4, device=scores.device)
+        out_scores = torch.zeros(b, d + 1, device=scores.device)
+        out_labels = torch.full((b, d + 1), -1, dtype=torch.long, device=scores.device)
+        out_boxes[rows, slot] = boxes
+        out_scores[rows, slot] = scores
+        out_labels[rows, slot] = labels
+        return {
+            "boxes": out_boxes[:, :d].contiguous(),
+            "scores": out_scores[:, :d].contiguous(),
+            "labels": out_labels[:, :d].contiguous(),
+            "num_detections": keep.sum(1).clamp(max=d),
+        }
+
+
+#: Largest number of (box, box) pairs the dense NMS holds at once (about 0.5 GB of temporaries).
+_DENSE_PAIRS = 1 << 25
+
+
+def dense_greedy_nms(
+    boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, iou_threshold: float
+) -> torch.Tensor:
+    """Class-wise greedy NMS of score-sorted candidates, for a batch at once: ``boxes [B, n, 4]`` (xyxy),
+    ``labels [B, n]``, ``valid [B, n]`` -> ``keep [B, n]``.
+
+    Candidate ``i`` is kept when valid and no kept earlier candidate ``j < i`` of its class overlaps it with
+    IoU > ``iou_threshold`` (IoU computed as :func:`torchvision.ops.nms` does, so decisions are identical).
+    That rule defines ``keep`` uniquely (by induction over ``i``), so ``keep`` is found as the fixed point of
+    ``keep <- valid & ~any_j(suppresses[i, j] & keep[j])`` starting from ``valid``: after ``t`` rounds the first
+    ``t`` candidates are final, and in practice it settles after a few rounds (the longest suppression chain).
+    """
+    n = boxes.shape[1]
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    area = (x2 - x1) * (y2 - y1)
+    w = (torch.minimum(x2[:, :, None], x2[:, None, :]) - torch.maximum(x1[:, :, None], x1[:, None, :])).clamp(min=0)
+    h = (torch.minimum(y2[:, :, None], y2[:, None, :]) - torch.maximum(y1[:, :, None], y1[:, None, :])).clamp(min=0)
+    inter = w * h
+    iou = inter / (area[:, :, None] + area[:, None, :] - inter)
+    earlier = torch.ones(n, n, dtype=torch.bool, device=boxes.device).tril(-1)  # [i, j]: j < i
+    suppresses = (iou > iou_threshold) & (labels[:, :, None] == labels[:, None, :]) & earlier & valid[:, None, :]
+    del w, h, inter, iou
+
+    def step(keep: torch.Tensor) -> torch.Tensor:
+        return valid & ~(suppresses & keep[:, None, :]).any(-1)
+
+    keep = valid
+    for _ in range(n // 2 + 1):  # n rounds make every candidate final
+        once = step(keep)
+        twice = step(once)
+        if torch.equal(once, twice):  # `once` is the fixed point (one host synchronisation per two rounds)
+            return once
+        keep = twice
+    return keep
 
 
 def _topk(cls_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

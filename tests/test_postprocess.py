@@ -19,7 +19,15 @@ def _logit(p) -> torch.Tensor:
     return torch.logit(torch.as_tensor(p, dtype=torch.float64)).float()
 
 
+@pytest.fixture(params=["torchvision", "dense"], autouse=True)
+def nms_impl(request, monkeypatch):
+    """Every test runs with both NMS implementations (the dense one is the default on CUDA)."""
+    monkeypatch.setattr(DetectionPostProcess, "_default_impl", request.param, raising=False)
+    return request.param
+
+
 def _post(**kw) -> DetectionPostProcess:
+    kw.setdefault("nms_impl", getattr(DetectionPostProcess, "_default_impl", "auto"))
     return DetectionPostProcess(box_coder=CODER, **kw)
 
 
@@ -259,7 +267,9 @@ def test_prefix_nms_equals_full_nms_on_clustered_candidates():
     anchors = torch.cat([xy - 20, xy + 20], 1)
     cls = torch.randn(b, a, c, generator=g) * 3
     deltas = torch.randn(b, a, 4, generator=g) * 0.05
-    full = _post(topk=5000, max_detections=100, nms_prefix=None)(cls, deltas, anchors, (480, 480))
+    full = _post(topk=5000, max_detections=100, nms_prefix=None, nms_impl="torchvision")(
+        cls, deltas, anchors, (480, 480)
+    )
     calls = []
     post = _post(topk=5000, max_detections=100, nms_prefix=16)
     inner = post._nms
@@ -293,3 +303,37 @@ def test_cpu_candidate_preselection_equals_full_topk(b, a, c, k):
     assert torch.equal(values, ref_values)
     assert torch.equal(torch.gather(cls.reshape(b, -1), 1, index), values)  # the indices point at the values
     assert all(len(set(row.tolist())) == k for row in index)  # no candidate twice
+
+
+def test_dense_nms_equals_torchvision_nms_and_settles_long_chains():
+    """A chain of boxes each overlapping the next: greedy keeps every other one; the fixed-point iteration
+    must reach exactly that, as must the torchvision path."""
+    from torchvision.ops import nms
+
+    from heads.postprocess import dense_greedy_nms
+
+    n = 41
+    x = torch.arange(n, dtype=torch.float32) * 4.0
+    boxes = torch.stack([x, torch.zeros(n), x + 10.0, torch.full((n,), 10.0)], 1)  # IoU(i, i+1) = 0.43
+    keep = dense_greedy_nms(boxes[None], torch.zeros(1, n, dtype=torch.long), torch.ones(1, n, dtype=torch.bool), 0.4)
+    expected = torch.zeros(n, dtype=torch.bool)
+    expected[nms(boxes, torch.linspace(1, 0, n), 0.4)] = True
+    assert expected.tolist() == [i % 2 == 0 for i in range(n)]
+    assert torch.equal(keep[0], expected)
+    g = torch.Generator().manual_seed(6)
+    for _ in range(5):
+        b, n, c = 3, 300, 4
+        xy = torch.rand(b, n, 2, generator=g) * 100
+        boxes = torch.cat([xy, xy + torch.rand(b, n, 2, generator=g) * 40 + 1], -1)
+        labels = torch.randint(0, c, (b, n), generator=g)
+        valid = torch.rand(b, n, generator=g) > 0.1
+        keep = dense_greedy_nms(boxes, labels, valid, 0.5)
+        for i in range(b):
+            idx = torch.nonzero(valid[i]).squeeze(1)
+            ref = torch.zeros(n, dtype=torch.bool)
+            order_scores = torch.linspace(1, 0, n)[idx]
+            kept = torch.ops.torchvision.nms(
+                boxes[i, idx].double() + labels[i, idx, None] * 1000.0, order_scores.double(), 0.5
+            )
+            ref[idx[kept]] = True
+            assert torch.equal(keep[i], ref)
