@@ -10,6 +10,9 @@ prints one JSON line per measurement and a table. Measurements:
   class-logit difference and how many detections agree;
 - ``predict``: images/s at ``batch_size``, model + decoding + NMS, with the fast paths (``fast.*``);
 - ``latency``: milliseconds for one image, the same pipeline;
+- ``data``: images/s of the training data pipeline (read, decode, augment at the model resolution, collate
+  into uint8 batches; normalisation happens on the device) with each of ``data_workers`` loader workers, and
+  per worker (use ``data=synthetic`` or your own data; no model is involved);
 - ``train``: images/s of a training step at ``train_batch_size`` (forward, target assignment, loss, backward,
   SGD step), with bf16 autocast / channels-last / compilation as configured (norms are not folded in training).
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import json
+import os
 import platform
 import resource
 import statistics
@@ -46,7 +50,7 @@ class BenchmarkError(ValueError):
     """A benchmark request that cannot be carried out (unknown measure, no effdet equivalent, no CUDA)."""
 
 
-MEASURES = ("params", "flops", "agreement", "predict", "latency", "train")
+MEASURES = ("params", "flops", "agreement", "predict", "latency", "train", "data")
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -128,7 +132,7 @@ class _Effdet:
         model = copy.deepcopy(self.model).to(device).eval()
         if paths.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        bench = self.effdet.DetBenchPredict(model).eval()
+        bench = self.effdet.DetBenchPredict(model).to(device).eval()
         bench.model = compile_module(model, paths)
         h, w = size
 
@@ -249,10 +253,13 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
     if compare and task_name != "detection":
         raise BenchmarkError("compare=effdet is for task=detection (effdet has no segmentation model)")
     device = _device(cfg.device)
+    torch.set_flush_denormal(True)  # as training and evaluation run: denormals make CPU timings erratic
     torch.manual_seed(cfg.seed)
     if device.type == "cpu" and cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     size = _image_size(cfg, task_name)
+    if list(cfg.measures) == ["data"]:
+        return _data_rows(cfg, emit)
     task = build_task(cfg, build_model(cfg)).eval()
     ref = _Effdet(cfg, task, size) if compare else None
     paths = FastPaths(**OmegaConf.to_container(cfg.fast)).resolve(device)
@@ -340,6 +347,38 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
         if cfg.profile:
             _profile(f"train batch {train_batch}", fns, device)
         add_pair("train", times, train_batch, unit="images/s", batch=train_batch)
+    if "data" in measures:
+        rows += _data_rows(cfg, emit)
+    return rows
+
+
+def _data_rows(cfg: DictConfig, emit: Callable[[dict], None]) -> list[dict]:
+    """Training-loader throughput: the first batch (worker start-up) is not timed."""
+    from hydra.utils import instantiate
+
+    rows = []
+    for workers in cfg.data_workers:
+        data_cfg = OmegaConf.merge(cfg.data, {"num_workers": int(workers)})
+        dm = instantiate(data_cfg)
+        dm.prepare_data()
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        batches = min(len(loader) - 1, int(cfg.data_batches))
+        if batches < 1:
+            raise BenchmarkError(f"measure 'data' needs at least 2 training batches, {cfg.data.root} has {len(loader)}")
+        it = iter(loader)
+        next(it)
+        start, images = time.perf_counter(), 0
+        for _ in range(batches):
+            images += next(it)["images"].shape[0]
+        rate = images / (time.perf_counter() - start)
+        row = {"measure": "data", "impl": "effdense", "task": cfg.task.name, "data": str(cfg.data.root),
+               "image_size": cfg.data.get("image_size") or cfg.data.get("crop_size"), "batch": int(cfg.data.batch_size),
+               "workers": int(workers), "value": round(rate, 1), "unit": "images/s",
+               "per_worker": round(rate / max(int(workers), 1), 1), "cpu_count": os.cpu_count()}
+        rows.append(row)
+        emit(row)
+        del it, loader
     return rows
 
 
@@ -435,6 +474,10 @@ def format_table(rows: list[dict]) -> str:
     header = ["measure", "impl", "batch", "value", "unit", "ratio", "peak MB"]
     lines = [header]
     for r in rows:
+        if r["measure"] == "data":
+            lines.append(["data", f"{r['workers']} workers", str(r["batch"]), f"{r['value']:,.1f}",
+                          f"images/s ({r['per_worker']:,.1f} per worker)", "", ""])
+            continue
         if r["measure"] == "agreement":
             value = (f"logits {r['max_class_logit_diff']:.1e}, scores {r['max_sorted_score_diff']:.1e}, "
                      f"matched {r['detections_matched']:.3f}")

@@ -1,0 +1,98 @@
+"""tools/benchmark.py: side-by-side measurements against effdet, at a small size on the CPU."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["device=cpu", "image_size=128", "batch_size=2", "train_batch_size=2", "warmup=1", "iters=1", "rounds=2"]
+
+
+def _tool(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "benchmark.py"), *overrides, f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, check=False,
+    )
+
+
+@pytest.mark.slow
+def test_compare_effdet_on_cpu_prints_json_lines_table_and_ratios(tmp_path):
+    res = _tool(tmp_path, "task=detection", "backbone=b0", "compare=effdet", *SMALL)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    env, rows = lines[0], lines[1:]
+    assert env["measure"] == "environment" and env["effdet"] == "0.4.1" and env["torch"]
+    assert rows == [json.loads(line) for line in (tmp_path / "benchmark.jsonl").read_text().splitlines()]
+    by = {(r["measure"], r["impl"]): r for r in rows}
+    assert set(by) == {(m, i) for m in ("params", "flops", "predict", "latency", "train") for i in ("effdense", "effdet")} | {
+        ("agreement", "effdense")
+    }
+    # The same network: equal parameter counts and FLOPs (3.88M parameters, 0.31 GFLOPs at 128 px).
+    assert by["params", "effdense"]["value"] == by["params", "effdet"]["value"] == 3_877_763
+    assert by["flops", "effdense"]["value"] == by["flops", "effdet"]["value"] > 0.3
+    agree = by["agreement", "effdense"]
+    assert agree["model"] == "efficientdet_d0"
+    assert agree["max_class_logit_diff"] < 1e-4
+    assert agree["max_sorted_score_diff"] < 1e-5
+    assert agree["detections_matched"] > 0.9 and agree["detections"] == 200  # near-ties may swap at the cut
+    for measure, unit, batch in (("predict", "images/s", 2), ("latency", "ms", 1), ("train", "images/s", 2)):
+        ours, theirs = by[measure, "effdense"], by[measure, "effdet"]
+        assert ours["unit"] == theirs["unit"] == unit and ours["batch"] == theirs["batch"] == batch
+        assert ours["value"] > 0 and theirs["value"] > 0
+        # ratio = this project's time / effdet's time, from the same run.
+        assert ours["ratio"] == pytest.approx(ours["ms_per_call"] / theirs["ms_per_call"], rel=1e-2)
+        assert "ratio" not in theirs
+        assert ours["precision"] == "fp32" and ours["channels_last"] and ours["fold_bn"] and not ours["compile"]
+    table = res.stderr[re.search(r"^measure\s+impl", res.stderr, re.M).start():]
+    assert re.search(r"^agreement\s+effdense vs efficientdet_d0", table, re.M)
+    assert re.search(r"^latency\s+effdense\s+1\s+[\d.,]+\s+ms\s+[\d.]+", table, re.M)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["task=segmentation", "compare=effdet"], "compare=effdet is for task=detection"),
+        (["backbone=b4", "compare=effdet"], "effdet has no efficientdet_d4"),
+        (["measures=[speed]"], "unknown measures ['speed']"),
+        (["image_size=100", "device=cpu"], "multiple of 128"),
+    ],
+)
+def test_bad_requests_exit_2_with_one_line(tmp_path, overrides, message):
+    res = _tool(tmp_path, *overrides)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    res = _tool(tmp_path, "device=cuda")
+    assert res.returncode == 2 and "CUDA is not available here; use device=cpu" in res.stderr
+
+
+def test_segmentation_and_data_measures(tmp_path, synthetic_coco):
+    from tasks.benchmark import format_table, run_benchmark
+    from tasks.config import compose
+
+    cfg = compose("benchmark", ["task=segmentation", "backbone=b0", "measures=[params,predict]", "image_size=[128,256]",
+                                "batch_size=1", "warmup=1", "iters=1", "rounds=1", "device=cpu"])
+    rows = run_benchmark(cfg)
+    assert [(r["measure"], r["impl"]) for r in rows] == [("params", "effdense"), ("predict", "effdense")]
+    assert rows[1]["image_size"] == [128, 256] and rows[1]["value"] > 0 and "ratio" not in rows[1]
+
+    cfg = compose("benchmark", ["data=synthetic", f"data.root={synthetic_coco}", "~data.synthetic", "measures=[data]",
+                                "data_workers=[0,1]", "data.batch_size=4", "data_batches=2", "image_size=128",
+                                "model.image_size=128"])
+    rows = run_benchmark(cfg)
+    assert [r["workers"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["measure"] == "data" and r["unit"] == "images/s" and r["value"] > 0 and r["batch"] == 4
+        assert r["per_worker"] == pytest.approx(r["value"] / max(r["workers"], 1), rel=1e-2)
+    assert "images/s (" in format_table(rows)
