@@ -82,3 +82,18 @@ def test_tiny_model_overfits_four_images(synthetic_coco):
             ious = box_iou(gt_boxes[g : g + 1], det["boxes"][b])[0]
             best = float((ious * same_class).max())
             assert best > 0.5, f"image {b} object {g}: best IoU {best:.2f}"
+
+    # bf16 autocast keeps the trained model's detections: every confident float32 detection is found again
+    # with its class, IoU > 0.9 and a score within 0.05 (the tolerance docs/benchmarks.md states).
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cls16, box16, _ = run()
+    det16 = post(cls16, box16, anchors, (128, 128))
+    confident = 0
+    for b in range(4):
+        for i in torch.nonzero(det["scores"][b] > 0.3).squeeze(1).tolist():
+            confident += 1
+            ious = box_iou(det["boxes"][b, i : i + 1], det16["boxes"][b])[0]
+            close = (ious > 0.9) & (det16["labels"][b] == det["labels"][b, i])
+            close &= (det16["scores"][b] - det["scores"][b, i]).abs() < 0.05
+            assert close.any(), f"image {b}: fp32 detection {i} (score {float(det['scores'][b, i]):.3f}) lost in bf16"
+    assert confident >= 4
