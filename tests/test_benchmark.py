@@ -50,9 +50,9 @@ def test_compare_effdet_on_cpu_prints_json_lines_table_and_ratios(tmp_path):
         assert ours["ratio"] == pytest.approx(ours["ms_per_call"] / theirs["ms_per_call"], rel=1e-2)
         assert "ratio" not in theirs
         assert ours["precision"] == "fp32" and ours["channels_last"] and ours["fold_bn"] and not ours["compile"]
-    table = res.stderr[re.search(r"^measure\s+impl", res.stderr, re.M).start():]
-    assert re.search(r"^agreement\s+effdense vs efficientdet_d0", table, re.M)
-    assert re.search(r"^latency\s+effdense\s+1\s+[\d.,]+\s+ms\s+[\d.]+", table, re.M)
+    table = res.stderr[re.search(r"^measure\s+impl", res.stderr, re.MULTILINE).start():]
+    assert re.search(r"^agreement\s+effdense vs efficientdet_d0", table, re.MULTILINE)
+    assert re.search(r"^latency\s+effdense\s+1\s+[\d.,]+\s+ms\s+[\d.]+", table, re.MULTILINE)
 
 
 @pytest.mark.parametrize(
