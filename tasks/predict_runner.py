@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .coco_eval import atomic_write_json
+from .inference import FastPaths
 from .predictor import Predictor, list_images, read_rgb
 from .seg_writer import write_image_atomic
 from .visualize import draw_detections, overlay_segmentation
@@ -34,7 +35,8 @@ def predict(cfg: DictConfig, run_dir: str | Path) -> list[dict[str, Any]]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     overrides = list(OmegaConf.to_container(cfg.config_overrides, resolve=True) or [])
-    predictor = Predictor.from_checkpoint(cfg.ckpt, device=device, overrides=overrides)
+    fast = FastPaths(compile=False, **OmegaConf.to_container(cfg.fast)) if "fast" in cfg else None
+    predictor = Predictor.from_checkpoint(cfg.ckpt, device=device, overrides=overrides, fast=fast)
     names = predictor.class_names
     vis_dir = run_dir / "visualizations"
     mask_dir = run_dir / "masks"

@@ -7,6 +7,7 @@ post-processing all come from the checkpoint's stored config, so nothing else ne
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from .checkpoint import CheckpointError, apply_overrides, read_checkpoint
+from .inference import FastPaths, optimize_model
 
 __all__ = ["IMAGE_SUFFIXES", "Predictor", "list_images", "read_rgb"]
 
@@ -81,14 +83,25 @@ class Predictor:
         config: the run config (resolved dict) the task was built from.
         class_names: names of the labels, in label order.
         device: where to run.
+        fast: inference speed-ups (:class:`tasks.inference.FastPaths`; by default BatchNorm folding,
+            channels-last and, on CUDA, bf16 autocast; no compilation, since image sizes vary). They apply to
+            a copy of the model: ``task`` is not changed. ``FastPaths(fold_bn=False, channels_last=False,
+            precision="fp32")`` predicts exactly as evaluation does.
     """
 
     def __init__(self, task, *, config: dict[str, Any], class_names: Sequence[str] | None = None,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", fast: FastPaths | None = None) -> None:
         from .segmentation import SegmentationTask
 
-        self.task = task.eval().to(device)
         self.device = torch.device(device)
+        self.fast = (fast or FastPaths(compile=False)).resolve(self.device)
+        if self.fast.compile:
+            raise ValueError("Predictor does not compile (image sizes vary); use tasks.inference.prepare_predictor")
+        self.task = task.eval()
+        if self.fast.fold_bn or self.fast.channels_last:
+            self.task = copy.deepcopy(task).eval()
+            self.task.model, _ = optimize_model(task.model, self.fast, self.device)
+        self.task.to(self.device)
         self.config = config
         self.kind = "segmentation" if isinstance(task, SegmentationTask) else "detection"
         num_classes = int(task.num_classes)
@@ -111,7 +124,8 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | os.PathLike, *, device: str | torch.device = "cpu", overrides: Sequence[str] = ()
+        cls, path: str | os.PathLike, *, device: str | torch.device = "cpu", overrides: Sequence[str] = (),
+        fast: FastPaths | None = None,
     ) -> Predictor:
         """Build the model the checkpoint describes, load its (EMA) weights; ``overrides`` are ``key=value``
         changes of the stored config (e.g. ``task.module.postprocess.iou_threshold=0.6``)."""
@@ -134,7 +148,7 @@ class Predictor:
         task = instantiate(cfg.task.module, model=model)
         load_checkpoint_weights(task.model, ckpt, source=path)
         config = OmegaConf.to_container(cfg, resolve=True)
-        return cls(task, config=config, class_names=ckpt.get("effdense_class_names"), device=device)
+        return cls(task, config=config, class_names=ckpt.get("effdense_class_names"), device=device, fast=fast)
 
     # ------------------------------------------------------------------ batches
     def _detection_batch(self, images: list[np.ndarray]) -> dict[str, torch.Tensor]:
@@ -160,6 +174,12 @@ class Predictor:
             })
         return collate_segmentation(samples, size_divisor=self.size_divisor)
 
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        if self.fast.channels_last:
+            batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
+        return batch
+
     @torch.no_grad()
     def predict_arrays(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         """HxWx3 uint8 RGB arrays -> one result dict per image (see :meth:`__call__`)."""
@@ -167,8 +187,9 @@ class Predictor:
             return []
         if self.kind == "detection":
             batch = self._detection_batch(images)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            det = self.task.predict_batch(batch)
+            batch = self._to_device(batch)
+            with self.fast.autocast(self.device):
+                det = self.task.predict_batch(batch)
             results = []
             for b in range(len(images)):
                 n = int(det["num_detections"][b])
@@ -181,8 +202,9 @@ class Predictor:
                 })
             return results
         batch = self._segmentation_batch(images)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        preds = self.task.predict_batch(batch)
+        batch = self._to_device(batch)
+        with self.fast.autocast(self.device):
+            preds = self.task.predict_batch(batch)
         return [{"mask": p.to(torch.uint8).cpu().numpy()} for p in preds]
 
     def __call__(self, inputs: ImageInput | Sequence[ImageInput], *, batch_size: int = 4) -> list[dict[str, Any]]:

@@ -98,3 +98,22 @@ def test_fast_path_choices_per_device():
 @pytest.fixture(scope="module")
 def task():
     return _make_task()
+
+
+def test_predictor_applies_fast_paths_to_a_copy(task):
+    import numpy as np
+
+    from tasks.predictor import Predictor
+
+    before = {k: v.clone() for k, v in task.model.state_dict().items()}
+    fast = Predictor(task, config={}, device="cpu")
+    exact = Predictor(task, config={}, device="cpu",
+                      fast=FastPaths(fold_bn=False, channels_last=False, precision="fp32"))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.task.model.modules())
+    assert exact.task is task
+    state = task.model.state_dict()  # the caller's task is unchanged
+    assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in state)
+    image = np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)
+    a, b = fast(image), exact(image)
+    assert len(a["scores"]) == len(b["scores"]) > 0
+    np.testing.assert_allclose(sorted(a["scores"]), sorted(b["scores"]), atol=1e-4)
