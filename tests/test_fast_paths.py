@@ -114,6 +114,6 @@ def test_predictor_applies_fast_paths_to_a_copy(task):
     state = task.model.state_dict()  # the caller's task is unchanged
     assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in state)
     image = np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)
-    a, b = fast(image), exact(image)
+    a, b = fast([image])[0], exact([image])[0]
     assert len(a["scores"]) == len(b["scores"]) > 0
     np.testing.assert_allclose(sorted(a["scores"]), sorted(b["scores"]), atol=1e-4)
