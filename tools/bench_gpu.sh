@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU measurements recorded in docs/benchmarks.md, one benchmark process per part, within a time budget.
-# Usage: OUT=outputs/bench_gpu BUDGET=545 bash tools/bench_gpu.sh
+# Usage: OUT=outputs/bench_gpu BUDGET=545 [PARTS="d0 d3 d0_train seg d0_train_compiled d3_compiled"] bash tools/bench_gpu.sh
 # JSON lines go to $OUT/<part>.jsonl, logs to $OUT/<part>.log (parts of the same name append); a part that
 # would overrun the budget is cut short (the lines it printed so far are kept).
 set -u
 OUT=${OUT:-outputs/bench_gpu}
 PY=${PY:-python3}
 BUDGET=${BUDGET:-545}
+PARTS=${PARTS:-"d0 d3 d0_train seg d0_train_compiled d3_compiled"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1
 start=$SECONDS
@@ -25,20 +26,26 @@ run() {  # run PART TIMEOUT OVERRIDES...
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-# D0 inference: both implementations compiled (CUDA graphs), bf16, channels-last; batch 32 and batch 1.
-run d0 300 backbone=b0 compare=effdet measures=[params,flops,agreement,predict,latency] profile=true
-rc=$?
-if ((rc != 0 && rc != 124)); then  # failed (not merely out of time): the same without compilation
-  run d0 120 backbone=b0 compare=effdet fast.compile=false measures=[predict,latency]
-fi
-# D0 training step at batch 32, both eager (bf16 autocast, channels-last).
-run d0_train 60 backbone=b0 compare=effdet fast.compile=false measures=[train] iters=5 profile=true
-# Segmentation at 1024x2048 (batch 4), b0..b3, eager bf16 channels-last.
-for b in b0 b1 b2 b3; do
-  run seg 30 task=segmentation backbone=$b measures=[params,predict] fast.compile=false iters=5 rounds=2
+for p in $PARTS; do
+  case $p in
+  d0)  # D0 inference: both compiled (CUDA graphs), bf16, channels-last; batch 32 and batch 1
+    run d0 300 backbone=b0 compare=effdet measures=[params,flops,agreement,predict,latency] profile=true
+    rc=$?
+    if ((rc != 0 && rc != 124)); then  # failed (not merely out of time): the same without compilation
+      run d0 120 backbone=b0 compare=effdet fast.compile=false measures=[predict,latency]
+    fi ;;
+  d3)  # D3 predict (batch 16) and training (batch 8), both eager (bf16, channels-last)
+    run d3 120 backbone=b3 compare=effdet fast.compile=false measures=[agreement,predict,train] iters=5 ;;
+  d0_train)  # D0 training step at batch 32, both eager
+    run d0_train 60 backbone=b0 compare=effdet fast.compile=false measures=[train] iters=5 profile=true ;;
+  seg)  # segmentation at 1024x2048 (batch 4), b0..b3, eager
+    for b in b0 b1 b2 b3; do
+      run seg 30 task=segmentation backbone=$b measures=[params,predict] fast.compile=false iters=5 rounds=2
+    done ;;
+  d0_train_compiled)  # training with both networks compiled (compilation of forward + backward takes minutes)
+    run d0_train 300 backbone=b0 compare=effdet measures=[train] iters=5 ;;
+  d3_compiled)
+    run d3 300 backbone=b3 compare=effdet measures=[predict] ;;
+  *) echo "unknown part $p"; exit 2 ;;
+  esac
 done
-# D3 predict (batch 16) and training (batch 8), both eager.
-run d3 120 backbone=b3 compare=effdet fast.compile=false measures=[agreement,predict,train] iters=5
-# With the budget left: training compiled (both), then D3 inference compiled (both).
-run d0_train 200 backbone=b0 compare=effdet measures=[train] iters=5
-run d3 200 backbone=b3 compare=effdet measures=[predict]
