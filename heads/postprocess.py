@@ -127,20 +127,9 @@ class DetectionPostProcess:
         sel = rank < self.max_detections
         keep, kept_images, rank = keep[sel], kept_images[sel], rank[sel]
 
-        d = self.max_detections
-        out_boxes = torch.zeros(b, d, 4, device=device)
-        out_scores = torch.zeros(b, d, device=device)
-        out_labels = torch.full((b, d), -1, dtype=torch.long, device=device)
-        out_boxes[kept_images, rank] = flat_boxes[keep]
-        out_scores[kept_images, rank] = flat_scores[keep]
-        out_labels[kept_images, rank] = flat_labels[keep]
-        return {
-            "boxes": out_boxes,
-            "scores": out_scores,
-            "labels": out_labels,
-            "num_detections": counts.clamp(max=d),
-        }
-
+        return _padded_detections(
+            b, self.max_detections, kept_images, rank, flat_boxes[keep], flat_scores[keep], flat_labels[keep], counts
+        )
 
     def _dense(self, device: torch.device) -> bool:
         if self.nms_impl == "auto":
@@ -158,20 +147,31 @@ class DetectionPostProcess:
             sl = slice(i, i + chunk)
             keep[sl] = dense_greedy_nms(boxes[sl], labels[sl], scores[sl] >= self.score_threshold, self.iou_threshold)
         rank = torch.cumsum(keep, 1) - 1
-        slot = torch.where(keep & (rank < d), rank, torch.full_like(rank, d))  # slot d collects the rest
+        # Every candidate is written: the ones not shown go to the spare column d (no host-side selection).
+        slot = torch.where(keep & (rank < d), rank, torch.full_like(rank, d))
         rows = torch.arange(b, device=scores.device)[:, None].expand(b, n)
-        out_boxes = torch.zeros(b, d + 1, 4, device=scores.device)
-        out_scores = torch.zeros(b, d + 1, device=scores.device)
-        out_labels = torch.full((b, d + 1), -1, dtype=torch.long, device=scores.device)
-        out_boxes[rows, slot] = boxes
-        out_scores[rows, slot] = scores
-        out_labels[rows, slot] = labels
-        return {
-            "boxes": out_boxes[:, :d].contiguous(),
-            "scores": out_scores[:, :d].contiguous(),
-            "labels": out_labels[:, :d].contiguous(),
-            "num_detections": keep.sum(1).clamp(max=d),
-        }
+        return _padded_detections(b, d, rows, slot, boxes, scores, labels, keep.sum(1))
+
+
+def _padded_detections(
+    b: int, d: int, rows: torch.Tensor, slots: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor,
+    labels: torch.Tensor, counts: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The output dict: detection ``i`` goes to row ``rows[i]``, column ``slots[i]`` (``< d`` is shown; column
+    ``d`` is a spare that is cut off), padding is zeros with label -1."""
+    device = boxes.device
+    out_boxes = torch.zeros(b, d + 1, 4, device=device)
+    out_scores = torch.zeros(b, d + 1, device=device)
+    out_labels = torch.full((b, d + 1), -1, dtype=torch.long, device=device)
+    out_boxes[rows, slots] = boxes
+    out_scores[rows, slots] = scores
+    out_labels[rows, slots] = labels
+    return {
+        "boxes": out_boxes[:, :d].contiguous(),
+        "scores": out_scores[:, :d].contiguous(),
+        "labels": out_labels[:, :d].contiguous(),
+        "num_detections": counts.clamp(max=d),
+    }
 
 
 #: Largest number of (box, box) pairs the dense NMS holds at once (about 0.5 GB of temporaries).
