@@ -15,6 +15,7 @@ What each path changes in the results:
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -115,8 +116,6 @@ def optimize_model(model: nn.Module, paths: FastPaths, device: torch.device | st
         model, report = fold_batchnorm(model)
         info["folded_norms"], info["unfolded_norms"] = report.folded, report.remaining
     else:
-        import copy
-
         model = copy.deepcopy(model).eval()
     model = model.to(device)
     if paths.channels_last:

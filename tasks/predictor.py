@@ -99,8 +99,9 @@ class Predictor:
             raise ValueError("Predictor does not compile (image sizes vary); use tasks.inference.prepare_predictor")
         self.task = task.eval()
         if self.fast.fold_bn or self.fast.channels_last:
-            self.task = copy.deepcopy(task).eval()
-            self.task.model, _ = optimize_model(task.model, self.fast, self.device)
+            fast_model, _ = optimize_model(task.model, self.fast, self.device)
+            # Copy the task around the new model (the memo stands it in for the old one: no second model copy).
+            self.task = copy.deepcopy(task, memo={id(task.model): fast_model}).eval()
         self.task.to(self.device)
         self.config = config
         self.kind = "segmentation" if isinstance(task, SegmentationTask) else "detection"
