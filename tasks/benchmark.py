@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from heads import flatten_levels
+
 from .inference import FastPaths, FlatDetector, compile_module, prepare_predictor
 
 __all__ = ["BenchmarkError", "format_table", "run_benchmark"]
@@ -129,9 +131,7 @@ class _Effdet:
             raise BenchmarkError(f"compare=effdet: the configured model is not effdet's {self.name}: {err}") from None
 
     def predictor(self, paths: FastPaths, device: torch.device, size: tuple[int, int]):
-        model = copy.deepcopy(self.model).to(device).eval()
-        if paths.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model = _working_copy(self.model, paths, device, train=False)
         bench = self.effdet.DetBenchPredict(model).to(device).eval()
         bench.model = compile_module(model, paths)
         h, w = size
@@ -150,15 +150,19 @@ class _Effdet:
         return predict
 
     def trainer(self, paths: FastPaths, device: torch.device):
-        model = copy.deepcopy(self.model).to(device).train()
-        if paths.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model = _working_copy(self.model, paths, device, train=True)
         bench = self.effdet.DetBenchTrain(model, create_labeler=True).to(device)
         bench.model = compile_module(model, paths, training=True)
         return bench, model
 
 
 # ----------------------------------------------------------------------------------------------- pieces
+def _working_copy(model: torch.nn.Module, paths: FastPaths, device: torch.device, *, train: bool) -> torch.nn.Module:
+    """A copy of ``model`` on ``device`` in train or eval mode, channels-last when asked (norms not folded)."""
+    model = copy.deepcopy(model).to(device).train(train)
+    return model.to(memory_format=torch.channels_last) if paths.channels_last else model
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -313,7 +317,7 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
         with torch.inference_mode():
             flat = FlatDetector(task.model.to(device).eval(), task.num_classes)(x)[0]
             cls_ref, _ = ref.model.to(device).eval()(x)
-            cls_ref = torch.cat([c.permute(0, 2, 3, 1).reshape(x.shape[0], -1, task.num_classes) for c in cls_ref], 1)
+            cls_ref = flatten_levels(dict(enumerate(cls_ref)), task.num_classes)  # effdet's per-level list
             cls_diff = float((flat - cls_ref).abs().max())
             task.model.cpu(), ref.model.cpu()
             agree = _agreement(ours_pred(x), theirs_pred(x), cls_diff)
@@ -399,9 +403,8 @@ def _profile(title: str, fns: dict[str, Callable[[], Any]], device: torch.device
 
 
 def _our_train_step(task, paths: FastPaths, device, x, boxes, labels) -> Callable[[], None]:
-    model = copy.deepcopy(task.model).to(device).train()
+    model = _working_copy(task.model, paths, device, train=True)
     if paths.channels_last:
-        model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     net = compile_module(FlatDetector(model, task.num_classes), paths, training=True)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=4e-5)
