@@ -46,22 +46,22 @@ def _distinctive(path: Path, out: Path, key_part: str) -> Path:
     return out
 
 
+def _trained_run(tmp: Path, overrides: list[str], key_part: str, dataset: str) -> dict:
+    """Train a tiny model in ``tmp/run``; also a copy of its checkpoint with distinctive ``key_part`` weights."""
+    run = tmp / "run"
+    train(compose("train", [*overrides, f"cache_dir={tmp / 'cache'}"]), run)
+    ckpt = _distinctive(run / "checkpoints" / "last.ckpt", tmp / "distinct.ckpt", key_part)
+    return {"tmp": tmp, "run": run, "ckpt": ckpt, "data": next((tmp / "cache").glob(f"{dataset}/*"))}
+
+
 @pytest.fixture(scope="module")
 def det_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("det")
-    run = tmp / "run"
-    train(compose("train", [*TINY_DET, f"cache_dir={tmp / 'cache'}"]), run)
-    ckpt = _distinctive(run / "checkpoints" / "last.ckpt", tmp / "distinct.ckpt", "class_net.predict")
-    return {"tmp": tmp, "run": run, "ckpt": ckpt, "data": next((tmp / "cache").glob("synthetic_coco/*"))}
+    return _trained_run(tmp_path_factory.mktemp("det"), TINY_DET, "class_net.predict", "synthetic_coco")
 
 
 @pytest.fixture(scope="module")
 def seg_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("seg")
-    run = tmp / "run"
-    train(compose("train", [*TINY_SEG, f"cache_dir={tmp / 'cache'}"]), run)
-    ckpt = _distinctive(run / "checkpoints" / "last.ckpt", tmp / "distinct.ckpt", "head.classifier")
-    return {"tmp": tmp, "run": run, "ckpt": ckpt, "data": next((tmp / "cache").glob("synthetic_cityscapes/*"))}
+    return _trained_run(tmp_path_factory.mktemp("seg"), TINY_SEG, "head.classifier", "synthetic_cityscapes")
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
