@@ -40,7 +40,9 @@ class DenseTask(L.LightningModule):
         optimizer: ``params -> torch.optim.Optimizer`` (e.g. ``functools.partial(torch.optim.SGD, lr=...)``).
         weight_decay: applied to conv/linear weights only (not to norms, biases or fusion weights).
         warmup_steps, warmup_factor, min_lr_factor: the warmup + cosine schedule, stepped per optimizer step.
-        channels_last: run the model in channels-last memory format.
+        channels_last: run the model in channels-last memory format: ``True``, ``False`` or ``"auto"`` (on when the
+            trainer's device is a CUDA GPU, where convolutions are faster in it; results change only by float
+            rounding). Settled in :meth:`setup`, before the optimizer is made.
         mean, std: per-channel normalisation (0..1 scale) applied on the device to uint8 images.
         max_nonfinite_steps: a step whose loss is NaN/inf is skipped (no backward, no update) with a warning and
             counted (``train/nonfinite_steps``); this many such steps in a row stop training with
@@ -56,7 +58,7 @@ class DenseTask(L.LightningModule):
         warmup_steps: int = 500,
         warmup_factor: float = 0.1,
         min_lr_factor: float = 0.0,
-        channels_last: bool = False,
+        channels_last: bool | str = False,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         max_nonfinite_steps: int = 10,
@@ -75,7 +77,11 @@ class DenseTask(L.LightningModule):
         self.warmup_steps = warmup_steps
         self.warmup_factor = warmup_factor
         self.min_lr_factor = min_lr_factor
-        self.channels_last = channels_last
+        if channels_last not in (True, False, "auto"):
+            raise ValueError(f"channels_last must be true, false or auto, got {channels_last!r}")
+        #: What was asked for; :attr:`channels_last` is what is used (``"auto"`` counts as off until :meth:`setup`).
+        self.channels_last_request = channels_last
+        self.channels_last = channels_last != "auto" and bool(channels_last)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
         #: Set by the runner: the resolved run config, stored in every checkpoint so it is self-describing.
@@ -84,8 +90,15 @@ class DenseTask(L.LightningModule):
         self.output_dir: Path | None = None
         #: Metrics of the last validation epoch (the same on every rank).
         self.last_metrics: dict[str, Any] = {}
-        if channels_last:
+        if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+
+    def setup(self, stage: str) -> None:
+        if self.channels_last_request == "auto" and not self.channels_last:
+            device = self.trainer.strategy.root_device
+            if device.type == "cuda":
+                self.channels_last = True
+                self.model.to(memory_format=torch.channels_last)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, 3, H, W]`` -> normalised float (in the model's memory format)."""

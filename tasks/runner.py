@@ -20,7 +20,7 @@ from backbones.timm_backbone import state_dict_mismatches
 from .callbacks import EMA, AtomicCheckpointIO, SaveLastOnTrainEnd
 from .checkpoint import CheckpointError, merge_checkpoint_config, read_checkpoint
 
-__all__ = ["build_model", "build_task", "train", "evaluate", "load_checkpoint_weights", "CheckpointError"]
+__all__ = ["build_model", "build_task", "trainer_kwargs", "train", "evaluate", "load_checkpoint_weights", "CheckpointError"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,22 @@ def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[L.Callback]:
     if cfg.ema.enabled:
         callbacks.append(EMA(decay=cfg.ema.decay, warmup=cfg.ema.warmup))
     return callbacks
+
+
+def trainer_kwargs(cfg: DictConfig, *, training: bool = True) -> dict[str, Any]:
+    """``cfg.trainer`` as ``lightning.Trainer`` keyword arguments, with ``precision: auto`` settled: ``bf16-mixed``
+    for training on a CUDA GPU that supports bfloat16 (about 1.5-2x faster steps; the weights and optimizer stay
+    float32), ``32-true`` otherwise and always for evaluation (metrics computed exactly as in float32)."""
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if kwargs.get("precision") == "auto":
+        kwargs["precision"] = "bf16-mixed" if training and _uses_bf16_gpu(kwargs.get("accelerator", "auto")) else "32-true"
+    return kwargs
+
+
+def _uses_bf16_gpu(accelerator: str) -> bool:
+    if str(accelerator) not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
+        return False
+    return torch.cuda.is_bf16_supported()
 
 
 def _write_run_config(cfg: DictConfig, run_dir: Path) -> None:
@@ -123,7 +139,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
         load_finetune_weights(task.model, init, source=cfg.init_from)
     ckpt_dir = run_dir / "checkpoints"
     trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        **trainer_kwargs(cfg, training=True),
         default_root_dir=str(run_dir),
         callbacks=_callbacks(cfg, ckpt_dir),
         logger=CSVLogger(save_dir=str(run_dir), name="logs", version=""),
@@ -197,10 +213,10 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()
     _write_run_config(cfg, run_dir)
     task = build_task(cfg)
     load_checkpoint_weights(task.model, ckpt, source=cfg.ckpt)
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kwargs = trainer_kwargs(cfg, training=False)
     for key in ("max_epochs", "max_steps", "gradient_clip_val", "gradient_clip_algorithm", "check_val_every_n_epoch"):
-        trainer_kwargs.pop(key, None)
-    trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(run_dir), logger=False)
+        kwargs.pop(key, None)
+    trainer = L.Trainer(**kwargs, default_root_dir=str(run_dir), logger=False)
     metrics = _final_validation(trainer, task, datamodule, run_dir)
     log.info("metrics: %s", json.dumps(metrics))
     return metrics

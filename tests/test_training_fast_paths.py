@@ -1,0 +1,109 @@
+"""Training fast paths: ``trainer.precision: auto`` and ``task.module.channels_last: auto`` settle per device."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tasks.config import compose
+from tasks.runner import build_model, build_task, trainer_kwargs
+
+
+@pytest.fixture
+def gpu_with_bf16(monkeypatch):
+    """What the resolution sees on a CUDA machine whose GPU supports bfloat16."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+
+
+def test_config_defaults_are_auto():
+    cfg = compose("train")
+    assert cfg.trainer.precision == "auto"
+    assert cfg.task.module.channels_last == "auto"
+    assert compose("train", ["task=segmentation"]).task.module.channels_last == "auto"
+
+
+def test_precision_auto_is_float32_on_the_cpu():
+    cfg = compose("train")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert trainer_kwargs(cfg)["precision"] == "32-true"
+    assert trainer_kwargs(cfg, training=False)["precision"] == "32-true"
+
+
+def test_precision_auto_is_bf16_for_training_on_a_bf16_gpu(gpu_with_bf16):
+    cfg = compose("train")
+    assert trainer_kwargs(cfg, training=True)["precision"] == "bf16-mixed"
+    # Evaluation keeps float32 metrics; an explicit CPU accelerator keeps float32 training.
+    assert trainer_kwargs(cfg, training=False)["precision"] == "32-true"
+    assert trainer_kwargs(compose("train", ["trainer.accelerator=cpu"]))["precision"] == "32-true"
+
+
+def test_precision_auto_without_bf16_support_is_float32(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert trainer_kwargs(compose("train"))["precision"] == "32-true"
+
+
+def test_explicit_precision_is_used_as_given(gpu_with_bf16):
+    for value in ("32-true", "16-mixed", "bf16-mixed"):
+        cfg = compose("train", [f"trainer.precision={value}"])
+        assert trainer_kwargs(cfg)["precision"] == value
+        assert trainer_kwargs(cfg, training=False)["precision"] == value
+    # Everything else passes through unchanged.
+    cfg = compose("train")
+    kwargs = trainer_kwargs(cfg)
+    assert {k: v for k, v in kwargs.items() if k != "precision"} == {
+        k: v for k, v in cfg.trainer.items() if k != "precision"
+    }
+
+
+def _is_channels_last(model: torch.nn.Module) -> bool:
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    return all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+
+
+def _task(channels_last):
+    cfg = compose("train", ["data=synthetic", "model.image_size=128", f"task.module.channels_last={channels_last}"])
+    return build_task(cfg, build_model(cfg))
+
+
+def _attach(task, device: str) -> None:
+    # setup() reads only the device the trainer's strategy will use.
+    task._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+
+
+def test_channels_last_auto_is_on_for_cuda_only():
+    task = _task("auto")
+    assert task.channels_last is False and not _is_channels_last(task.model)
+    _attach(task, "cpu")
+    task.setup("fit")
+    assert task.channels_last is False and not _is_channels_last(task.model)
+    x = task.normalize(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    assert not x.is_contiguous(memory_format=torch.channels_last)
+
+    task = _task("auto")
+    params = list(task.model.parameters())
+    _attach(task, "cuda")
+    task.setup("fit")
+    assert task.channels_last is True and _is_channels_last(task.model)
+    # The same parameter objects (an optimizer made later, or already, still holds them).
+    assert all(a is b for a, b in zip(params, task.model.parameters()))
+    x = task.normalize(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
+    assert x.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_channels_last_explicit_values():
+    assert _task("true").channels_last is True and _is_channels_last(_task("true").model)
+    task = _task("false")
+    _attach(task, "cuda")
+    task.setup("fit")
+    assert task.channels_last is False and not _is_channels_last(task.model)
+
+
+def test_channels_last_bad_value_is_an_error():
+    cfg = compose("train", ["data=synthetic", "model.image_size=128", "task.module.channels_last=sometimes"])
+    with pytest.raises(Exception, match="channels_last must be true, false or auto"):
+        build_task(cfg, build_model(cfg))
