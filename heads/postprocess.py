@@ -78,18 +78,21 @@ class DetectionPostProcess:
         (e.g. the un-padded part of a letterboxed input)."""
         _, a, c = cls_logits.shape
         k = min(self.topk, a * c)
-        # Ranking in the logits' own dtype avoids a float32 copy of the whole [B, A*C] map under bf16.
-        top_logits, top_idx = _topk(cls_logits, k)  # [B, k], sorted
-        top_scores = torch.sigmoid(top_logits.float())
         # Greedy NMS decides a candidate's fate from higher-scoring candidates only, so NMS over the best n
         # candidates gives exactly the survivors among them. Once every image has max_detections survivors
         # (or has run out of candidates) the rest cannot change the output: try a prefix, widen it if needed.
+        # Only the best n are ranked (top-k of a few hundred, not of thousands, out of millions of logits).
         n = k if self.nms_prefix is None or _tracing() else min(k, max(self.nms_prefix, self.max_detections))
-        if n < k:
-            available = (top_scores >= self.score_threshold).sum(1)  # candidates each image has in all
         while True:
-            out = self._nms(top_scores[:, :n], top_idx[:, :n], box_deltas, anchors, image_size, c)
-            if n == k or bool(((out["num_detections"] >= self.max_detections) | (available <= n)).all()):
+            # Ranking in the logits' own dtype avoids a float32 copy of the whole [B, A*C] map under bf16.
+            top_logits, top_idx = _topk(cls_logits, n)  # [B, n], sorted
+            top_scores = torch.sigmoid(top_logits.float())
+            out = self._nms(top_scores, top_idx, box_deltas, anchors, image_size, c)
+            if n == k:
+                return out
+            # An image whose n-th candidate already fails the score threshold has no more candidates to offer.
+            exhausted = top_scores[:, -1] < self.score_threshold
+            if bool(((out["num_detections"] >= self.max_detections) | exhausted).all()):
                 return out
             n = min(k, 4 * n)
 
@@ -101,9 +104,14 @@ class DetectionPostProcess:
         deltas = torch.gather(box_deltas, 1, anchor_idx[..., None].expand(-1, -1, 4)).float()
         boxes = self.box_coder.decode(deltas, anchors.float()[anchor_idx])  # [B, k, 4]
         if self.clip_boxes:
-            hw = torch.as_tensor(image_size, dtype=boxes.dtype, device=device).reshape(-1, 2)
-            upper = hw.flip(-1).repeat(1, 2)[:, None, :]  # [B or 1, 1, 4]: (w, h, w, h)
-            boxes = torch.minimum(boxes.clamp(min=0), upper)
+            if isinstance(image_size, torch.Tensor):
+                hw = image_size.to(device=device, dtype=boxes.dtype).reshape(-1, 2)
+                upper = hw.flip(-1).repeat(1, 2)[:, None, :]  # [B or 1, 1, 4]: (w, h, w, h)
+                boxes = torch.minimum(boxes.clamp(min=0), upper)
+            else:  # one size for the batch: plain numbers, no host-to-device copy
+                h, w = (float(v) for v in image_size)
+                boxes = torch.stack([boxes[..., 0].clamp(0, w), boxes[..., 1].clamp(0, h),
+                                     boxes[..., 2].clamp(0, w), boxes[..., 3].clamp(0, h)], dim=-1)
         if self._dense(device):
             return self._dense_output(boxes, scores, labels)
         image_idx = torch.arange(b, device=device)[:, None].expand(b, k)
