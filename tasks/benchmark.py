@@ -14,7 +14,10 @@ prints one JSON line per measurement and a table. Measurements:
   into uint8 batches; normalisation happens on the device) with each of ``data_workers`` loader workers, and
   per worker (use ``data=synthetic`` or your own data; no model is involved);
 - ``train``: images/s of a training step at ``train_batch_size`` (forward, target assignment, loss, backward,
-  SGD step), with bf16 autocast / channels-last / compilation as configured (norms are not folded in training).
+  SGD step), with bf16 autocast / channels-last / compilation as configured (norms are not folded in training);
+- ``train_graph`` (CUDA only): the same step captured whole as one CUDA graph (:class:`tasks.graphed.GraphedTrainStep`),
+  which this project's sync-free target assignment allows; effdet's step cannot be captured (its anchor labeller
+  selects each image's valid boxes with boolean indexing, a host synchronisation), so its row is its ``train`` step.
 
 Both implementations run in the same process on the same input, batch and precision, alternating in
 ``rounds`` so that a machine's drift hits both; ``ratio`` is this project's time over effdet's (below 1 is
@@ -52,7 +55,7 @@ class BenchmarkError(ValueError):
     """A benchmark request that cannot be carried out (unknown measure, no effdet equivalent, no CUDA)."""
 
 
-MEASURES = ("params", "flops", "agreement", "predict", "latency", "train", "data")
+MEASURES = ("params", "flops", "agreement", "predict", "latency", "train", "train_graph", "data")
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -351,6 +354,18 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
         if cfg.profile:
             _profile(f"train batch {train_batch}", fns, device)
         add_pair("train", times, train_batch, unit="images/s", batch=train_batch)
+    if "train_graph" in measures:
+        if task_name != "detection" or device.type != "cuda":
+            raise BenchmarkError("measure 'train_graph' (a CUDA-graph training step) needs task=detection and CUDA")
+        x = images[:train_batch] if train_batch <= batch else torch.randn(train_batch, 3, *size).to(device)
+        boxes, labels = _random_targets(train_batch, size, task.num_classes, per_image=8, device=device, seed=cfg.seed)
+        fns = {"effdense": _our_train_step(task, paths, device, x, boxes, labels, graphed=True)}
+        if ref:  # effdet's step cannot be captured (its labeller selects each image's boxes on the host): as in 'train'
+            fns["effdet"] = _effdet_train_step(ref, paths, device, x, boxes, labels)
+        times = _time_rounds(fns, **timing)
+        if cfg.profile:
+            _profile(f"graphed train batch {train_batch}", fns, device)
+        add_pair("train_graph", times, train_batch, unit="images/s", batch=train_batch)
     if "data" in measures:
         rows += _data_rows(cfg, emit)
     return rows
@@ -402,24 +417,34 @@ def _profile(title: str, fns: dict[str, Callable[[], Any]], device: torch.device
         print(f"\n### profile: {name} {title}, {calls} calls\n{table}", file=sys.stderr, flush=True)
 
 
-def _our_train_step(task, paths: FastPaths, device, x, boxes, labels) -> Callable[[], None]:
+def _our_train_step(task, paths: FastPaths, device, x, boxes, labels, *, graphed: bool = False) -> Callable[[], None]:
+    """This project's training step; ``graphed``: captured whole as one CUDA graph (:mod:`tasks.graphed`)."""
+    from .inference import _anchors_for
+
     model = _working_copy(task.model, paths, device, train=True)
     if paths.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    net = compile_module(FlatDetector(model, task.num_classes), paths, training=True)
+    net = FlatDetector(model, task.num_classes)
+    if not graphed:
+        net = compile_module(net, paths, training=True)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=4e-5)
-    hw = tuple(x.shape[-2:])
-    from .inference import _anchors_for
-
-    anchors = _anchors_for(task, model, hw, device)
+    anchors = _anchors_for(task, model, tuple(x.shape[-2:]), device)
     assigner, loss_fn = task.assigner, task.loss
 
+    def loss(images: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.Tensor) -> torch.Tensor:
+        with paths.autocast(device, cache_enabled=not graphed):
+            cls, box = net(images)
+        cls_t, box_t, num_pos = assigner(anchors, gt_boxes, gt_labels)
+        return loss_fn(cls, box, cls_t, box_t, num_pos)["loss"]
+
+    if graphed:
+        from .graphed import GraphedTrainStep
+
+        graph = GraphedTrainStep(loss, opt, (x, boxes, labels))
+        return partial(graph, x, boxes, labels)
+
     def step() -> None:
-        with paths.autocast(device):
-            cls, box = net(x)
-        cls_t, box_t, num_pos = assigner(anchors, boxes, labels)
-        loss = loss_fn(cls, box, cls_t, box_t, num_pos)["loss"]
-        loss.backward()
+        loss(x, boxes, labels).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -62,12 +62,13 @@ class FastPaths:
         return PRECISIONS[self.precision]
 
     @contextlib.contextmanager
-    def autocast(self, device: torch.device | str) -> Iterator[None]:
+    def autocast(self, device: torch.device | str, *, cache_enabled: bool = True) -> Iterator[None]:
+        """Autocast to :attr:`dtype` (nothing for fp32); ``cache_enabled=False`` inside CUDA graph capture."""
         device = torch.device(device)
         if self.precision == "fp32":
             yield
         else:
-            with torch.autocast(device.type, dtype=self.dtype):
+            with torch.autocast(device.type, dtype=self.dtype, cache_enabled=cache_enabled):
                 yield
 
     def as_dict(self) -> dict[str, Any]:

@@ -62,6 +62,7 @@ def test_compare_effdet_on_cpu_prints_json_lines_table_and_ratios(tmp_path):
         (["backbone=b4", "compare=effdet"], "effdet has no efficientdet_d4"),
         (["measures=[speed]"], "unknown measures ['speed']"),
         (["image_size=100", "device=cpu"], "multiple of 128"),
+        (["image_size=128", "device=cpu", "measures=[train_graph]"], "'train_graph' (a CUDA-graph training step) needs"),
     ],
 )
 def test_bad_requests_exit_2_with_one_line(tmp_path, overrides, message):
