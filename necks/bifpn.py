@@ -105,7 +105,16 @@ class _FusionNodeModule(nn.Module):
         else:
             self.conv = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), norm_layer(channels))
 
-    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+    def normalized_weights(self) -> torch.Tensor:
+        """The fusion weights as used: ReLU then divided by their sum + 1e-4 ("fast"), or softmax."""
+        if self.fusion == "fast":
+            w = F.relu(self.weight)
+            return w / (w.sum() + 1e-4)
+        return torch.softmax(self.weight, dim=0)
+
+    def forward(self, maps: list[torch.Tensor], weights: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """``weights``: this node's normalised fusion weights (0-d tensors), when the layer has computed them
+        for all its nodes at once; otherwise the node computes them."""
         size = maps[self.inputs[self.size_ref]].shape[-2:]
         xs = [rs(maps[i], size) for rs, i in zip(self.resample, self.inputs)]
         if self.weight is None:
@@ -113,13 +122,13 @@ class _FusionNodeModule(nn.Module):
             for x in xs[1:]:
                 out = out + x
         else:
-            w = F.relu(self.weight) if self.fusion == "fast" else torch.softmax(self.weight, dim=0)
-            if self.fusion == "fast":
-                w = w / (w.sum() + 1e-4)
-            w = w.to(xs[0].dtype)
-            out = xs[0] * w[0]
-            for k in range(1, len(xs)):
-                out = out + xs[k] * w[k]
+            if weights is None:
+                weights = self.normalized_weights().unbind()
+            if weights[0].dtype != xs[0].dtype:
+                weights = [w.to(xs[0].dtype) for w in weights]
+            out = xs[0] * weights[0]
+            for x, w in zip(xs[1:], weights[1:]):
+                out = torch.addcmul(out, x, w)  # out + x * w in one kernel
         return self.conv(self.act(out))
 
 
@@ -168,6 +177,13 @@ class BiFPNLayer(nn.Module):
             )
             levels.append(node.level)
             chans.append(channels)
+        # "fast" weights of all nodes with the same number of inputs are normalised together (one small tensor
+        # per group instead of a handful of tiny operations per node, in the forward and the backward pass).
+        self.fusion = fusion
+        groups: dict[int, list[int]] = {}
+        for i, node in enumerate(nodes):
+            groups.setdefault(len(node.inputs), []).append(i)
+        self.weight_groups = list(groups.values())
         # The output of each level is its last map.
         out_levels = sorted(set(levels))
         self.out_ids = [max(i for i, lv in enumerate(levels) if lv == level) for level in out_levels]
@@ -176,10 +192,25 @@ class BiFPNLayer(nn.Module):
             if i < self.num_inputs:
                 raise ValueError(f"level {name} is never produced by a fusion node")
 
+    def node_weights(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, ...] | None]:
+        """Each node's normalised "fast" fusion weights as 0-d tensors of ``dtype`` (``None`` for other kinds:
+        nodes then compute their own)."""
+        if self.fusion != "fast":
+            return [None] * len(self.nodes)
+        out: list[tuple[torch.Tensor, ...] | None] = [None] * len(self.nodes)
+        for group in self.weight_groups:
+            w = F.relu(torch.stack([self.nodes[i].weight for i in group]))  # [nodes, inputs]
+            w = (w / (w.sum(1, keepdim=True) + 1e-4)).to(dtype)
+            scalars = w.reshape(-1).unbind()
+            n = w.shape[1]
+            for j, i in enumerate(group):
+                out[i] = scalars[j * n:(j + 1) * n]
+        return out
+
     def forward(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         maps = list(features.values())
-        for node in self.nodes:
-            maps.append(node(maps))
+        for node, weights in zip(self.nodes, self.node_weights(maps[0].dtype)):
+            maps.append(node(maps, weights))
         return {name: maps[i] for name, i in zip(self.out_specs, self.out_ids)}
 
 

@@ -88,3 +88,42 @@ def test_fast_fusion_weights_are_normalised():
     node.act = torch.nn.Identity()
     out = node(maps)
     assert torch.allclose(out, a * 3.0 / (3.0 + 1e-4), atol=1e-6)
+
+
+@pytest.mark.parametrize("fusion", ["fast", "softmax", "sum"])
+def test_layer_normalises_all_node_weights_as_each_node_does(fusion):
+    """The layer normalises the "fast" weights of all its nodes together; that must equal each node's own."""
+    torch.manual_seed(0)
+    neck = BiFPN(SPECS, channels=8, num_repeats=2, fusion=fusion)
+    cell = neck.cells[0]
+    with torch.no_grad():
+        for node in cell.nodes:
+            if node.weight is not None:
+                node.weight.uniform_(-0.5, 2.0)  # some negative: ReLU zeroes them
+    batched = cell.node_weights(torch.float32)
+    if fusion != "fast":
+        assert batched == [None] * len(cell.nodes)
+        return
+    assert {len(cell.nodes[i].inputs) for g in cell.weight_groups for i in g} == {2, 3}
+    for node, weights in zip(cell.nodes, batched):
+        own = node.normalized_weights()
+        assert len(weights) == len(node.inputs)
+        torch.testing.assert_close(torch.stack(weights), own, rtol=0, atol=1e-7)
+    # The neck's output equals running each node with its own weights, and gradients reach every weight.
+    feats = {k: torch.randn(2, s.channels, 64 // s.stride, 64 // s.stride) for k, s in SPECS.items()}
+    out = neck(feats)
+    maps = {name: feats[name] for name in neck.in_names}
+    x = maps[neck.in_names[-1]]
+    for i, extra in enumerate(neck.extra):
+        x = extra(x)
+        maps[f"p{int(neck.in_names[0][1:]) + len(neck.in_names) + i}"] = x
+    for c in neck.cells:
+        running = list(maps.values())
+        for node in c.nodes:
+            running.append(node(running))
+        maps = {name: running[i] for name, i in zip(c.out_specs, c.out_ids)}
+    for k in out:
+        torch.testing.assert_close(out[k], maps[k], rtol=1e-5, atol=1e-5)
+    # (not a plain sum: the sum of a BatchNorm's output in training does not depend on its input)
+    sum((v * torch.randn_like(v)).sum() for v in out.values()).backward()
+    assert all(n.weight.grad is not None and n.weight.grad.abs().sum() > 0 for c in neck.cells for n in c.nodes)

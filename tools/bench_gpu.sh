@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU measurements recorded in docs/benchmarks.md, one benchmark process per part, within a time budget.
-# Usage: OUT=outputs/bench_gpu BUDGET=545 [PARTS="d0 d3 d0_train seg d0_train_compiled d3_compiled"] bash tools/bench_gpu.sh
+# Usage: OUT=outputs/bench_gpu BUDGET=545 [PARTS="d0 d0_train d3 seg d0_train_compiled d3_compiled"] bash tools/bench_gpu.sh
 # JSON lines go to $OUT/<part>.jsonl, logs to $OUT/<part>.log (parts of the same name append); a part that
 # would overrun the budget is cut short (the lines it printed so far are kept).
 set -u
 OUT=${OUT:-outputs/bench_gpu}
 PY=${PY:-python3}
 BUDGET=${BUDGET:-545}
-PARTS=${PARTS:-"d0 d3 d0_train seg d0_train_compiled d3_compiled"}
+PARTS=${PARTS:-"d0 d0_train d3 seg d0_train_compiled d3_compiled"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1
 start=$SECONDS
@@ -34,10 +34,10 @@ for p in $PARTS; do
     if ((rc != 0 && rc != 124)); then  # failed (not merely out of time): the same without compilation
       run d0 120 backbone=b0 compare=effdet fast.compile=false measures=[predict,latency]
     fi ;;
-  d3)  # D3 predict (batch 16) and training (batch 8), both eager (bf16, channels-last)
-    run d3 120 backbone=b3 compare=effdet fast.compile=false measures=[agreement,predict,train] iters=5 ;;
-  d0_train)  # D0 training step at batch 32, both eager
-    run d0_train 60 backbone=b0 compare=effdet fast.compile=false measures=[train] iters=5 profile=true ;;
+  d3)  # D3 predict (batch 16) and training (batch 8), both eager (bf16, channels-last); ours also as one CUDA graph
+    run d3 150 backbone=b3 compare=effdet fast.compile=false measures=[agreement,predict,train,train_graph] iters=5 ;;
+  d0_train)  # D0 training step at batch 32, both eager; ours also captured as one CUDA graph (train_graph)
+    run d0_train 120 backbone=b0 compare=effdet fast.compile=false measures=[train,train_graph] iters=5 profile=true ;;
   seg)  # segmentation at 1024x2048 (batch 4), b0..b3, eager
     for b in b0 b1 b2 b3; do
       run seg 30 task=segmentation backbone=$b measures=[params,predict] fast.compile=false iters=5 rounds=2
