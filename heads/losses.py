@@ -95,14 +95,10 @@ class DetectionLoss:
             raise ValueError(f"cls_logits has {cls_logits.shape[-1]} classes, expected {self.num_classes}")
         normalizer = num_positives.float().sum() + 1.0
         positive = cls_targets >= 0
-        # One-hot float targets built directly (no int64 [B, A, C] intermediate); background rows stay 0.
-        onehot = torch.zeros(cls_logits.shape, dtype=torch.float32, device=cls_logits.device)
-        onehot.scatter_(-1, cls_targets.clamp(min=0).unsqueeze(-1), positive.unsqueeze(-1).float())
-        focal = sigmoid_focal_loss(
-            cls_logits, onehot, alpha=self.alpha, gamma=self.gamma, label_smoothing=self.label_smoothing
-        )
-        cared = (cls_targets != IGNORE)[..., None]
-        cls_loss = (focal * cared).sum() / normalizer
+        if self.label_smoothing > 0:
+            cls_loss = self._smoothed_cls_loss(cls_logits, cls_targets, positive) / normalizer
+        else:
+            cls_loss = self._cls_loss(cls_logits, cls_targets, positive) / normalizer
         box = huber_loss(box_deltas, box_targets, delta=self.huber_delta) * positive[..., None]
         box_loss = box.sum() / (normalizer * 4.0)
         return {
@@ -110,3 +106,34 @@ class DetectionLoss:
             "cls_loss": cls_loss,
             "box_loss": box_loss,
         }
+
+    def _cls_loss(self, cls_logits: torch.Tensor, cls_targets: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+        """Summed focal loss with hard targets, in few passes over the ``[B, A, C]`` logits.
+
+        With ``s = -logit`` for the target class of a positive anchor and ``s = logit`` everywhere else,
+        ``1 - p_t = sigmoid(s)`` and ``BCE = softplus(s)``; the per-element weight is ``alpha`` for a positive,
+        ``1 - alpha`` for a negative and 0 on ignored anchors. Equal to :func:`sigmoid_focal_loss` summed over
+        the cared anchors (``tests/test_losses.py`` checks it), without building one-hot targets.
+        """
+        logits = cls_logits.float()
+        index = cls_targets.clamp(min=0).unsqueeze(-1)  # [B, A, 1]: each anchor's class (0 when it has none)
+        sign = torch.ones_like(logits).scatter_(-1, index, torch.where(positive, -1.0, 1.0).unsqueeze(-1))
+        ignored = (cls_targets == IGNORE).unsqueeze(-1)
+        weight = torch.full_like(logits, 1.0 - self.alpha).masked_fill_(ignored, 0.0)
+        at_index = torch.where(positive, self.alpha, torch.where(cls_targets == IGNORE, 0.0, 1.0 - self.alpha))
+        weight.scatter_(-1, index, at_index.unsqueeze(-1))
+        s = logits * sign
+        loss = F.softplus(s) * weight
+        if self.gamma != 0:
+            loss = loss * torch.sigmoid(s).pow(self.gamma)
+        return loss.sum()
+
+    def _smoothed_cls_loss(self, cls_logits, cls_targets, positive) -> torch.Tensor:
+        # One-hot float targets built directly (no int64 [B, A, C] intermediate); background rows stay 0.
+        onehot = torch.zeros(cls_logits.shape, dtype=torch.float32, device=cls_logits.device)
+        onehot.scatter_(-1, cls_targets.clamp(min=0).unsqueeze(-1), positive.unsqueeze(-1).float())
+        focal = sigmoid_focal_loss(
+            cls_logits, onehot, alpha=self.alpha, gamma=self.gamma, label_smoothing=self.label_smoothing
+        )
+        cared = (cls_targets != IGNORE)[..., None]
+        return (focal * cared).sum()

@@ -191,3 +191,29 @@ def test_wrong_number_of_classes_raises():
             torch.zeros(1, 2, 4),
             torch.tensor(0.0),
         )
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.5, 2.0])
+@pytest.mark.parametrize("alpha", [0.25, 0.5])
+def test_detection_loss_equals_focal_loss_over_one_hot_targets(gamma, alpha):
+    """DetectionLoss computes the classification loss without one-hot targets; it must equal the plain focal
+    loss summed over the cared anchors, in value and in gradient, for every kind of anchor."""
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(3, 50, 7, generator=g) * 6).requires_grad_()  # includes saturated logits
+    cls_t = torch.randint(-2, 7, (3, 50), generator=g)  # positives, background (-1) and ignored (-2)
+    deltas, box_t = torch.zeros(3, 50, 4), torch.zeros(3, 50, 4)
+    num_pos = (cls_t >= 0).sum().float()
+    out = DetectionLoss(num_classes=7, alpha=alpha, gamma=gamma)(logits, deltas, cls_t, box_t, num_pos)
+    (grad,) = torch.autograd.grad(out["cls_loss"], logits)
+
+    ref_logits = logits.detach().clone().requires_grad_()
+    onehot = torch.zeros(3, 50, 7)
+    for b, a in torch.nonzero(cls_t >= 0).tolist():
+        onehot[b, a, cls_t[b, a]] = 1.0
+    cared = (cls_t != -2).float()[..., None]
+    ref = (sigmoid_focal_loss(ref_logits, onehot, alpha=alpha, gamma=gamma) * cared).sum() / (num_pos + 1)
+    (ref_grad,) = torch.autograd.grad(ref, ref_logits)
+    assert out["cls_loss"].item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+    assert torch.isfinite(grad).all()
+    assert grad[cls_t == -2].abs().sum() == 0  # ignored anchors get no gradient
