@@ -15,6 +15,10 @@ prints one JSON line per measurement and a table. Measurements:
   per worker (use ``data=synthetic`` or your own data; no model is involved);
 - ``train``: images/s of a training step at ``train_batch_size`` (forward, target assignment, loss, backward,
   SGD step), with bf16 autocast / channels-last / compilation as configured (norms are not folded in training);
+- ``ops`` (any device, eager): tensor operations dispatched by one predict call (at ``batch_size``) and by one
+  training step (at ``train_batch_size``), forward and backward, views and allocations not counted, and how many of
+  them synchronise with the host. On a GPU each operation is at least one kernel launch, so where the CPU cannot
+  launch as fast as the GPU computes (small maps, fast GPUs) these counts, not FLOPs, set the step time;
 - ``train_graph`` (CUDA only): the same step captured whole as one CUDA graph (:class:`tasks.graphed.GraphedTrainStep`),
   which this project's sync-free target assignment allows; effdet's step cannot be captured (its anchor labeller
   selects each image's valid boxes with boolean indexing, a host synchronisation), so its row is its ``train`` step.
@@ -37,6 +41,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -55,7 +60,7 @@ class BenchmarkError(ValueError):
     """A benchmark request that cannot be carried out (unknown measure, no effdet equivalent, no CUDA)."""
 
 
-MEASURES = ("params", "flops", "agreement", "predict", "latency", "train", "train_graph", "data")
+MEASURES = ("params", "flops", "agreement", "ops", "predict", "latency", "train", "train_graph", "data")
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -328,6 +333,25 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
         add("agreement", "effdense", model=ref.name, **{k: round(v, 7) if isinstance(v, float) else v
                                                         for k, v in agree.items()})
 
+    if "ops" in measures:
+        eager = FastPaths(channels_last=paths.channels_last, fold_bn=paths.fold_bn, precision=paths.precision,
+                          compile=False)
+        ours_pred, _ = prepare_predictor(task, eager, device)
+        x = images[:batch]
+        counts = {"effdense": (partial(ours_pred, x), _our_train_step(task, eager, device, *_train_inputs(cfg, task,
+                                                                                                      images, size)))}
+        if ref:
+            counts["effdet"] = (partial(ref.predictor(eager.resolve(device), device, size), x),
+                                _effdet_train_step(ref, eager, device, *_train_inputs(cfg, task, images, size)))
+        found = {impl: [count_ops(fn) for fn in fns] for impl, fns in counts.items()}
+        for impl, (pred, step) in found.items():
+            extra = {}
+            if impl == "effdense" and "effdet" in found:
+                extra["ratio"] = round(step.operations / found["effdet"][1].operations, 3)
+            add("ops", impl, value=step.operations, unit="operations per training step", batch=train_batch,
+                train_host_syncs=step.host_syncs, predict_operations=pred.operations, predict_batch=batch,
+                predict_host_syncs=pred.host_syncs, **extra)
+
     timing = {"device": device, "warmup": int(cfg.warmup), "iters": int(cfg.iters), "rounds": int(cfg.rounds)}
     for measure, n in (("predict", batch), ("latency", 1)):
         if measure not in measures:
@@ -345,8 +369,7 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
     if "train" in measures:
         if task_name != "detection":
             raise BenchmarkError("measure 'train' is implemented for task=detection")
-        x = images[:train_batch] if train_batch <= batch else torch.randn(train_batch, 3, *size).to(device)
-        boxes, labels = _random_targets(train_batch, size, task.num_classes, per_image=8, device=device, seed=cfg.seed)
+        x, boxes, labels = _train_inputs(cfg, task, images, size)
         fns = {"effdense": _our_train_step(task, paths, device, x, boxes, labels)}
         if ref:
             fns["effdet"] = _effdet_train_step(ref, paths, device, x, boxes, labels)
@@ -357,8 +380,7 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
     if "train_graph" in measures:
         if task_name != "detection" or device.type != "cuda":
             raise BenchmarkError("measure 'train_graph' (a CUDA-graph training step) needs task=detection and CUDA")
-        x = images[:train_batch] if train_batch <= batch else torch.randn(train_batch, 3, *size).to(device)
-        boxes, labels = _random_targets(train_batch, size, task.num_classes, per_image=8, device=device, seed=cfg.seed)
+        x, boxes, labels = _train_inputs(cfg, task, images, size)
         fns = {"effdense": _our_train_step(task, paths, device, x, boxes, labels, graphed=True)}
         if ref:  # effdet's step cannot be captured (its labeller selects each image's boxes on the host): as in 'train'
             fns["effdet"] = _effdet_train_step(ref, paths, device, x, boxes, labels)
@@ -369,6 +391,62 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
     if "data" in measures:
         rows += _data_rows(cfg, emit)
     return rows
+
+
+def _train_inputs(cfg: DictConfig, task, images: torch.Tensor, size: tuple[int, int]):
+    """Images and targets of one training batch (``train_batch_size``), on the images' device."""
+    _, train_batch = _batches(cfg, images.device, cfg.task.name)
+    b = images.shape[0]
+    x = images[:train_batch] if train_batch <= b else torch.randn(train_batch, 3, *size).to(images.device)
+    boxes, labels = _random_targets(train_batch, size, task.num_classes, per_image=8, device=images.device,
+                                    seed=cfg.seed)
+    return x, boxes, labels
+
+
+@dataclass(frozen=True)
+class OpCount:
+    operations: int  #: tensor operations dispatched (views and allocations not counted)
+    host_syncs: int  #: of which wait for the device (``.item()``, ``nonzero``, boolean indexing, ``equal``)
+
+
+#: Operations that only allocate or describe memory (no kernel runs).
+_NOT_KERNELS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "lift_fresh",
+                "is_same_size", "set_", "resize_", "_unsafe_view"}
+#: Operations whose result the host must wait for.
+_HOST_SYNCS = {"_local_scalar_dense", "nonzero", "nonzero_numpy", "equal", "masked_select", "_unique2", "unique_dim",
+               "is_nonzero"}
+#: Indexing operations that synchronise when an index is a boolean mask (it is turned into positions first).
+_MASK_INDEXING = {"index", "index_put", "index_put_", "_index_put_impl_"}
+
+
+def _is_sync(name: str, args: tuple) -> bool:
+    if name in _HOST_SYNCS:
+        return True
+    if name in _MASK_INDEXING and len(args) > 1 and isinstance(args[1], (list, tuple)):
+        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+    return False
+
+
+def count_ops(fn: Callable[[], Any]) -> OpCount:
+    """Runs ``fn`` once (after one uncounted call) and counts the tensor operations it dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Counter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.operations = self.syncs = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if not func.is_view and name not in _NOT_KERNELS:
+                self.operations += 1
+                self.syncs += _is_sync(name, args)
+            return func(*args, **(kwargs or {}))
+
+    fn()
+    with _Counter() as counter:
+        fn()
+    return OpCount(counter.operations, counter.syncs)
 
 
 def _data_rows(cfg: DictConfig, emit: Callable[[dict], None]) -> list[dict]:
@@ -427,7 +505,7 @@ def _our_train_step(task, paths: FastPaths, device, x, boxes, labels, *, graphed
     net = FlatDetector(model, task.num_classes)
     if not graphed:
         net = compile_module(net, paths, training=True)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=4e-5)
+    opt = _sgd(model)
     anchors = _anchors_for(task, model, tuple(x.shape[-2:]), device)
     assigner, loss_fn = task.assigner, task.loss
 
@@ -455,7 +533,7 @@ def _effdet_train_step(ref: _Effdet, paths: FastPaths, device, x, boxes, labels)
     bench, model = ref.trainer(paths, device)
     if paths.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=4e-5)
+    opt = _sgd(model)
     # effdet's targets: yxyx boxes, classes counted from 1.
     target = {"bbox": boxes[..., [1, 0, 3, 2]].float(), "cls": (labels + 1).float()}
 
@@ -467,6 +545,12 @@ def _effdet_train_step(ref: _Effdet, paths: FastPaths, device, x, boxes, labels)
         opt.zero_grad(set_to_none=True)
 
     return step
+
+
+def _sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
+    # The multi-tensor (foreach) implementation on every device, as on CUDA: a few operations per step, not a few
+    # per parameter.
+    return torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=4e-5, foreach=True)
 
 
 def _rss_mb(device: torch.device) -> float | None:
@@ -510,6 +594,12 @@ def format_table(rows: list[dict]) -> str:
             value = (f"logits {r['max_class_logit_diff']:.1e}, scores {r['max_sorted_score_diff']:.1e}, "
                      f"matched {r['detections_matched']:.3f}")
             lines.append([r["measure"], f"{r['impl']} vs {r['model']}", "", value, "", "", ""])
+            continue
+        if r["measure"] == "ops":
+            value = (f"train {r['value']:,} ({r['train_host_syncs']} syncs), predict {r['predict_operations']:,} "
+                     f"({r['predict_host_syncs']} syncs, batch {r['predict_batch']})")
+            lines.append(["ops", r["impl"], str(r["batch"]), value, "operations", "" if r.get("ratio") is None
+                          else f"{r['ratio']:.3f}", ""])
             continue
         value = r["value"]
         value = f"{value:,}" if isinstance(value, int) else f"{value:,.2f}" if value >= 10 else f"{value:.3f}"

@@ -31,9 +31,8 @@ def test_compare_effdet_on_cpu_prints_json_lines_table_and_ratios(tmp_path):
     assert env["measure"] == "environment" and env["effdet"] == "0.4.1" and env["torch"]
     assert rows == [json.loads(line) for line in (tmp_path / "benchmark.jsonl").read_text().splitlines()]
     by = {(r["measure"], r["impl"]): r for r in rows}
-    assert set(by) == {(m, i) for m in ("params", "flops", "predict", "latency", "train") for i in ("effdense", "effdet")} | {
-        ("agreement", "effdense")
-    }
+    measures = ("params", "flops", "ops", "predict", "latency", "train")
+    assert set(by) == {(m, i) for m in measures for i in ("effdense", "effdet")} | {("agreement", "effdense")}
     # The same network: equal parameter counts and FLOPs (3.88M parameters, 0.31 GFLOPs at 128 px).
     assert by["params", "effdense"]["value"] == by["params", "effdet"]["value"] == 3_877_763
     assert by["flops", "effdense"]["value"] == by["flops", "effdet"]["value"] > 0.3
@@ -50,9 +49,17 @@ def test_compare_effdet_on_cpu_prints_json_lines_table_and_ratios(tmp_path):
         assert ours["ratio"] == pytest.approx(ours["ms_per_call"] / theirs["ms_per_call"], rel=1e-2)
         assert "ratio" not in theirs
         assert ours["precision"] == "fp32" and ours["channels_last"] and ours["fold_bn"] and not ours["compile"]
+    # Operations per training step (forward + backward + SGD): fewer than effdet's, and none that waits for the
+    # device (what lets the whole step be captured as one CUDA graph); effdet's labeller indexes with masks.
+    ours, theirs = by["ops", "effdense"], by["ops", "effdet"]
+    assert ours["unit"] == "operations per training step" and ours["batch"] == 2
+    assert 0 < ours["value"] < theirs["value"] and ours["ratio"] == pytest.approx(ours["value"] / theirs["value"], abs=1e-3)
+    assert ours["train_host_syncs"] == 0 < theirs["train_host_syncs"]
+    assert ours["predict_operations"] > 0 and theirs["predict_operations"] > 0
     table = res.stderr[re.search(r"^measure\s+impl", res.stderr, re.MULTILINE).start():]
     assert re.search(r"^agreement\s+effdense vs efficientdet_d0", table, re.MULTILINE)
     assert re.search(r"^latency\s+effdense\s+1\s+[\d.,]+\s+ms\s+[\d.]+", table, re.MULTILINE)
+    assert re.search(r"^ops\s+effdense\s+2\s+train [\d,]+ \(0 syncs\), predict", table, re.MULTILINE)
 
 
 @pytest.mark.parametrize(
@@ -97,3 +104,16 @@ def test_segmentation_and_data_measures(tmp_path, synthetic_coco):
         assert r["measure"] == "data" and r["unit"] == "images/s" and r["value"] > 0 and r["batch"] == 4
         assert r["per_worker"] == pytest.approx(r["value"] / max(r["workers"], 1), rel=1e-2)
     assert "images/s (" in format_table(rows)
+
+
+def test_count_ops_counts_kernels_and_host_synchronisations():
+    from tasks.benchmark import count_ops
+
+    x = torch.randn(5, 4)
+    assert count_ops(lambda: x.t().reshape(-1).view(2, 10)).operations == 1  # the reshape of a transpose copies
+    assert count_ops(lambda: x.view(-1)[3:]).operations == 0  # views only
+    n = count_ops(lambda: (x * 2 + 1).sum().item())
+    assert (n.operations, n.host_syncs) == (4, 1)  # mul, add, sum, item
+    masked = count_ops(lambda: x[x > 0])
+    assert masked.host_syncs == 1 and masked.operations >= 2
+    assert count_ops(lambda: torch.where(x > 0, x, 0.0)).host_syncs == 0
