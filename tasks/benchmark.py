@@ -267,6 +267,7 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
     device = _device(cfg.device)
     torch.set_flush_denormal(True)  # as training and evaluation run: denormals make CPU timings erratic
     torch.manual_seed(cfg.seed)
+    torch.backends.cudnn.benchmark = bool(cfg.get("cudnn_benchmark", True))
     if device.type == "cpu" and cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     size = _image_size(cfg, task_name)
