@@ -339,19 +339,24 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
                           compile=False)
         ours_pred, _ = prepare_predictor(task, eager, device)
         x = images[:batch]
-        counts = {"effdense": (partial(ours_pred, x), _our_train_step(task, eager, device, *_train_inputs(cfg, task,
-                                                                                                      images, size)))}
-        if ref:
-            counts["effdet"] = (partial(ref.predictor(eager.resolve(device), device, size), x),
-                                _effdet_train_step(ref, eager, device, *_train_inputs(cfg, task, images, size)))
-        found = {impl: [count_ops(fn) for fn in fns] for impl, fns in counts.items()}
-        for impl, (pred, step) in found.items():
-            extra = {}
-            if impl == "effdense" and "effdet" in found:
-                extra["ratio"] = round(step.operations / found["effdet"][1].operations, 3)
-            add("ops", impl, value=step.operations, unit="operations per training step", batch=train_batch,
-                train_host_syncs=step.host_syncs, predict_operations=pred.operations, predict_batch=batch,
-                predict_host_syncs=pred.host_syncs, **extra)
+        if task_name != "detection":  # no training step is measured for segmentation: the predict call only
+            pred = count_ops(partial(ours_pred, x))
+            add("ops", "effdense", value=pred.operations, unit="operations per predict call", batch=batch,
+                predict_host_syncs=pred.host_syncs)
+        else:
+            counts = {"effdense": (partial(ours_pred, x),
+                                   _our_train_step(task, eager, device, *_train_inputs(cfg, task, images, size)))}
+            if ref:
+                counts["effdet"] = (partial(ref.predictor(eager.resolve(device), device, size), x),
+                                    _effdet_train_step(ref, eager, device, *_train_inputs(cfg, task, images, size)))
+            found = {impl: [count_ops(fn) for fn in fns] for impl, fns in counts.items()}
+            for impl, (pred, step) in found.items():
+                extra = {}
+                if impl == "effdense" and "effdet" in found:
+                    extra["ratio"] = round(step.operations / found["effdet"][1].operations, 3)
+                add("ops", impl, value=step.operations, unit="operations per training step", batch=train_batch,
+                    train_host_syncs=step.host_syncs, predict_operations=pred.operations, predict_batch=batch,
+                    predict_host_syncs=pred.host_syncs, **extra)
 
     timing = {"device": device, "warmup": int(cfg.warmup), "iters": int(cfg.iters), "rounds": int(cfg.rounds)}
     for measure, n in (("predict", batch), ("latency", 1)):
@@ -414,17 +419,30 @@ class OpCount:
 _NOT_KERNELS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "lift_fresh",
                 "is_same_size", "set_", "resize_", "_unsafe_view"}
 #: Operations whose result the host must wait for.
-_HOST_SYNCS = {"_local_scalar_dense", "nonzero", "nonzero_numpy", "equal", "masked_select", "_unique2", "unique_dim",
-               "is_nonzero"}
+_HOST_SYNCS = {"_local_scalar_dense", "nonzero", "nonzero_numpy", "equal", "masked_select", "_unique", "_unique2",
+               "unique_dim", "unique_consecutive", "is_nonzero", "bincount"}
 #: Indexing operations that synchronise when an index is a boolean mask (it is turned into positions first).
 _MASK_INDEXING = {"index", "index_put", "index_put_", "_index_put_impl_"}
 
 
-def _is_sync(name: str, args: tuple) -> bool:
+def _is_sync(name: str, args: tuple, kwargs: dict) -> bool:
     if name in _HOST_SYNCS:
         return True
     if name in _MASK_INDEXING and len(args) > 1 and isinstance(args[1], (list, tuple)):
         return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+    if name == "repeat_interleave":  # the output size is read from the device unless given
+        return kwargs.get("output_size") is None
+    first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if first is None:
+        return False
+    if name == "copy_" and len(args) > 1 and isinstance(args[1], torch.Tensor):  # device -> host memory
+        return first.device.type == "cpu" and args[1].device.type != "cpu"
+    if first.device.type == "cpu":
+        return False
+    if name == "nms":  # torchvision's GPU NMS finishes its greedy pass on the host
+        return True
+    if name == "_to_copy":  # device -> host copy
+        return torch.device(kwargs.get("device") or first.device).type == "cpu"
     return False
 
 
@@ -441,7 +459,7 @@ def count_ops(fn: Callable[[], Any]) -> OpCount:
             name = func.overloadpacket.__name__
             if not func.is_view and name not in _NOT_KERNELS:
                 self.operations += 1
-                self.syncs += _is_sync(name, args)
+                self.syncs += _is_sync(name, args, kwargs or {})
             return func(*args, **(kwargs or {}))
 
     fn()
@@ -595,6 +613,10 @@ def format_table(rows: list[dict]) -> str:
             value = (f"logits {r['max_class_logit_diff']:.1e}, scores {r['max_sorted_score_diff']:.1e}, "
                      f"matched {r['detections_matched']:.3f}")
             lines.append([r["measure"], f"{r['impl']} vs {r['model']}", "", value, "", "", ""])
+            continue
+        if r["measure"] == "ops" and "train_host_syncs" not in r:
+            lines.append(["ops", r["impl"], str(r["batch"]), f"predict {r['value']:,} ({r['predict_host_syncs']} syncs)",
+                          "operations", "", ""])
             continue
         if r["measure"] == "ops":
             value = (f"train {r['value']:,} ({r['train_host_syncs']} syncs), predict {r['predict_operations']:,} "

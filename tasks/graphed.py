@@ -14,7 +14,9 @@ Limits of a captured step (the price of one launch per step):
 - hyper-parameters read as Python numbers at capture time stay fixed: a learning-rate schedule that changes
   ``param_group["lr"]`` has no effect on the replayed graph unless the optimizer takes ``lr`` as a tensor;
 - the capture runs ``warmup`` real steps first (on a side stream, as CUDA graph capture requires), which update
-  the parameters like any other step.
+  the parameters like any other step;
+- the gradients live in the graph's memory: do not call ``optimizer.zero_grad(set_to_none=True)`` between
+  replays (each replay overwrites them anyway).
 """
 
 from __future__ import annotations
@@ -86,9 +88,10 @@ class GraphedTrainStep:
         if len(inputs) != len(self.static_inputs):
             raise TypeError(f"expected {len(self.static_inputs)} inputs, got {len(inputs)}")
         for static, new in zip(self.static_inputs, inputs):
-            if new.shape != static.shape:
+            if new.shape != static.shape or new.dtype != static.dtype:
                 raise ValueError(
-                    f"a graphed step replays fixed shapes: expected {tuple(static.shape)}, got {tuple(new.shape)}"
+                    f"a graphed step replays fixed shapes and dtypes: expected {tuple(static.shape)} {static.dtype}, "
+                    f"got {tuple(new.shape)} {new.dtype}"
                 )
             if new.data_ptr() != static.data_ptr():
                 static.copy_(new, non_blocking=True)

@@ -62,19 +62,29 @@ def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[L.Callback]:
 
 
 def trainer_kwargs(cfg: DictConfig, *, training: bool = True) -> dict[str, Any]:
-    """``cfg.trainer`` as ``lightning.Trainer`` keyword arguments, with ``precision: auto`` settled: ``bf16-mixed``
-    for training on a CUDA GPU that supports bfloat16 (about 1.5-2x faster steps; the weights and optimizer stay
-    float32), ``32-true`` otherwise and always for evaluation (metrics computed exactly as in float32)."""
+    """``cfg.trainer`` as ``lightning.Trainer`` keyword arguments, with ``precision: auto`` settled.
+
+    Training: ``bf16-mixed`` on a CUDA GPU with native bfloat16 (compute capability 8.0+; the weights and
+    optimizer stay float32), ``32-true`` otherwise. Validation during training runs in the same precision.
+    Evaluation (``training=False``, ``tools/eval.py``): ``32-true``. Fork-based strategies (``ddp_fork``,
+    ``ddp_notebook``) must not start CUDA before they fork, so there ``auto`` means ``32-true``: set the precision.
+    """
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if kwargs.get("precision") == "auto":
-        kwargs["precision"] = "bf16-mixed" if training and _uses_bf16_gpu(kwargs.get("accelerator", "auto")) else "32-true"
+        bf16 = training and _native_bf16_gpu(kwargs.get("accelerator", "auto"), kwargs.get("strategy", "auto"))
+        kwargs["precision"] = "bf16-mixed" if bf16 else "32-true"
     return kwargs
 
 
-def _uses_bf16_gpu(accelerator: str) -> bool:
+def _native_bf16_gpu(accelerator: str, strategy: Any) -> bool:
     if str(accelerator) not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
         return False
-    return torch.cuda.is_bf16_supported()
+    if isinstance(strategy, str) and ("fork" in strategy or "notebook" in strategy):
+        return False
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before the argument existed: emulation was not counted
+        return torch.cuda.is_bf16_supported()
 
 
 def _write_run_config(cfg: DictConfig, run_dir: Path) -> None:

@@ -89,11 +89,14 @@ def test_segmentation_and_data_measures(tmp_path, synthetic_coco):
     from tasks.benchmark import format_table, run_benchmark
     from tasks.config import compose
 
-    cfg = compose("benchmark", ["task=segmentation", "backbone=b0", "measures=[params,predict]", "image_size=[128,256]",
-                                "batch_size=1", "warmup=1", "iters=1", "rounds=1", "device=cpu"])
+    cfg = compose("benchmark", ["task=segmentation", "backbone=b0", "measures=[params,ops,predict]",
+                                "image_size=[128,256]", "batch_size=1", "warmup=1", "iters=1", "rounds=1", "device=cpu"])
     rows = run_benchmark(cfg)
-    assert [(r["measure"], r["impl"]) for r in rows] == [("params", "effdense"), ("predict", "effdense")]
-    assert rows[1]["image_size"] == [128, 256] and rows[1]["value"] > 0 and "ratio" not in rows[1]
+    assert [(r["measure"], r["impl"]) for r in rows] == [("params", "effdense"), ("ops", "effdense"),
+                                                        ("predict", "effdense")]
+    assert rows[1]["unit"] == "operations per predict call" and rows[1]["value"] > 0
+    assert rows[2]["image_size"] == [128, 256] and rows[2]["value"] > 0 and "ratio" not in rows[2]
+    assert re.search(r"^ops\s+effdense\s+1\s+predict [\d,]+ \(\d+ syncs\)", format_table(rows), re.MULTILINE)
 
     cfg = compose("benchmark", ["data=synthetic", f"data.root={synthetic_coco}", "~data.synthetic", "measures=[data]",
                                 "data_workers=[0,1]", "data.batch_size=4", "data_batches=2", "image_size=128",
@@ -117,3 +120,5 @@ def test_count_ops_counts_kernels_and_host_synchronisations():
     masked = count_ops(lambda: x[x > 0])
     assert masked.host_syncs == 1 and masked.operations >= 2
     assert count_ops(lambda: torch.where(x > 0, x, 0.0)).host_syncs == 0
+    assert count_ops(lambda: torch.bincount(torch.tensor([0, 2, 2]))).host_syncs == 1
+    assert count_ops(lambda: torch.tensor([1, 2]).repeat_interleave(torch.tensor([2, 1]))).host_syncs == 1

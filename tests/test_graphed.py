@@ -66,5 +66,7 @@ def test_graphed_detection_step_equals_eager_steps():
     torch.testing.assert_close(torch.tensor(graphed_losses), torch.tensor(eager_losses[3:]), rtol=1e-4, atol=1e-5)
     for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5, msg=name)
-    with pytest.raises(ValueError, match="fixed shapes"):
+    with pytest.raises(ValueError, match="fixed shapes and dtypes"):
         step(batches[1][0][:1], batches[1][1][:1], batches[1][2][:1])
+    with pytest.raises(ValueError, match="fixed shapes and dtypes"):
+        step(batches[1][0], batches[1][1], batches[1][2].int())

@@ -39,6 +39,9 @@ def test_precision_auto_is_bf16_for_training_on_a_bf16_gpu(gpu_with_bf16):
     # Evaluation keeps float32 metrics; an explicit CPU accelerator keeps float32 training.
     assert trainer_kwargs(cfg, training=False)["precision"] == "32-true"
     assert trainer_kwargs(compose("train", ["trainer.accelerator=cpu"]))["precision"] == "32-true"
+    # A fork-based strategy must not see CUDA started before it forks: no capability query, float32.
+    for strategy in ("ddp_fork", "ddp_notebook"):
+        assert trainer_kwargs(compose("train", [f"trainer.strategy={strategy}"]))["precision"] == "32-true"
 
 
 def test_precision_auto_without_bf16_support_is_float32(monkeypatch):
