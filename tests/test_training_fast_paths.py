@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -110,3 +111,31 @@ def test_channels_last_bad_value_is_an_error():
     cfg = compose("train", ["data=synthetic", "model.image_size=128", "task.module.channels_last=sometimes"])
     with pytest.raises(Exception, match="channels_last must be true, false or auto"):
         build_task(cfg, build_model(cfg))
+
+
+@pytest.mark.slow
+def test_training_with_the_gpu_defaults_runs_on_the_cpu(tmp_path):
+    """What `auto` picks on a GPU (bf16-mixed, channels-last), forced on the CPU: Lightning trains with it and the
+    checkpoint holds ordinary float32 weights."""
+    import csv
+
+    from tasks.runner import train
+
+    cfg = compose("train", [
+        "data=synthetic", "model.image_size=128", "neck.channels=16", "neck.num_repeats=1", "head.depth=1",
+        "data.batch_size=4", "data.num_workers=0", "data.synthetic.num_train=12", "data.synthetic.num_val=4",
+        "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.max_steps=3",
+        "trainer.max_epochs=1", "trainer.log_every_n_steps=1", "eval_after_train=false",
+        "trainer.precision=bf16-mixed", "task.module.channels_last=true", f"cache_dir={tmp_path / 'cache'}",
+    ])
+    run = tmp_path / "run"
+    train(cfg, run)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 3
+    weights = [v for k, v in ckpt["state_dict"].items() if k.startswith("model.") and v.is_floating_point()]
+    assert weights and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights)
+    convs = [v for k, v in ckpt["state_dict"].items() if k.startswith("model.") and v.dim() == 4 and v.shape[-1] == 3]
+    assert convs and all(v.is_contiguous(memory_format=torch.channels_last) for v in convs)  # trained channels-last
+    with open(run / "logs" / "metrics.csv") as f:
+        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert losses and all(math.isfinite(v) for v in losses)
