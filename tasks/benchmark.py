@@ -315,6 +315,9 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
 
     g = torch.Generator().manual_seed(cfg.seed)
     images = torch.randn(batch, 3, *size, generator=g).to(device)
+    training_measures = {"ops", "train", "train_graph"} & set(measures)
+    if task_name == "detection" and training_measures:
+        train_inputs = _train_inputs(images, train_batch, task.num_classes, cfg.seed)  # (images, boxes, labels)
 
     if ref and "agreement" in measures:
         exact = FastPaths(channels_last=paths.channels_last, fold_bn=paths.fold_bn, precision="fp32", compile=False)
@@ -344,11 +347,10 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
             add("ops", "effdense", value=pred.operations, unit="operations per predict call", batch=batch,
                 predict_host_syncs=pred.host_syncs)
         else:
-            counts = {"effdense": (partial(ours_pred, x),
-                                   _our_train_step(task, eager, device, *_train_inputs(cfg, task, images, size)))}
+            counts = {"effdense": (partial(ours_pred, x), _our_train_step(task, eager, device, *train_inputs))}
             if ref:
                 counts["effdet"] = (partial(ref.predictor(eager.resolve(device), device, size), x),
-                                    _effdet_train_step(ref, eager, device, *_train_inputs(cfg, task, images, size)))
+                                    _effdet_train_step(ref, eager, device, *train_inputs))
             found = {impl: [count_ops(fn) for fn in fns] for impl, fns in counts.items()}
             for impl, (pred, step) in found.items():
                 extra = {}
@@ -372,40 +374,30 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
             _profile(f"{measure} batch {n}", fns, device)
         unit = "images/s" if measure == "predict" else "ms"
         add_pair(measure, times, n, unit=unit, batch=n, **({"model": ref.name} if ref else {}))
-    if "train" in measures:
+    for measure, graphed in (("train", False), ("train_graph", True)):
+        if measure not in measures:
+            continue
         if task_name != "detection":
-            raise BenchmarkError("measure 'train' is implemented for task=detection")
-        x, boxes, labels = _train_inputs(cfg, task, images, size)
-        fns = {"effdense": _our_train_step(task, paths, device, x, boxes, labels)}
-        if ref:
-            fns["effdet"] = _effdet_train_step(ref, paths, device, x, boxes, labels)
-        times = _time_rounds(fns, **timing)
-        if cfg.profile:
-            _profile(f"train batch {train_batch}", fns, device)
-        add_pair("train", times, train_batch, unit="images/s", batch=train_batch)
-    if "train_graph" in measures:
-        if task_name != "detection" or device.type != "cuda":
+            raise BenchmarkError(f"measure '{measure}' is implemented for task=detection")
+        if graphed and device.type != "cuda":
             raise BenchmarkError("measure 'train_graph' (a CUDA-graph training step) needs task=detection and CUDA")
-        x, boxes, labels = _train_inputs(cfg, task, images, size)
-        fns = {"effdense": _our_train_step(task, paths, device, x, boxes, labels, graphed=True)}
-        if ref:  # effdet's step cannot be captured (its labeller selects each image's boxes on the host): as in 'train'
-            fns["effdet"] = _effdet_train_step(ref, paths, device, x, boxes, labels)
+        fns = {"effdense": _our_train_step(task, paths, device, *train_inputs, graphed=graphed)}
+        if ref:  # effdet's step cannot be captured (its labeller selects each image's boxes on the host): its 'train'
+            fns["effdet"] = _effdet_train_step(ref, paths, device, *train_inputs)
         times = _time_rounds(fns, **timing)
         if cfg.profile:
-            _profile(f"graphed train batch {train_batch}", fns, device)
-        add_pair("train_graph", times, train_batch, unit="images/s", batch=train_batch)
+            _profile(f"{'graphed ' * graphed}train batch {train_batch}", fns, device)
+        add_pair(measure, times, train_batch, unit="images/s", batch=train_batch)
     if "data" in measures:
         rows += _data_rows(cfg, emit)
     return rows
 
 
-def _train_inputs(cfg: DictConfig, task, images: torch.Tensor, size: tuple[int, int]):
-    """Images and targets of one training batch (``train_batch_size``), on the images' device."""
-    _, train_batch = _batches(cfg, images.device, cfg.task.name)
-    b = images.shape[0]
-    x = images[:train_batch] if train_batch <= b else torch.randn(train_batch, 3, *size).to(images.device)
-    boxes, labels = _random_targets(train_batch, size, task.num_classes, per_image=8, device=images.device,
-                                    seed=cfg.seed)
+def _train_inputs(images: torch.Tensor, train_batch: int, num_classes: int, seed: int):
+    """Images and targets of one training batch of ``train_batch``, on the images' device."""
+    size = tuple(images.shape[-2:])
+    x = images[:train_batch] if train_batch <= images.shape[0] else torch.randn(train_batch, 3, *size).to(images.device)
+    boxes, labels = _random_targets(train_batch, size, num_classes, per_image=8, device=images.device, seed=seed)
     return x, boxes, labels
 
 
