@@ -18,6 +18,7 @@ __all__ = [
     "load_backbone_weights",
     "WeightsMismatchError",
     "state_dict_mismatches",
+    "out_of_place_activations",
 ]
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,34 @@ EFFICIENTNET_VARIANTS: dict[str, str] = {
     **{f"b{i}": f"efficientnet_b{i}" for i in range(8)},
     **{f"tf_b{i}": f"tf_efficientnet_b{i}" for i in range(8)},
 }
+
+
+def _input_saving_activations() -> tuple[type[nn.Module], ...]:
+    """Activation modules whose gradient is computed from their input (not their output)."""
+    from timm.layers import activations as timm_acts
+
+    types: list[type[nn.Module]] = [nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid]
+    types += [getattr(timm_acts, n) for n in ("Swish", "Mish", "HardSwish", "HardSigmoid", "HardMish")
+              if hasattr(timm_acts, n)]
+    return tuple(types)
+
+
+def out_of_place_activations(module: nn.Module) -> int:
+    """Switch off ``inplace`` on the activations of ``module`` whose gradient needs their input (SiLU/Swish,
+    Mish, hard-swish, hard-sigmoid); returns how many were changed. Values are unchanged.
+
+    timm builds EfficientNet's SiLUs in place. While autograd records, an in-place SiLU makes autograd save a
+    copy of its input first (the gradient is computed from it): one extra full-size copy per activation and step,
+    the same memory as an out-of-place SiLU but one more kernel and one more pass over the map. Without autograd
+    (inference) the difference is one buffer the allocator reuses.
+    """
+    types = _input_saving_activations()
+    changed = 0
+    for m in module.modules():
+        if isinstance(m, types) and getattr(m, "inplace", False) is True:
+            m.inplace = False
+            changed += 1
+    return changed
 
 
 class WeightsMismatchError(RuntimeError):
@@ -95,6 +124,7 @@ class TimmBackbone(nn.Module):
             if spec.stride != 2**lv:
                 raise ValueError(f"{self.model_name}: feature {lv} has stride {spec.stride}, expected {2 ** lv}")
         self._names = list(self.out_specs)
+        out_of_place_activations(self.body)
         if weights is not None:
             load_backbone_weights(self, weights)
         if not 0 <= int(frozen_stages) <= len(stage_modules):

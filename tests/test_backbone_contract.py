@@ -138,3 +138,49 @@ def test_frozen_stages(name, stages, first_trainable):
     assert all(m.training for m in norms if m.weight.requires_grad)
     with pytest.raises(ValueError, match="frozen_stages"):
         TimmBackbone(name=name, frozen_stages=9)
+
+
+def test_activations_out_of_place_same_values_fewer_operations():
+    """timm's in-place SiLUs are switched off: same features and gradients, and no copy of each activation's
+    input for autograd (one operation less per activation in a training step)."""
+    import copy
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from backbones.timm_backbone import _input_saving_activations, out_of_place_activations
+
+    torch.manual_seed(0)
+    ours = TimmBackbone(name="b0", levels=(3, 4, 5))
+    acts = [m for m in ours.modules() if isinstance(m, _input_saving_activations())]
+    assert acts and not any(m.inplace for m in acts)
+    timm_like = copy.deepcopy(ours)
+    for m in timm_like.modules():
+        if isinstance(m, _input_saving_activations()):
+            m.inplace = True
+    assert out_of_place_activations(copy.deepcopy(timm_like)) == len(acts)
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(2, 3, 64, 64)
+    results = []
+    for model in (ours, timm_like):
+        model.train()
+        with Ops() as ops:
+            feats = model(x)
+            sum(f.square().mean() for f in feats.values()).backward()
+        results.append((feats, [p.grad for p in model.parameters()], ops.names))
+    (f_ours, g_ours, ops_ours), (f_timm, g_timm, ops_timm) = results
+    for k in f_ours:
+        torch.testing.assert_close(f_ours[k], f_timm[k], rtol=0, atol=0)
+    for a, b in zip(g_ours, g_timm):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert ops_timm.count("clone") == len(acts)  # the in-place model copies every activation's input
+    assert ops_ours.count("clone") == 0
+    assert len(ops_ours) == len(ops_timm) - len(acts)
