@@ -27,9 +27,27 @@ from torch import nn
 from heads import flatten_levels
 from models.fusion import fold_batchnorm
 
-__all__ = ["FastPaths", "FlatDetector", "SegmentationPredictor", "compile_module", "prepare_predictor"]
+__all__ = [
+    "FastPaths",
+    "FlatDetector",
+    "SegmentationPredictor",
+    "compile_module",
+    "native_bf16_cuda",
+    "prepare_predictor",
+]
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def native_bf16_cuda() -> bool:
+    """Whether the current CUDA GPU computes in bfloat16 natively (compute capability 8.0+). Older GPUs emulate it,
+    slower than float32, so ``"auto"`` precisions (inference and training) only pick bf16 where it is native."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before the argument existed: emulation was not counted
+        return torch.cuda.is_bf16_supported()
 
 
 @dataclass(frozen=True)
@@ -38,7 +56,7 @@ class FastPaths:
 
     channels_last: bool = True
     fold_bn: bool = True
-    precision: str = "auto"  #: "auto" (bf16 on CUDA, fp32 elsewhere) | "fp32" | "bf16" | "fp16"
+    precision: str = "auto"  #: "auto" (bf16 on a native-bf16 GPU, fp32 elsewhere) | "fp32" | "bf16" | "fp16"
     compile: bool | str = "auto"  #: "auto": on CUDA only (CPU compilation needs a C++ toolchain and minutes)
     cudagraphs: bool = True  #: with compile on CUDA, replay the compiled graph as a CUDA graph (static shapes)
 
@@ -47,7 +65,7 @@ class FastPaths:
         cuda = device.type == "cuda"
         precision = self.precision
         if precision == "auto":
-            precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+            precision = "bf16" if cuda and native_bf16_cuda() else "fp32"
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
         compile_ = self.compile

@@ -77,14 +77,13 @@ def trainer_kwargs(cfg: DictConfig, *, training: bool = True) -> dict[str, Any]:
 
 
 def _native_bf16_gpu(accelerator: str, strategy: Any) -> bool:
+    from .inference import native_bf16_cuda
+
     if str(accelerator) not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
         return False
     if isinstance(strategy, str) and ("fork" in strategy or "notebook" in strategy):
         return False
-    try:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # torch before the argument existed: emulation was not counted
-        return torch.cuda.is_bf16_supported()
+    return native_bf16_cuda()
 
 
 def _write_run_config(cfg: DictConfig, run_dir: Path) -> None:

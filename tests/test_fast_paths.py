@@ -85,6 +85,15 @@ def test_bf16_logits_within_tolerance_and_detections_follow(task):
     assert (a["scores"].sort(1).values - b["scores"].sort(1).values).abs().max() < BF16_SCORE_TOL
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_on_cuda_needs_native_bf16(monkeypatch, native):
+    """A GPU that only emulates bfloat16 (before compute capability 8.0) is slower in it than in float32."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or native)
+    assert FastPaths().resolve("cuda").precision == ("bf16" if native else "fp32")
+    assert FastPaths(precision="bf16").resolve("cuda").precision == "bf16"  # asked for explicitly: used as given
+
+
 def test_fast_path_choices_per_device():
     cpu = FastPaths().resolve("cpu")
     assert (cpu.precision, cpu.compile, cpu.cudagraphs, cpu.channels_last, cpu.fold_bn) == ("fp32", False, False, True, True)
