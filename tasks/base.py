@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+#: The keyword arguments of ``torch.compile`` that ``compile_options`` may set.
+COMPILE_OPTIONS = frozenset({"backend", "mode", "dynamic", "fullgraph", "options"})
 
 
 class NonFiniteLossError(RuntimeError):
@@ -47,6 +51,12 @@ class DenseTask(L.LightningModule):
         max_nonfinite_steps: a step whose loss is NaN/inf is skipped (no backward, no update) with a warning and
             counted (``train/nonfinite_steps``); this many such steps in a row stop training with
             :class:`NonFiniteLossError`.
+        compile: compile the model with ``torch.compile`` for training (forward and backward; validation during
+            training uses it too). Done in :meth:`setup` for ``fit`` only, in place (``nn.Module.compile``), so the
+            parameters, the state-dict keys and the checkpoints stay those of the plain model; evaluation
+            (``tools/eval.py``) stays eager. Off by default: compiling takes minutes at the start of a run.
+        compile_options: keyword arguments of ``torch.compile`` (``backend``, ``mode``, ``dynamic``,
+            ``fullgraph``, ``options``); ``dynamic`` defaults to ``False`` (training crops have one size).
     """
 
     def __init__(
@@ -62,8 +72,23 @@ class DenseTask(L.LightningModule):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         max_nonfinite_steps: int = 10,
+        compile: bool = False,
+        compile_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be true or false, got {compile!r}")
+        if compile_options is not None and not isinstance(compile_options, Mapping):
+            raise ValueError(f"compile_options must be a mapping, got {compile_options!r}")
+        options = _plain(compile_options or {})
+        unknown = sorted(set(options) - COMPILE_OPTIONS)
+        if unknown:
+            raise ValueError(
+                f"compile_options: unknown key(s) {unknown}; torch.compile takes {sorted(COMPILE_OPTIONS)}"
+            )
+        #: ``torch.compile`` the model when fitting (see :meth:`setup`), with these keyword arguments.
+        self.compile_model = compile
+        self.compile_options = {"dynamic": False, **options}
         if max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
         self.max_nonfinite_steps = int(max_nonfinite_steps)
@@ -99,6 +124,15 @@ class DenseTask(L.LightningModule):
             if device.type == "cuda":
                 self.channels_last = True
                 self.model.to(memory_format=torch.channels_last)
+        if self.compile_model and stage == "fit" and not self.model_compiled:
+            # In place: the module keeps its parameters and state-dict keys (no ``_orig_mod.`` prefix).
+            self.model.compile(**self.compile_options)
+            log.info("model compiled for training (torch.compile %s)", self.compile_options)
+
+    @property
+    def model_compiled(self) -> bool:
+        """Whether :attr:`model` runs through ``torch.compile`` (``compile=True`` and :meth:`setup` done)."""
+        return getattr(self.model, "_compiled_call_impl", None) is not None
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, 3, H, W]`` -> normalised float (in the model's memory format)."""
@@ -207,6 +241,15 @@ class DenseTask(L.LightningModule):
         from .coco_eval import atomic_write_json
 
         atomic_write_json(Path(run_dir) / "metrics.json", _json_safe(self.last_metrics), indent=2)
+
+
+def _plain(options: Any) -> dict[str, Any]:
+    """A config mapping (``DictConfig`` from Hydra, or a dict) as plain Python containers."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(options, DictConfig):
+        return OmegaConf.to_container(options, resolve=True)
+    return dict(options)
 
 
 def _json_safe(obj: Any) -> Any:

@@ -139,3 +139,63 @@ def test_training_with_the_gpu_defaults_runs_on_the_cpu(tmp_path):
     with open(run / "logs" / "metrics.csv") as f:
         losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
     assert losses and all(math.isfinite(v) for v in losses)
+
+
+def test_compile_options_are_checked():
+    for override, message in (("task.module.compile=sometimes", "compile must be true or false"),
+                              ("+task.module.compile_options.speed=fast", r"compile_options: unknown key\(s\) \['speed'\]")):
+        cfg = compose("train", ["data=synthetic", "model.image_size=128", override])
+        with pytest.raises(Exception, match=message):
+            build_task(cfg, build_model(cfg))
+
+
+def test_compile_happens_in_setup_for_fit_only():
+    cfg = compose("train", ["data=synthetic", "model.image_size=128", "task.module.compile=true",
+                            "+task.module.compile_options.backend=eager"])
+    task = build_task(cfg, build_model(cfg))
+    keys = list(task.state_dict())
+    _attach(task, "cpu")
+    task.setup("validate")
+    assert not task.model_compiled  # evaluation stays eager
+    task.setup("fit")
+    assert task.model_compiled and task.compile_options == {"dynamic": False, "backend": "eager"}
+    assert list(task.state_dict()) == keys  # checkpoints keep the plain model's keys
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_training(tmp_path):
+    """``task.module.compile=true`` trains through torch.compile (here the AOTAutograd path without code
+    generation, which the CPU runs in seconds) with the same losses and weights as eager training."""
+    import csv
+
+    from torch._dynamo.utils import counters
+
+    from tasks.runner import train
+
+    def run(name, extra):
+        cfg = compose("train", [
+            "data=synthetic", "model.image_size=128", "neck.channels=16", "neck.num_repeats=1", "head.depth=1",
+            "data.batch_size=4", "data.num_workers=0", "data.synthetic.num_train=12", "data.synthetic.num_val=4",
+            "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.max_steps=3",
+            "trainer.max_epochs=1", "trainer.log_every_n_steps=1", "eval_after_train=false",
+            "backbone.drop_path_rate=0.0", f"cache_dir={tmp_path / 'cache'}", *extra,
+        ])
+        train(cfg, tmp_path / name)
+        ckpt = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        with open(tmp_path / name / "logs" / "metrics.csv") as f:
+            losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+        return ckpt["state_dict"], losses
+
+    eager_state, eager_losses = run("eager", [])
+    frames = counters["frames"]["ok"]
+    compiled_state, compiled_losses = run("compiled", ["task.module.compile=true",
+                                                       "+task.module.compile_options.backend=aot_eager"])
+    assert counters["frames"]["ok"] > frames  # the model really went through torch.compile
+    assert len(compiled_losses) == len(eager_losses) == 3
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
+    assert list(compiled_state) == list(eager_state)
+    for key, value in eager_state.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(compiled_state[key], value, rtol=1e-3, atol=1e-4, msg=key)
+        else:
+            assert torch.equal(compiled_state[key], value), key
