@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import tempfile
 from pathlib import Path
@@ -12,23 +13,70 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from .distributed import broadcast_from_rank_zero
 
 __all__ = ["EMA", "AtomicCheckpointIO", "SaveLastOnTrainEnd"]
 
 
-def _ema_with_warmup(decay: float, warmup: bool):
-    def avg_fn(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        d = decay
-        if warmup:
-            # Early on the average follows the weights closely, so short runs are not evaluated with
-            # weights that are still mostly the random initialisation.
-            n = float(num_averaged)
-            d = min(decay, (1.0 + n) / (10.0 + n))
-        return averaged + (current - averaged) * (1.0 - d)
+def ema_weight(decay: float, warmup: bool, num_averaged: int) -> float:
+    """The weight of the current value in the update after ``num_averaged`` earlier ones: ``1 - d`` with
+    ``d = decay``, or with ``warmup`` ``d = min(decay, (1 + n) / (10 + n))``: early on the average follows the
+    weights closely, so short runs are not evaluated with weights that are still mostly the initialisation."""
+    d = min(decay, (1.0 + num_averaged) / (10.0 + num_averaged)) if warmup else decay
+    return 1.0 - d
 
-    return avg_fn
+
+class _EmaModel(AveragedModel):
+    """The averaged copy, updated with a handful of multi-tensor operations and no host synchronisation.
+
+    ``torch.optim.swa_utils.AveragedModel`` with an ``avg_fn`` updates tensor by tensor, and a decay that depends
+    on the update count reads that count from the device for every tensor: for an EfficientDet-D0 task that is
+    about 3,700 operations and 750 host synchronisations per training step, more than the step itself. Here the
+    count is mirrored on the host, so the decay is a plain number, and all floating-point tensors are updated
+    together: ``average += (current - average) * (1 - d)``, the same arithmetic in the same order. Integer buffers
+    (BatchNorm's ``num_batches_tracked``) take the current value.
+    """
+
+    def __init__(self, model: nn.Module, *, decay: float, warmup: bool, device: torch.device | None) -> None:
+        super().__init__(model, device=device, use_buffers=True)
+        self.decay = decay
+        self.warmup = warmup
+        self._host_count: int | None = 0  # mirror of the n_averaged buffer; None: read it from the buffer
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._host_count = None
+        return result
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        averaged = list(itertools.chain(self.module.parameters(), self.module.buffers()))
+        current = list(itertools.chain(model.parameters(), model.buffers()))
+        if len(averaged) != len(current):
+            raise RuntimeError(
+                f"EMA: the model has {len(current)} parameters and buffers, its average {len(averaged)}: "
+                "the model's structure changed after the average was made"
+            )
+        current = [c if c.device == a.device else c.to(a.device) for a, c in zip(averaged, current)]
+        if self._host_count is None:
+            self._host_count = int(self.n_averaged)
+        if self._host_count == 0:
+            torch._foreach_copy_(averaged, current)
+        else:
+            floats = [i for i, a in enumerate(averaged) if a.is_floating_point()]
+            others = [i for i, a in enumerate(averaged) if not a.is_floating_point()]
+            if floats:
+                avg_f = [averaged[i] for i in floats]
+                delta = torch._foreach_sub([current[i] for i in floats], avg_f)
+                torch._foreach_mul_(delta, ema_weight(self.decay, self.warmup, self._host_count))
+                torch._foreach_add_(avg_f, delta)
+            if others:
+                torch._foreach_copy_([averaged[i] for i in others], [current[i] for i in others])
+        self.n_averaged += 1
+        self._host_count += 1
 
 
 class EMA(WeightAveraging):
@@ -36,14 +84,28 @@ class EMA(WeightAveraging):
 
     Validation and checkpoints (``state_dict``) use the averaged weights; the raw weights are kept in the
     checkpoint so training resumes exactly. ``warmup`` ramps the decay as ``min(decay, (1+n)/(10+n))``.
+    The update is a few multi-tensor operations with no host synchronisation (see :class:`_EmaModel`).
     """
 
     def __init__(self, *, decay: float = 0.9998, warmup: bool = True, update_every_n_steps: int = 1) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
-        super().__init__(use_buffers=True, avg_fn=_ema_with_warmup(decay, warmup))
+        super().__init__(use_buffers=True)
         self.decay = decay
+        self.warmup = warmup
         self.update_every_n_steps = update_every_n_steps
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            # Lightning reports the device the module will train on, before it is moved there.
+            self._average_model = _EmaModel(pl_module, decay=self.decay, warmup=self.warmup, device=pl_module.device)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The module's setup may have changed its memory format (channels-last on a GPU) after the average was
+        # copied: give the average the same layout, so the multi-tensor update runs on matching tensors.
+        if self._average_model is not None:
+            _match_layout(self._average_model.module, pl_module)
+        super().on_fit_start(trainer, pl_module)
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx % self.update_every_n_steps == 0
@@ -61,6 +123,16 @@ class EMA(WeightAveraging):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._sync_average()
         super().on_train_end(trainer, pl_module)
+
+
+def _match_layout(average: nn.Module, current: nn.Module) -> None:
+    """Give each tensor of ``average`` the strides of the matching tensor of ``current`` (values unchanged)."""
+    pairs = zip(itertools.chain(average.parameters(), average.buffers()),
+                itertools.chain(current.parameters(), current.buffers()))
+    with torch.no_grad():
+        for a, c in pairs:
+            if a.shape == c.shape and a.stride() != c.stride():
+                a.data = torch.empty_like(c, dtype=a.dtype, device=a.device).copy_(a)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
