@@ -19,6 +19,12 @@ prints one JSON line per measurement and a table. Measurements:
   training step (at ``train_batch_size``), forward and backward, views and allocations not counted, and how many of
   them synchronise with the host. On a GPU each operation is at least one kernel launch, so where the CPU cannot
   launch as fast as the GPU computes (small maps, fast GPUs) these counts, not FLOPs, set the step time;
+- ``fit``: images/s of the Lightning training loop that ``tools/train.py`` runs (the task's training step with
+  its optimizer and learning-rate schedule, gradient clipping, the EMA of the weights, logging) at
+  ``train_batch_size``, on one in-memory batch moved to the device every step (the ``data`` measure covers the
+  loader), and the operations and host synchronisations of one whole step; ``vs_train`` is its time over the
+  bare ``train`` step's when both are measured (the loop's overhead). This project only (effdet has no trainer);
+  ``task.module.compile`` follows ``fast.compile``;
 - ``train_graph`` (CUDA only): the same step captured whole as one CUDA graph (:class:`tasks.graphed.GraphedTrainStep`),
   which this project's sync-free target assignment allows; effdet's step cannot be captured (its anchor labeller
   selects each image's valid boxes with boolean indexing, a host synchronisation), so its row is its ``train`` step.
@@ -46,6 +52,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -60,7 +67,7 @@ class BenchmarkError(ValueError):
     """A benchmark request that cannot be carried out (unknown measure, no effdet equivalent, no CUDA)."""
 
 
-MEASURES = ("params", "flops", "agreement", "ops", "predict", "latency", "train", "train_graph", "data")
+MEASURES = ("params", "flops", "agreement", "ops", "predict", "latency", "train", "train_graph", "fit", "data")
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -388,9 +395,114 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
         if cfg.profile:
             _profile(f"{'graphed ' * graphed}train batch {train_batch}", fns, device)
         add_pair(measure, times, train_batch, unit="images/s", batch=train_batch)
+    if "fit" in measures:
+        fit = _fit(cfg, task, paths, device, train_batch, size)
+        train_row = next((r for r in rows if r["measure"] == "train" and r["impl"] == "effdense"), None)
+        if train_row is not None:
+            fit["vs_train"] = round(fit["ms_per_call"] / train_row["ms_per_call"], 3)
+        add("fit", "effdense", batch=train_batch, **fit)
     if "data" in measures:
         rows += _data_rows(cfg, emit)
     return rows
+
+
+def _fit(cfg: DictConfig, task, paths: FastPaths, device: torch.device, batch: int, size: tuple[int, int]) -> dict:
+    """Time ``warmup + iters * rounds`` steps of a Lightning fit (the last ``iters * rounds`` timed) and count
+    the operations of one step; see the module docstring."""
+    import tempfile
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from .runner import build_task, loop_callbacks, trainer_kwargs
+
+    warmup = max(int(cfg.warmup), 3)  # the counted step (warmup - 2) comes after the first, which creates state
+    iters, rounds = int(cfg.iters), int(cfg.rounds)
+    timed = iters * rounds
+    precision = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}[paths.precision]
+    fit_cfg = OmegaConf.merge(cfg, {"task": {"module": {"channels_last": paths.channels_last,
+                                                        "compile": bool(paths.compile)}}})
+    fit_task = build_task(fit_cfg, copy.deepcopy(task.model).train())
+    g = torch.Generator().manual_seed(int(cfg.seed))
+    data: dict[str, torch.Tensor] = {"images": torch.randint(0, 256, (batch, 3, *size), dtype=torch.uint8, generator=g)}
+    if cfg.task.name == "detection":
+        data["boxes"], data["labels"] = _random_targets(batch, size, fit_task.num_classes, per_image=8, device="cpu",
+                                                        seed=int(cfg.seed))
+    else:
+        masks = torch.randint(0, int(cfg.data.num_classes), (batch, *size), dtype=torch.uint8, generator=g)
+        data["masks"] = masks.masked_fill(torch.rand(batch, *size, generator=g) < 0.05, 255)
+    if device.type == "cuda":
+        data = {k: v.pin_memory() for k, v in data.items()}
+    timer = _FitTimer(device, count_at=warmup - 2, start_at=warmup, iters=iters, rounds=rounds)
+
+    class SameBatch(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return warmup + timed
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return data
+
+    with tempfile.TemporaryDirectory(prefix="effdense_fit_") as tmp:
+        callbacks = loop_callbacks(fit_cfg)  # those of tools/train.py, without checkpointing
+        kwargs = trainer_kwargs(fit_cfg, training=True)
+        kwargs.update(accelerator="gpu" if device.type == "cuda" else "cpu",
+                      devices=[device.index or 0] if device.type == "cuda" else 1, strategy="auto",
+                      precision=precision, max_steps=warmup + timed, max_epochs=1, limit_val_batches=0,
+                      num_sanity_val_steps=0, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, fast_dev_run=False)
+        trainer = L.Trainer(**kwargs, callbacks=[*callbacks, timer], default_root_dir=tmp,
+                            logger=CSVLogger(save_dir=tmp, name="logs", version=""))
+        loader = torch.utils.data.DataLoader(SameBatch(), batch_size=None, shuffle=False, num_workers=0)
+        trainer.fit(fit_task, train_dataloaders=loader)
+    seconds, spread = timer.seconds()
+    return {"value": round(batch / seconds, 2), "unit": "images/s", "ms_per_call": round(seconds * 1000, 3),
+            "spread": round(spread, 3), "operations": timer.count.operations, "host_syncs": timer.count.host_syncs,
+            "ema": bool(fit_cfg.ema.enabled), "gradient_clip_val": kwargs.get("gradient_clip_val"),
+            "lightning_precision": precision, "peak_memory_mb": _peak_mb(device)}
+
+
+def _peak_mb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return _rss_mb(device)
+
+
+class _FitTimer(L.Callback):
+    """Counts the operations of step ``count_at`` (from its start to the next step's start, so the optimizer, the
+    EMA update and logging are in it), then times ``rounds`` blocks of ``iters`` steps from step ``start_at``."""
+
+    def __init__(self, device: torch.device, *, count_at: int, start_at: int, iters: int, rounds: int) -> None:
+        self.device, self.count_at, self.start_at, self.iters, self.rounds = device, count_at, start_at, iters, rounds
+        self.counter = None
+        self.count = OpCount(0, 0)
+        self.marks: list[float] = []  # the start of each block and the end of the last
+
+    def _mark(self) -> None:
+        _sync(self.device)
+        self.marks.append(time.perf_counter())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.count_at + 1 and self.counter is not None:
+            self.counter.__exit__(None, None, None)
+            self.count = OpCount(self.counter.operations, self.counter.syncs)
+            self.counter = None
+        if batch_idx == self.count_at:
+            self.counter = _OpCounter()
+            self.counter.__enter__()
+        if batch_idx == self.start_at and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if batch_idx >= self.start_at and (batch_idx - self.start_at) % self.iters == 0:
+            self._mark()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.start_at + self.iters * self.rounds - 1:  # after the EMA update (an earlier callback)
+            self._mark()
+
+    def seconds(self) -> tuple[float, float]:
+        """The median block's seconds per step, and the blocks' spread."""
+        blocks = [(b - a) / self.iters for a, b in zip(self.marks, self.marks[1:])]
+        if len(blocks) != self.rounds:
+            raise BenchmarkError(f"measure 'fit' timed {len(blocks)} blocks of steps, expected {self.rounds}")
+        return statistics.median(blocks), (max(blocks) - min(blocks)) / min(blocks)
 
 
 def _train_inputs(images: torch.Tensor, train_batch: int, num_classes: int, seed: int):
@@ -438,11 +550,11 @@ def _is_sync(name: str, args: tuple, kwargs: dict) -> bool:
     return False
 
 
-def count_ops(fn: Callable[[], Any]) -> OpCount:
-    """Runs ``fn`` once (after one uncounted call) and counts the tensor operations it dispatches."""
+def _OpCounter():
+    """A dispatch mode that counts tensor operations (``.operations``) and host synchronisations (``.syncs``)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    class _Counter(TorchDispatchMode):
+    class Counter(TorchDispatchMode):
         def __init__(self) -> None:
             super().__init__()
             self.operations = self.syncs = 0
@@ -454,8 +566,13 @@ def count_ops(fn: Callable[[], Any]) -> OpCount:
                 self.syncs += _is_sync(name, args, kwargs or {})
             return func(*args, **(kwargs or {}))
 
+    return Counter()
+
+
+def count_ops(fn: Callable[[], Any]) -> OpCount:
+    """Runs ``fn`` once (after one uncounted call) and counts the tensor operations it dispatches."""
     fn()
-    with _Counter() as counter:
+    with _OpCounter() as counter:
         fn()
     return OpCount(counter.operations, counter.syncs)
 

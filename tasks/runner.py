@@ -47,15 +47,17 @@ def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[L.Callback]:
         save_last=True,
         auto_insert_metric_name=False,
     )
-    callbacks: list[L.Callback] = [
-        checkpoint,
-        LearningRateMonitor(logging_interval="step"),
-        SaveLastOnTrainEnd(checkpoint),  # before EMA: see its docstring
-    ]
+    callbacks: list[L.Callback] = [checkpoint, SaveLastOnTrainEnd(checkpoint)]  # before EMA: see its docstring
     every = cfg.checkpoint.get("every_n_train_steps")
     if every:  # last.ckpt every N steps as well, so a killed run loses at most N steps
         callbacks.insert(1, ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=int(every), save_last=True,
                                             save_top_k=0))
+    return callbacks + loop_callbacks(cfg)
+
+
+def loop_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The callbacks of the training loop other than checkpointing: learning-rate logging and the EMA."""
+    callbacks: list[L.Callback] = [LearningRateMonitor(logging_interval="step")]
     if cfg.ema.enabled:
         callbacks.append(EMA(decay=cfg.ema.decay, warmup=cfg.ema.warmup))
     return callbacks

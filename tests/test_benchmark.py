@@ -122,3 +122,29 @@ def test_count_ops_counts_kernels_and_host_synchronisations():
     assert count_ops(lambda: torch.where(x > 0, x, 0.0)).host_syncs == 0
     assert count_ops(lambda: torch.bincount(torch.tensor([0, 2, 2]))).host_syncs == 1
     assert count_ops(lambda: torch.tensor([1, 2]).repeat_interleave(torch.tensor([2, 1]))).host_syncs == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["detection", "segmentation"])
+def test_fit_measures_the_lightning_loop(task):
+    """`fit` runs tools/train.py's Lightning loop (EMA, clipping, schedule, logging) on an in-memory batch: its
+    images/s, and the operations of one whole step, which include the EMA update (5 operations)."""
+    from tasks.benchmark import format_table, run_benchmark
+    from tasks.config import compose
+
+    small = ["device=cpu", "image_size=128", "model.image_size=128", "train_batch_size=2", "warmup=2", "iters=2",
+             "rounds=2", "neck.channels=16", "neck.num_repeats=1", "head.depth=1", "backbone.drop_path_rate=0.0"]
+    measures = "measures=[train,fit]" if task == "detection" else "measures=[fit]"
+    rows = run_benchmark(compose("benchmark", [f"task={task}", measures, *small]))
+    fit = rows[-1]
+    assert (fit["measure"], fit["impl"], fit["batch"], fit["unit"]) == ("fit", "effdense", 2, "images/s")
+    assert fit["value"] > 0 and fit["spread"] >= 0 and fit["ema"] is True and fit["gradient_clip_val"] == 10.0
+    assert fit["lightning_precision"] == "32-true" and fit["channels_last"] is True
+    assert fit["value"] == pytest.approx(2 / (fit["ms_per_call"] / 1000), rel=1e-2)
+    if task == "detection":
+        assert fit["vs_train"] == pytest.approx(fit["ms_per_call"] / rows[0]["ms_per_call"], abs=1e-3)
+    without_ema = run_benchmark(compose("benchmark", [f"task={task}", "measures=[fit]", "ema.enabled=false", *small]))[-1]
+    assert without_ema["ema"] is False
+    assert fit["operations"] - without_ema["operations"] == 5  # sub, mul, add (all floats), copy (ints), count
+    assert fit["host_syncs"] == without_ema["host_syncs"]
+    assert re.search(r"^fit\s+effdense\s+2\s+[\d.,]+\s+images/s", format_table(rows), re.MULTILINE)

@@ -35,9 +35,9 @@ for p in $PARTS; do
       run d0 120 backbone=b0 compare=effdet fast.compile=false measures=[predict,latency]
     fi ;;
   d3)  # D3 predict (batch 16) and training (batch 8), both eager (bf16, channels-last); ours also as one CUDA graph
-    run d3 150 backbone=b3 compare=effdet fast.compile=false measures=[agreement,predict,train,train_graph] iters=5 ;;
-  d0_train)  # D0 training step at batch 32, both eager; ours also captured as one CUDA graph (train_graph)
-    run d0_train 120 backbone=b0 compare=effdet fast.compile=false measures=[ops,train,train_graph] iters=5 profile=true ;;
+    run d3 150 backbone=b3 compare=effdet fast.compile=false measures=[agreement,predict,train,train_graph,fit] iters=5 ;;
+  d0_train)  # D0 training step at batch 32, both eager; ours also as one CUDA graph, and in the Lightning loop (fit)
+    run d0_train 120 backbone=b0 compare=effdet fast.compile=false measures=[ops,train,train_graph,fit] iters=5 profile=true ;;
   seg)  # segmentation at 1024x2048 (batch 4), b0..b3, eager
     for b in b0 b1 b2 b3; do
       run seg 30 task=segmentation backbone=$b measures=[params,predict] fast.compile=false iters=5 rounds=2
