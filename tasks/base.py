@@ -56,7 +56,8 @@ class DenseTask(L.LightningModule):
             parameters, the state-dict keys and the checkpoints stay those of the plain model; evaluation
             (``tools/eval.py``) stays eager. Off by default: compiling takes minutes at the start of a run.
         compile_options: keyword arguments of ``torch.compile`` (``backend``, ``mode``, ``dynamic``,
-            ``fullgraph``, ``options``); ``dynamic`` defaults to ``False`` (training crops have one size).
+            ``fullgraph``, ``options``); ``dynamic`` defaults to ``False`` (training crops have one size; each
+            other shape, e.g. a smaller last validation batch, is compiled once more).
     """
 
     def __init__(
@@ -86,6 +87,8 @@ class DenseTask(L.LightningModule):
             raise ValueError(
                 f"compile_options: unknown key(s) {unknown}; torch.compile takes {sorted(COMPILE_OPTIONS)}"
             )
+        if options.get("mode") is not None and options.get("options") is not None:
+            raise ValueError("compile_options: set mode or options, not both (torch.compile takes one of them)")
         #: ``torch.compile`` the model when fitting (see :meth:`setup`), with these keyword arguments.
         self.compile_model = compile
         self.compile_options = {"dynamic": False, **options}

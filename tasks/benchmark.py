@@ -436,7 +436,7 @@ def _fit(cfg: DictConfig, task, paths: FastPaths, device: torch.device, batch: i
 
     class SameBatch(torch.utils.data.Dataset):
         def __len__(self) -> int:
-            return warmup + timed
+            return warmup + timed + 1
 
         def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
             return data
@@ -446,7 +446,7 @@ def _fit(cfg: DictConfig, task, paths: FastPaths, device: torch.device, batch: i
         kwargs = trainer_kwargs(fit_cfg, training=True)
         kwargs.update(accelerator="gpu" if device.type == "cuda" else "cpu",
                       devices=[device.index or 0] if device.type == "cuda" else 1, strategy="auto",
-                      precision=precision, max_steps=warmup + timed, max_epochs=1, limit_val_batches=0,
+                      precision=precision, max_steps=warmup + timed + 1, max_epochs=1, limit_val_batches=0,
                       num_sanity_val_steps=0, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, fast_dev_run=False)
         trainer = L.Trainer(**kwargs, callbacks=[*callbacks, timer], default_root_dir=tmp,
@@ -454,8 +454,12 @@ def _fit(cfg: DictConfig, task, paths: FastPaths, device: torch.device, batch: i
         loader = torch.utils.data.DataLoader(SameBatch(), batch_size=None, shuffle=False, num_workers=0)
         trainer.fit(fit_task, train_dataloaders=loader)
     seconds, spread = timer.seconds()
+    # torch.compile'd code does not run under the counting dispatch mode: with compilation the count would be the
+    # eager step's, so none is reported.
+    counted = not fit_cfg.task.module.compile
     return {"value": round(batch / seconds, 2), "unit": "images/s", "ms_per_call": round(seconds * 1000, 3),
-            "spread": round(spread, 3), "operations": timer.count.operations, "host_syncs": timer.count.host_syncs,
+            "spread": round(spread, 3), "operations": timer.count.operations if counted else None,
+            "host_syncs": timer.count.host_syncs if counted else None,
             "ema": bool(fit_cfg.ema.enabled), "gradient_clip_val": kwargs.get("gradient_clip_val"),
             "lightning_precision": precision, "peak_memory_mb": _peak_mb(device)}
 
@@ -468,7 +472,8 @@ def _peak_mb(device: torch.device) -> float | None:
 
 class _FitTimer(L.Callback):
     """Counts the operations of step ``count_at`` (from its start to the next step's start, so the optimizer, the
-    EMA update and logging are in it), then times ``rounds`` blocks of ``iters`` steps from step ``start_at``."""
+    EMA update and logging are in it; eager: compiled code does not run under the counter), then times ``rounds``
+    blocks of ``iters`` steps from step ``start_at``."""
 
     def __init__(self, device: torch.device, *, count_at: int, start_at: int, iters: int, rounds: int) -> None:
         self.device, self.count_at, self.start_at, self.iters, self.rounds = device, count_at, start_at, iters, rounds
@@ -490,11 +495,11 @@ class _FitTimer(L.Callback):
             self.counter.__enter__()
         if batch_idx == self.start_at and self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        if batch_idx >= self.start_at and (batch_idx - self.start_at) % self.iters == 0:
-            self._mark()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if batch_idx == self.start_at + self.iters * self.rounds - 1:  # after the EMA update (an earlier callback)
+        # Blocks run from a step's start to a later step's start (one more step follows the last block), so each
+        # holds whole steps: the batch's copy to the device, the step, the callbacks (the EMA update), logging.
+        if self.start_at <= batch_idx <= self.start_at + self.iters * self.rounds and (
+            batch_idx - self.start_at
+        ) % self.iters == 0:
             self._mark()
 
     def seconds(self) -> tuple[float, float]:

@@ -39,15 +39,18 @@ __all__ = [
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def native_bf16_cuda() -> bool:
-    """Whether the current CUDA GPU computes in bfloat16 natively (compute capability 8.0+). Older GPUs emulate it,
-    slower than float32, so ``"auto"`` precisions (inference and training) only pick bf16 where it is native."""
+def native_bf16_cuda(device: torch.device | str | None = None) -> bool:
+    """Whether the CUDA GPU ``device`` (default: the current one) computes in bfloat16 natively (compute capability
+    8.0+). Older GPUs emulate it, slower than float32, so ``"auto"`` precisions (inference and training) only pick
+    bf16 where it is native."""
     if not torch.cuda.is_available():
         return False
-    try:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # torch before the argument existed: emulation was not counted
-        return torch.cuda.is_bf16_supported()
+    device = torch.device(device) if device is not None else None
+    with torch.cuda.device(device) if device is not None and device.index is not None else contextlib.nullcontext():
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch before the argument existed: emulation was not counted
+            return torch.cuda.is_bf16_supported()
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ class FastPaths:
         cuda = device.type == "cuda"
         precision = self.precision
         if precision == "auto":
-            precision = "bf16" if cuda and native_bf16_cuda() else "fp32"
+            precision = "bf16" if cuda and native_bf16_cuda(device) else "fp32"
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
         compile_ = self.compile

@@ -148,3 +148,18 @@ def test_fit_measures_the_lightning_loop(task):
     assert fit["operations"] - without_ema["operations"] == 5  # sub, mul, add (all floats), copy (ints), count
     assert fit["host_syncs"] == without_ema["host_syncs"]
     assert re.search(r"^fit\s+effdense\s+2\s+[\d.,]+\s+images/s", format_table(rows), re.MULTILINE)
+
+
+@pytest.mark.slow
+def test_fit_with_compilation_reports_no_operation_count():
+    """Compiled code does not run under the counting dispatch mode, so a compiled `fit` reports no count."""
+    from tasks.benchmark import run_benchmark
+    from tasks.config import compose
+
+    cfg = compose("benchmark", [
+        "measures=[fit]", "fast.compile=true", "+task.module.compile_options.backend=eager", "device=cpu",
+        "image_size=128", "model.image_size=128", "train_batch_size=2", "warmup=3", "iters=1", "rounds=2",
+        "neck.channels=16", "neck.num_repeats=1", "head.depth=1"])
+    fit = run_benchmark(cfg)[-1]
+    assert fit["measure"] == "fit" and fit["compile"] is True and fit["value"] > 0
+    assert fit["operations"] is None and fit["host_syncs"] is None

@@ -199,3 +199,10 @@ def test_compiled_training_matches_eager_training(tmp_path):
             torch.testing.assert_close(compiled_state[key], value, rtol=1e-3, atol=1e-4, msg=key)
         else:
             assert torch.equal(compiled_state[key], value), key
+
+
+def test_compile_mode_and_options_together_are_an_error():
+    cfg = compose("train", ["data=synthetic", "model.image_size=128", "+task.module.compile_options.mode=max-autotune",
+                            "+task.module.compile_options.options={trace.enabled: false}"])
+    with pytest.raises(Exception, match="set mode or options, not both"):
+        build_task(cfg, build_model(cfg))
