@@ -222,20 +222,30 @@ def dense_greedy_nms(
     return keep
 
 
+#: The CPU pre-selection ranks at most this many candidates per wanted one; beyond it a plain top-k is cheaper.
+_PRESELECT_LIMIT = 16
+
+
 def _topk(cls_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest (anchor, class) logits per image, sorted, and their flat indices ``anchor * C + class``.
 
     On the CPU a full ``topk`` over millions of logits is slow, so candidates are pre-selected: every anchor's
     best logit is itself a candidate, so the ``k``-th largest of the per-anchor maxima is a lower bound of the
     ``k``-th largest logit, and only logits at or above it (usually about ``k`` of them) need ranking. The
-    result is the same ``k`` values (equal logits may come in another order).
+    result is the same ``k`` values (equal logits may come in another order). When far more than ``k`` logits
+    reach the bound (ties), a plain top-k is used.
     """
     b, a, _ = cls_logits.shape
     flat = cls_logits.reshape(b, -1)
     if cls_logits.device.type != "cpu" or k > a or _tracing():
         return flat.topk(k, dim=1)
     bound = cls_logits.amax(-1).topk(k, dim=1).values[:, -1:]  # [B, 1]
-    image, index = torch.nonzero(flat >= bound, as_tuple=True)  # at least k per image
+    above = flat >= bound  # at least k per image
+    if int(above.sum()) > _PRESELECT_LIMIT * k * b:
+        # Many logits tie at the bound (e.g. an untrained head whose logits are all its bias): ranking all of them
+        # would cost far more than one top-k.
+        return flat.topk(k, dim=1)
+    image, index = torch.nonzero(above, as_tuple=True)
     values = flat[image, index]
     # Group by image, best first within each image.
     order = torch.sort(values, descending=True, stable=True).indices
