@@ -19,6 +19,7 @@ __all__ = [
     "WeightsMismatchError",
     "state_dict_mismatches",
     "out_of_place_activations",
+    "inplace_activations_for_inference",
 ]
 
 log = logging.getLogger(__name__)
@@ -48,13 +49,26 @@ def out_of_place_activations(module: nn.Module) -> int:
     timm builds EfficientNet's SiLUs in place. While autograd records, an in-place SiLU makes autograd save a
     copy of its input first (the gradient is computed from it): one extra full-size copy per activation and step,
     the same memory as an out-of-place SiLU but one more kernel and one more pass over the map. Without autograd
-    (inference) the difference is one buffer the allocator reuses.
+    in-place is the faster one (no new buffer to write), so each changed module is marked and
+    :func:`inplace_activations_for_inference` turns it back on in an inference copy.
     """
     types = _input_saving_activations()
     changed = 0
     for m in module.modules():
         if isinstance(m, types) and getattr(m, "inplace", False) is True:
             m.inplace = False
+            m.inplace_without_autograd = True  # its builder made it in place: safe where nothing records
+            changed += 1
+    return changed
+
+
+def inplace_activations_for_inference(module: nn.Module) -> int:
+    """In a copy used without autograd: put back in place the activations :func:`out_of_place_activations`
+    switched off (only those, which their builder made in place); returns how many."""
+    changed = 0
+    for m in module.modules():
+        if getattr(m, "inplace_without_autograd", False) and getattr(m, "inplace", None) is False:
+            m.inplace = True
             changed += 1
     return changed
 

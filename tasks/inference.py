@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backbones.timm_backbone import inplace_activations_for_inference
 from heads import flatten_levels
 from models.fusion import fold_batchnorm
 
@@ -132,13 +133,15 @@ def compile_module(module: nn.Module, paths: FastPaths, *, training: bool = Fals
 
 
 def optimize_model(model: nn.Module, paths: FastPaths, device: torch.device | str) -> tuple[nn.Module, dict]:
-    """An inference copy of ``model`` on ``device``: norms folded, channels-last. Returns it and what was done."""
+    """An inference copy of ``model`` on ``device``: norms folded, channels-last, the backbone's activations in
+    place again (out of place only for autograd's sake). Returns it and what was done."""
     info: dict[str, Any] = {}
     if paths.fold_bn:
         model, report = fold_batchnorm(model)
         info["folded_norms"], info["unfolded_norms"] = report.folded, report.remaining
     else:
         model = copy.deepcopy(model).eval()
+    info["inplace_activations"] = inplace_activations_for_inference(model)
     model = model.to(device)
     if paths.channels_last:
         model = model.to(memory_format=torch.channels_last)

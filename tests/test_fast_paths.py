@@ -56,12 +56,17 @@ def test_float32_fast_paths_change_rounding_only(task):
     x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(2))
     fast, info = optimize_model(task.model, FastPaths(precision="fp32"), "cpu")
     assert info["folded_norms"] > 100 and info["unfolded_norms"] == 0
+    # The backbone's activations are in place again in the inference copy (48 in EfficientNet-B0), and only there.
+    assert info["inplace_activations"] == 48
+    assert sum(getattr(m, "inplace", False) is True for m in fast.modules()) == 48
+    assert not any(getattr(m, "inplace", False) is True for m in task.model.modules())
     cls, box = _raw(task.model, x)
     cls_fast, box_fast = _raw(fast, x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(cls_fast, cls, rtol=0, atol=1e-4)
     torch.testing.assert_close(box_fast, box, rtol=0, atol=1e-4)
 
-    plain, _ = prepare_predictor(task, FastPaths(channels_last=False, fold_bn=False, precision="fp32"), "cpu")
+    plain, info = prepare_predictor(task, FastPaths(channels_last=False, fold_bn=False, precision="fp32"), "cpu")
+    assert info["inplace_activations"] == 48
     quick, _ = prepare_predictor(task, FastPaths(precision="fp32"), "cpu")
     ref, out = plain(x), quick(x)
     sorted_diff = (ref["scores"].sort(1).values - out["scores"].sort(1).values).abs().max()
