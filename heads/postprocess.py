@@ -240,12 +240,11 @@ def _topk(cls_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     if cls_logits.device.type != "cpu" or k > a or _tracing():
         return flat.topk(k, dim=1)
     bound = cls_logits.amax(-1).topk(k, dim=1).values[:, -1:]  # [B, 1]
-    above = flat >= bound  # at least k per image
-    if int(above.sum()) > _PRESELECT_LIMIT * k * b:
+    image, index = torch.nonzero(flat >= bound, as_tuple=True)  # at least k per image
+    if image.numel() > _PRESELECT_LIMIT * k * b:
         # Many logits tie at the bound (e.g. an untrained head whose logits are all its bias): ranking all of them
         # would cost far more than one top-k.
         return flat.topk(k, dim=1)
-    image, index = torch.nonzero(above, as_tuple=True)
     values = flat[image, index]
     # Group by image, best first within each image.
     order = torch.sort(values, descending=True, stable=True).indices
