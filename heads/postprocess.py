@@ -232,8 +232,8 @@ def _topk(cls_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     On the CPU a full ``topk`` over millions of logits is slow, so candidates are pre-selected: every anchor's
     best logit is itself a candidate, so the ``k``-th largest of the per-anchor maxima is a lower bound of the
     ``k``-th largest logit, and only logits at or above it (usually about ``k`` of them) need ranking. The
-    result is the same ``k`` values (equal logits may come in another order). When far more than ``k`` logits
-    reach the bound (ties), a plain top-k is used.
+    result is the same ``k`` values (equal logits may come in another order). An image where far more than ``k``
+    logits reach the bound (ties) takes a plain top-k.
     """
     b, a, _ = cls_logits.shape
     flat = cls_logits.reshape(b, -1)
@@ -241,10 +241,17 @@ def _topk(cls_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
         return flat.topk(k, dim=1)
     bound = cls_logits.amax(-1).topk(k, dim=1).values[:, -1:]  # [B, 1]
     image, index = torch.nonzero(flat >= bound, as_tuple=True)  # at least k per image
-    if image.numel() > _PRESELECT_LIMIT * k * b:
-        # Many logits tie at the bound (e.g. an untrained head whose logits are all its bias): ranking all of them
-        # would cost far more than one top-k.
-        return flat.topk(k, dim=1)
+    top_values = torch.empty(b, k, dtype=flat.dtype)
+    top_index = torch.empty(b, k, dtype=torch.long)
+    # Where far more than k logits reach the bound (ties, e.g. an untrained head whose logits all equal its bias),
+    # ranking them all would cost far more than one top-k: such an image takes the plain top-k. Decided image by
+    # image, so an image's candidates never depend on the rest of the batch.
+    tied = torch.bincount(image, minlength=b) > _PRESELECT_LIMIT * k
+    if bool(tied.any()):
+        rows = tied.nonzero().squeeze(1)
+        top_values[rows], top_index[rows] = flat[rows].topk(k, dim=1)
+        light = ~tied[image]
+        image, index = image[light], index[light]
     values = flat[image, index]
     # Group by image, best first within each image.
     order = torch.sort(values, descending=True, stable=True).indices
@@ -253,8 +260,6 @@ def _topk(cls_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     counts = torch.bincount(image, minlength=b)
     rank = torch.arange(image.numel()) - (torch.cumsum(counts, 0) - counts)[image]
     sel = rank < k
-    top_values = torch.empty(b, k, dtype=flat.dtype)
-    top_index = torch.empty(b, k, dtype=torch.long)
     top_values[image[sel], rank[sel]] = values[sel]
     top_index[image[sel], rank[sel]] = index[sel]
     return top_values, top_index

@@ -346,21 +346,41 @@ def test_cpu_preselection_falls_back_to_topk_when_logits_tie():
 
     from heads.postprocess import _topk
 
-    class Names(TorchDispatchMode):
+    class Sorted(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.names = []
+            self.sizes, self.topk = [], 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
+            name = func.overloadpacket.__name__
+            if name == "sort":
+                self.sizes.append(args[0].numel())
+            self.topk += name == "topk"
             return func(*args, **(kwargs or {}))
 
     cls = torch.full((2, 5000, 90), -4.6)
     cls[1, 7, 3] = 1.0
-    with Names() as ops:
+    with Sorted() as ops:
         values, index = _topk(cls, 500)
-    assert "sort" not in ops.names and "topk" in ops.names
+    assert ops.topk >= 2 and all(n == 0 for n in ops.sizes)  # nothing left to rank
     ref_values, _ = cls.reshape(2, -1).topk(500, dim=1)
     assert torch.equal(values, ref_values)
     assert index[1, 0].item() == 7 * 90 + 3
     assert all(len(set(row.tolist())) == 500 for row in index)
+
+
+def test_cpu_preselection_of_an_image_does_not_depend_on_its_batch():
+    """Whether an image's ties send it to the plain top-k is decided per image: the same rows alone and batched
+    (here 9,000 tied logits: above the limit for one image, below it for a batch of two counted together)."""
+    from heads.postprocess import _PRESELECT_LIMIT, _topk
+
+    k = 512
+    g = torch.Generator().manual_seed(3)
+    tied = torch.randn(1, 3000, 90, generator=g) - 10.0
+    tied.view(1, -1)[0, torch.randperm(3000 * 90, generator=g)[:9000]] = 5.0  # 9,000 equal top logits
+    plain = torch.randn(1, 3000, 90, generator=g)
+    assert _PRESELECT_LIMIT * k < 9000 < 2 * _PRESELECT_LIMIT * k
+    alone = [_topk(x, k) for x in (tied, plain)]
+    batched = _topk(torch.cat([tied, plain]), k)
+    for i, (values, index) in enumerate(alone):
+        assert torch.equal(batched[0][i], values[0]) and torch.equal(batched[1][i], index[0])
