@@ -118,9 +118,9 @@ class DetectionLoss:
         logits = cls_logits.float()
         index = cls_targets.clamp(min=0).unsqueeze(-1)  # [B, A, 1]: each anchor's class (0 when it has none)
         sign = torch.ones_like(logits).scatter_(-1, index, torch.where(positive, -1.0, 1.0).unsqueeze(-1))
-        ignored = (cls_targets == IGNORE).unsqueeze(-1)
-        weight = torch.full_like(logits, 1.0 - self.alpha).masked_fill_(ignored, 0.0)
-        at_index = torch.where(positive, self.alpha, torch.where(cls_targets == IGNORE, 0.0, 1.0 - self.alpha))
+        ignored = cls_targets == IGNORE
+        weight = torch.full_like(logits, 1.0 - self.alpha).masked_fill_(ignored.unsqueeze(-1), 0.0)
+        at_index = torch.where(positive, self.alpha, torch.where(ignored, 0.0, 1.0 - self.alpha))
         weight.scatter_(-1, index, at_index.unsqueeze(-1))
         s = logits * sign
         loss = F.softplus(s) * weight
