@@ -407,8 +407,8 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
 
 
 def _fit(cfg: DictConfig, task, paths: FastPaths, device: torch.device, batch: int, size: tuple[int, int]) -> dict:
-    """Time ``warmup + iters * rounds`` steps of a Lightning fit (the last ``iters * rounds`` timed) and count
-    the operations of one step; see the module docstring."""
+    """Run ``warmup + iters * rounds + 1`` steps of a Lightning fit, time ``rounds`` blocks of ``iters`` steps
+    after the warm-up and count the operations of one step; see the module docstring."""
     import tempfile
 
     from lightning.pytorch.loggers import CSVLogger
@@ -417,7 +417,7 @@ def _fit(cfg: DictConfig, task, paths: FastPaths, device: torch.device, batch: i
 
     warmup = max(int(cfg.warmup), 3)  # the counted step (warmup - 2) comes after the first, which creates state
     iters, rounds = int(cfg.iters), int(cfg.rounds)
-    timed = iters * rounds
+    steps = warmup + iters * rounds + 1  # one more step ends the last timed block (blocks run start to start)
     precision = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}[paths.precision]
     fit_cfg = OmegaConf.merge(cfg, {"task": {"module": {"channels_last": paths.channels_last,
                                                         "compile": bool(paths.compile)}}})
@@ -436,7 +436,7 @@ def _fit(cfg: DictConfig, task, paths: FastPaths, device: torch.device, batch: i
 
     class SameBatch(torch.utils.data.Dataset):
         def __len__(self) -> int:
-            return warmup + timed + 1
+            return steps
 
         def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
             return data
@@ -446,7 +446,7 @@ def _fit(cfg: DictConfig, task, paths: FastPaths, device: torch.device, batch: i
         kwargs = trainer_kwargs(fit_cfg, training=True)
         kwargs.update(accelerator="gpu" if device.type == "cuda" else "cpu",
                       devices=[device.index or 0] if device.type == "cuda" else 1, strategy="auto",
-                      precision=precision, max_steps=warmup + timed + 1, max_epochs=1, limit_val_batches=0,
+                      precision=precision, max_steps=steps, max_epochs=1, limit_val_batches=0,
                       num_sanity_val_steps=0, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, fast_dev_run=False)
         trainer = L.Trainer(**kwargs, callbacks=[*callbacks, timer], default_root_dir=tmp,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import tempfile
 from pathlib import Path
@@ -53,8 +52,7 @@ class _EmaModel(AveragedModel):
 
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
-        averaged = list(itertools.chain(self.module.parameters(), self.module.buffers()))
-        current = list(itertools.chain(model.parameters(), model.buffers()))
+        averaged, current = _state_tensors(self.module), _state_tensors(model)
         if len(averaged) != len(current):
             raise RuntimeError(
                 f"EMA: the model has {len(current)} parameters and buffers, its average {len(averaged)}: "
@@ -66,15 +64,17 @@ class _EmaModel(AveragedModel):
         if self._host_count == 0:
             torch._foreach_copy_(averaged, current)
         else:
-            floats = [i for i, a in enumerate(averaged) if a.is_floating_point()]
-            others = [i for i, a in enumerate(averaged) if not a.is_floating_point()]
-            if floats:
-                avg_f = [averaged[i] for i in floats]
-                delta = torch._foreach_sub([current[i] for i in floats], avg_f)
+            avg_f, cur_f, avg_i, cur_i = [], [], [], []
+            for a, c in zip(averaged, current):
+                avg, cur = (avg_f, cur_f) if a.is_floating_point() else (avg_i, cur_i)
+                avg.append(a)
+                cur.append(c)
+            if avg_f:
+                delta = torch._foreach_sub(cur_f, avg_f)
                 torch._foreach_mul_(delta, ema_weight(self.decay, self.warmup, self._host_count))
                 torch._foreach_add_(avg_f, delta)
-            if others:
-                torch._foreach_copy_([averaged[i] for i in others], [current[i] for i in others])
+            if avg_i:
+                torch._foreach_copy_(avg_i, cur_i)
         self.n_averaged += 1
         self._host_count += 1
 
@@ -125,12 +125,15 @@ class EMA(WeightAveraging):
         super().on_train_end(trainer, pl_module)
 
 
+def _state_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Parameters then buffers, in registration order: how the average and the model are paired."""
+    return [*module.parameters(), *module.buffers()]
+
+
 def _match_layout(average: nn.Module, current: nn.Module) -> None:
     """Give each tensor of ``average`` the strides of the matching tensor of ``current`` (values unchanged)."""
-    pairs = zip(itertools.chain(average.parameters(), average.buffers()),
-                itertools.chain(current.parameters(), current.buffers()))
     with torch.no_grad():
-        for a, c in pairs:
+        for a, c in zip(_state_tensors(average), _state_tensors(current)):
             if a.shape == c.shape and a.stride() != c.stride():
                 a.data = torch.empty_like(c, dtype=a.dtype, device=a.device).copy_(a)
 

@@ -81,7 +81,7 @@ def trainer_kwargs(cfg: DictConfig, *, training: bool = True) -> dict[str, Any]:
 def _native_bf16_gpu(accelerator: str, strategy: Any) -> bool:
     from .inference import native_bf16_cuda
 
-    if str(accelerator) not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
+    if str(accelerator) not in ("auto", "gpu", "cuda"):
         return False
     if isinstance(strategy, str) and ("fork" in strategy or "notebook" in strategy):
         return False
