@@ -55,6 +55,7 @@ from typing import Any
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from heads import flatten_levels
 
@@ -555,23 +556,19 @@ def _is_sync(name: str, args: tuple, kwargs: dict) -> bool:
     return False
 
 
-def _OpCounter():
+class _OpCounter(TorchDispatchMode):
     """A dispatch mode that counts tensor operations (``.operations``) and host synchronisations (``.syncs``)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
 
-    class Counter(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.operations = self.syncs = 0
+    def __init__(self) -> None:
+        super().__init__()
+        self.operations = self.syncs = 0
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.overloadpacket.__name__
-            if not func.is_view and name not in _NOT_KERNELS:
-                self.operations += 1
-                self.syncs += _is_sync(name, args, kwargs or {})
-            return func(*args, **(kwargs or {}))
-
-    return Counter()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in _NOT_KERNELS:
+            self.operations += 1
+            self.syncs += _is_sync(name, args, kwargs or {})
+        return func(*args, **(kwargs or {}))
 
 
 def count_ops(fn: Callable[[], Any]) -> OpCount:
