@@ -28,8 +28,11 @@ class DetectionPostProcess:
 
     ``nms_impl``: ``"torchvision"`` runs one :func:`torchvision.ops.nms` over the batch (every (image, class)
     pair moved to its own region of the plane); ``"dense"`` runs :func:`dense_greedy_nms`, pairwise IoUs per
-    image as batched tensor algebra (no quadratic all-batch mask, a handful of launches: the fast choice on
-    a GPU); ``"auto"`` picks dense on CUDA and torchvision elsewhere. Both give the same detections.
+    image as batched tensor algebra (no quadratic all-batch mask, a handful of launches); ``"triton"`` runs
+    :func:`heads.nms_kernel.greedy_nms_scan`, one GPU program per image that walks its candidates in score order
+    and stops at ``max_detections`` kept (no pairwise matrix, no prefix, no host synchronisation: the whole
+    post-processing can be captured in a CUDA graph). ``"auto"`` picks triton on CUDA (dense where Triton is
+    missing) and torchvision elsewhere. All give the same detections.
 
     Returns ``boxes [B, D, 4]`` (xyxy, float32), ``scores [B, D]``, ``labels [B, D]`` (-1 for padding),
     ``num_detections [B]``; rows are sorted by score and padded with zeros.
@@ -62,8 +65,8 @@ class DetectionPostProcess:
         if nms_prefix is not None and nms_prefix < 1:
             raise ValueError(f"nms_prefix must be >= 1 or None, got {nms_prefix}")
         self.nms_prefix = nms_prefix
-        if nms_impl not in ("auto", "dense", "torchvision"):
-            raise ValueError(f"nms_impl must be auto, dense or torchvision, got {nms_impl!r}")
+        if nms_impl not in ("auto", "dense", "torchvision", "triton"):
+            raise ValueError(f"nms_impl must be auto, dense, torchvision or triton, got {nms_impl!r}")
         self.nms_impl = nms_impl
 
     @torch.no_grad()
@@ -82,7 +85,10 @@ class DetectionPostProcess:
         # candidates gives exactly the survivors among them. Once every image has max_detections survivors
         # (or has run out of candidates) the rest cannot change the output: try a prefix, widen it if needed.
         # Only the best n are ranked (top-k of a few hundred, not of thousands, out of millions of logits).
-        n = k if self.nms_prefix is None or _tracing() else min(k, max(self.nms_prefix, self.max_detections))
+        # The kernel walks the candidates only until it has max_detections: all k at once, no widening (and no
+        # host synchronisation to decide one).
+        full = self.nms_prefix is None or _tracing() or self._impl(cls_logits.device) == "triton"
+        n = k if full else min(k, max(self.nms_prefix, self.max_detections))
         while True:
             # Ranking in the logits' own dtype avoids a float32 copy of the whole [B, A*C] map under bf16.
             top_logits, top_idx = _topk(cls_logits, n)  # [B, n], sorted
@@ -112,7 +118,10 @@ class DetectionPostProcess:
                 h, w = (float(v) for v in image_size)
                 boxes = torch.stack([boxes[..., 0].clamp(0, w), boxes[..., 1].clamp(0, h),
                                      boxes[..., 2].clamp(0, w), boxes[..., 3].clamp(0, h)], dim=-1)
-        if self._dense(device):
+        impl = self._impl(device)
+        if impl == "triton":
+            return self._kernel_output(boxes, scores, labels)
+        if impl == "dense":
             return self._dense_output(boxes, scores, labels)
         image_idx = torch.arange(b, device=device)[:, None].expand(b, k)
 
@@ -139,10 +148,35 @@ class DetectionPostProcess:
             b, self.max_detections, kept_images, rank, flat_boxes[keep], flat_scores[keep], flat_labels[keep], counts
         )
 
-    def _dense(self, device: torch.device) -> bool:
-        if self.nms_impl == "auto":
-            return device.type == "cuda" and not _tracing()
-        return self.nms_impl == "dense"
+    def capturable(self, device: torch.device | str) -> bool:
+        """Whether post-processing on ``device`` never waits for the host, so it can be captured in a CUDA graph
+        (fixed shapes, no prefix widening): the Triton NMS."""
+        return self._impl(torch.device(device)) == "triton"
+
+    def _impl(self, device: torch.device) -> str:
+        if self.nms_impl != "auto":
+            return self.nms_impl
+        if device.type != "cuda" or _tracing():
+            return "torchvision"
+        from . import nms_kernel
+
+        return "triton" if nms_kernel.available(device) else "dense"
+
+    def _kernel_output(self, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The first ``max_detections`` survivors of each image from :func:`heads.nms_kernel.greedy_nms_scan`,
+        gathered into the padded output: fixed shapes, no host synchronisation."""
+        from .nms_kernel import greedy_nms_scan
+
+        index, count = greedy_nms_scan(boxes, labels, scores >= self.score_threshold, self.iou_threshold,
+                                       self.max_detections)
+        shown = index >= 0
+        at = index.clamp(min=0)
+        return {
+            "boxes": torch.where(shown[..., None], torch.gather(boxes, 1, at[..., None].expand(-1, -1, 4)), 0.0),
+            "scores": torch.where(shown, torch.gather(scores, 1, at), 0.0),
+            "labels": torch.where(shown, torch.gather(labels, 1, at), -1),
+            "num_detections": count,
+        }
 
     def _dense_output(self, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Greedy NMS of each image's candidates (already sorted by score) as batched tensor algebra, then the

@@ -15,6 +15,10 @@ torch.set_flush_denormal(True)
 # One intra-op thread per pytest-xdist worker: several processes spinning OpenMP threads on 2 cores slow each
 # other down many times over.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
+# Without a GPU, Triton kernels (heads.nms_kernel) run on CPU tensors in Triton's interpreter. Triton reads this
+# when it is first imported, so it is set before any test can import it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,60 @@
+"""The greedy NMS kernel (heads.nms_kernel) keeps what the dense fixed-point NMS keeps, cut after max_keep.
+
+Without a GPU it runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET before Triton is imported).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from heads import nms_kernel
+from heads.postprocess import dense_greedy_nms
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(not nms_kernel.available(DEVICE), reason="needs Triton")
+
+
+def _case(g: torch.Generator, b: int, n: int, *, grid: bool):
+    xy = torch.rand(b, n, 2, generator=g) * 100
+    boxes = torch.cat([xy, xy + torch.rand(b, n, 2, generator=g) * 40], -1)
+    if grid:  # coordinates on a coarse grid: identical boxes, IoUs exactly at common thresholds, empty boxes
+        boxes = (boxes / 10).round() * 10
+    labels = torch.randint(0, 3, (b, n), generator=g)
+    valid = torch.rand(b, n, generator=g) > 0.2
+    return boxes, labels, valid
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.0, 1.0, 1 / 3])
+@pytest.mark.parametrize("grid", [False, True])
+def test_kernel_keeps_what_dense_nms_keeps(threshold, grid):
+    g = torch.Generator().manual_seed(int(threshold * 100) + grid)
+    boxes, labels, valid = _case(g, 3, 90, grid=grid)
+    keep = dense_greedy_nms(boxes, labels, valid, threshold)
+    for max_keep in (1, 7, 200):
+        index, count = nms_kernel.greedy_nms_scan(
+            boxes.to(DEVICE), labels.to(DEVICE), valid.to(DEVICE), threshold, max_keep
+        )
+        index, count = index.cpu(), count.cpu()
+        assert index.shape == (3, max_keep) and index.dtype == count.dtype == torch.int64
+        for i in range(3):
+            expected = keep[i].nonzero().squeeze(1)[:max_keep]
+            assert count[i] == len(expected)
+            assert torch.equal(index[i, : len(expected)], expected)
+            assert (index[i, len(expected) :] == -1).all()
+
+
+def test_kernel_on_a_suppression_chain_and_empty_inputs():
+    n = 21
+    x = torch.arange(n, dtype=torch.float32) * 4.0
+    boxes = torch.stack([x, torch.zeros(n), x + 10.0, torch.full((n,), 10.0)], 1)[None]  # IoU(i, i+1) = 0.43
+    index, count = nms_kernel.greedy_nms_scan(
+        boxes.to(DEVICE), torch.zeros(1, n, dtype=torch.long, device=DEVICE),
+        torch.ones(1, n, dtype=torch.bool, device=DEVICE), 0.4, 50,
+    )
+    assert count.tolist() == [11] and index[0, :11].tolist() == list(range(0, n, 2))
+    empty = nms_kernel.greedy_nms_scan(torch.zeros(2, 0, 4, device=DEVICE), torch.zeros(2, 0, dtype=torch.long,
+                                       device=DEVICE), torch.zeros(2, 0, dtype=torch.bool, device=DEVICE), 0.5, 3)
+    assert empty[1].tolist() == [0, 0] and (empty[0] == -1).all()
+    with pytest.raises(ValueError, match="expected"):
+        nms_kernel.greedy_nms_scan(boxes, torch.zeros(1, n - 1, dtype=torch.long), torch.ones(1, n).bool(), 0.5, 3)
