@@ -59,7 +59,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from heads import flatten_levels
 
-from .inference import FastPaths, FlatDetector, compile_module, prepare_predictor
+from .inference import CapturedCall, FastPaths, FlatDetector, compile_module, prepare_predictor
 
 __all__ = ["BenchmarkError", "format_table", "run_benchmark"]
 
@@ -149,7 +149,10 @@ class _Effdet:
     def predictor(self, paths: FastPaths, device: torch.device, size: tuple[int, int]):
         model = _working_copy(self.model, paths, device, train=False)
         bench = self.effdet.DetBenchPredict(model).to(device).eval()
-        bench.model = compile_module(model, paths)
+        if paths.compile:  # torch's CUDA graphs of the compiled network when paths.cudagraphs
+            bench.model = compile_module(model, paths)
+        elif paths.cudagraphs and device.type == "cuda":  # the eager network as a CUDA graph (its NMS waits for
+            bench.model = _GraphedModule(model)          # the host, so only the network can be captured)
         h, w = size
 
         @torch.inference_mode()
@@ -173,6 +176,18 @@ class _Effdet:
 
 
 # ----------------------------------------------------------------------------------------------- pieces
+class _GraphedModule(torch.nn.Module):
+    """``module`` called through :class:`tasks.inference.CapturedCall` (a module, so it can stand in for one)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = module
+        self._call = CapturedCall(module)
+
+    def forward(self, x: torch.Tensor):
+        return self._call(x)
+
+
 def _working_copy(model: torch.nn.Module, paths: FastPaths, device: torch.device, *, train: bool) -> torch.nn.Module:
     """A copy of ``model`` on ``device`` in train or eval mode, channels-last when asked (norms not folded)."""
     model = copy.deepcopy(model).to(device).train(train)
@@ -328,7 +343,8 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
         train_inputs = _train_inputs(images, train_batch, task.num_classes, cfg.seed)  # (images, boxes, labels)
 
     if ref and "agreement" in measures:
-        exact = FastPaths(channels_last=paths.channels_last, fold_bn=paths.fold_bn, precision="fp32", compile=False)
+        exact = FastPaths(channels_last=paths.channels_last, fold_bn=paths.fold_bn, precision="fp32", compile=False,
+                          cudagraphs=False)
         ours_pred, _ = prepare_predictor(task, exact, device)
         theirs_pred = ref.predictor(exact.resolve(device), device, size)
         x = images[:2]
@@ -347,7 +363,7 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
 
     if "ops" in measures:
         eager = FastPaths(channels_last=paths.channels_last, fold_bn=paths.fold_bn, precision=paths.precision,
-                          compile=False)
+                          compile=False, cudagraphs=False)
         ours_pred, _ = prepare_predictor(task, eager, device)
         x = images[:batch]
         if task_name != "detection":  # no training step is measured for segmentation: the predict call only
@@ -536,17 +552,24 @@ _MASK_INDEXING = {"index", "index_put", "index_put_", "_index_put_impl_"}
 
 
 def _is_sync(name: str, args: tuple, kwargs: dict) -> bool:
+    first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if first is not None and first.device.type == "cpu" and torch.cuda.is_initialized() and not first.is_pinned():
+        # A process that uses CUDA keeps this value on the host: reading it waits for nothing. (Without CUDA every
+        # tensor is on the host, and the count says what would wait on a GPU. Pinned memory is where a non-blocking
+        # copy from the device lands: reading it waits for that copy.)
+        return False
     if name in _HOST_SYNCS:
         return True
     if name in _MASK_INDEXING and len(args) > 1 and isinstance(args[1], (list, tuple)):
         return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1])
     if name == "repeat_interleave":  # the output size is read from the device unless given
         return kwargs.get("output_size") is None
-    first = args[0] if args and isinstance(args[0], torch.Tensor) else None
     if first is None:
         return False
     if name == "copy_" and len(args) > 1 and isinstance(args[1], torch.Tensor):  # device -> host memory
-        return first.device.type == "cpu" and args[1].device.type != "cpu"
+        non_blocking = bool(args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
+        pinned = non_blocking and first.device.type == "cpu" and first.is_pinned()  # lands later; nothing waits
+        return first.device.type == "cpu" and args[1].device.type != "cpu" and not pinned
     if first.device.type == "cpu":
         return False
     if name == "nms":  # torchvision's GPU NMS finishes its greedy pass on the host

@@ -1,4 +1,4 @@
-"""Fast inference paths: BatchNorm folding, channels-last, bf16 autocast, torch.compile with CUDA graphs.
+"""Fast inference paths: BatchNorm folding, channels-last, bf16 autocast, torch.compile, CUDA graphs.
 
 :class:`FastPaths` says which are on; ``"auto"`` picks what is safe and fast on the device (bf16 and
 compilation on CUDA, float32 eager on the CPU). :func:`prepare_predictor` turns a trained
@@ -8,6 +8,7 @@ compilation on CUDA, float32 eager on the CPU). :func:`prepare_predictor` turns 
 What each path changes in the results:
 
 - ``fold_bn``, ``channels_last``, ``compile``: float32 rounding only (about 1e-6 relative);
+- ``cudagraphs``: none (the same kernels, replayed);
 - ``precision="bf16"``: scores move by about 1e-2 and near-tied detections can swap ranks
   (``tests/test_fast_paths.py`` states the tolerance it checks).
 """
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -23,12 +26,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from backbones.timm_backbone import inplace_activations_for_inference
 from heads import flatten_levels
 from models.fusion import fold_batchnorm
 
+log = logging.getLogger(__name__)
+
 __all__ = [
+    "CapturedCall",
     "FastPaths",
     "FlatDetector",
     "SegmentationPredictor",
@@ -62,7 +69,9 @@ class FastPaths:
     fold_bn: bool = True
     precision: str = "auto"  #: "auto" (bf16 on a native-bf16 GPU, fp32 elsewhere) | "fp32" | "bf16" | "fp16"
     compile: bool | str = "auto"  #: "auto": on CUDA only (CPU compilation needs a C++ toolchain and minutes)
-    cudagraphs: bool = True  #: with compile on CUDA, replay the compiled graph as a CUDA graph (static shapes)
+    #: on CUDA, replay each input shape's predict call as a CUDA graph (:class:`CapturedCall`): network and, where
+    #: it never waits for the host (the Triton NMS), post-processing, compiled or not
+    cudagraphs: bool = True
 
     def resolve(self, device: torch.device | str) -> FastPaths:
         device = torch.device(device)
@@ -124,12 +133,76 @@ class SegmentationPredictor(nn.Module):
         return logits.argmax(1)
 
 
-def compile_module(module: nn.Module, paths: FastPaths, *, training: bool = False) -> Callable:
-    """``torch.compile`` with static shapes; CUDA graphs ("reduce-overhead") for inference when asked."""
+def compile_module(module: nn.Module, paths: FastPaths, *, training: bool = False, graphs: bool | None = None
+                   ) -> Callable:
+    """``torch.compile`` with static shapes; for inference, torch's own CUDA graphs ("reduce-overhead") when
+    ``graphs`` (default: ``paths.cudagraphs``). :func:`prepare_predictor` passes ``graphs=False`` and captures
+    the whole predict call itself (:class:`CapturedCall`)."""
     if not paths.compile:
         return module
-    mode = "reduce-overhead" if paths.cudagraphs and not training else None
+    graphs = paths.cudagraphs if graphs is None else graphs
+    mode = "reduce-overhead" if graphs and not training else None
     return torch.compile(module, mode=mode, dynamic=False)
+
+
+class CapturedCall:
+    """``fn(inputs)`` replayed as a CUDA graph: one graph per input shape, dtype and layout, captured at its first
+    call after ``warmup`` eager calls on a side stream (cuDNN autotuning, compilation, caches). Each call copies
+    the input into the graph's static input, replays, and returns clones of the static outputs (tensors, or
+    dicts, lists and tuples of them), so results stay valid after the next call.
+
+    ``fn`` must not synchronise with the host or create CPU tensors on the device while it runs (for detection:
+    post-processing with the Triton NMS, :meth:`heads.DetectionPostProcess.capturable`). Where capturing fails
+    anyway, a warning says why and ``fn`` runs eagerly from then on (:attr:`failure` holds the reason). At most
+    ``max_graphs`` graphs are kept (each holds its own memory pool); the least recently used is dropped.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], Any], *, warmup: int = 2, max_graphs: int = 4) -> None:
+        if warmup < 1 or max_graphs < 1:
+            raise ValueError(f"warmup and max_graphs must be >= 1, got {warmup} and {max_graphs}")
+        self.fn = fn
+        self.warmup = warmup
+        self.max_graphs = max_graphs
+        self.failure: str | None = None
+        self._graphs: OrderedDict[tuple, tuple[torch.Tensor, torch.cuda.CUDAGraph, Any]] = OrderedDict()
+
+    def __call__(self, inputs: torch.Tensor) -> Any:
+        if inputs.device.type != "cuda":
+            raise RuntimeError(f"CapturedCall needs CUDA tensors, got one on {inputs.device}")
+        if self.failure is not None:
+            return self.fn(inputs)
+        key = (tuple(inputs.shape), inputs.stride(), inputs.dtype, inputs.device)
+        entry = self._graphs.pop(key, None)
+        if entry is None:
+            try:
+                entry = self._capture(inputs)
+            except RuntimeError as err:  # e.g. an operation that waits for the host: run eagerly instead
+                self.failure = f"{type(err).__name__}: {err}"
+                log.warning("CUDA graph capture failed, running eagerly from now on: %s", self.failure)
+                torch.cuda.synchronize(inputs.device)
+                return self.fn(inputs)
+        self._graphs[key] = entry  # most recently used last
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        static_in, graph, static_out = entry
+        static_in.copy_(inputs)
+        graph.replay()
+        return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, static_out)
+
+    def _capture(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.CUDAGraph, Any]:
+        static_in = torch.empty_strided(inputs.shape, inputs.stride(), dtype=inputs.dtype, device=inputs.device)
+        static_in.copy_(inputs)
+        current = torch.cuda.current_stream(inputs.device)
+        side = torch.cuda.Stream(inputs.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.fn(static_in)
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self.fn(static_in)
+        return static_in, graph, static_out
 
 
 def optimize_model(model: nn.Module, paths: FastPaths, device: torch.device | str) -> tuple[nn.Module, dict]:
@@ -158,27 +231,46 @@ def prepare_predictor(
     model, info = optimize_model(task.model, paths, device)
     detection = hasattr(task, "postprocess")
     net = FlatDetector(model, task.num_classes) if detection else SegmentationPredictor(model)
-    net = compile_module(net.eval(), paths)
+    graphs = paths.cudagraphs and device.type == "cuda"
+    net = compile_module(net.eval(), paths, graphs=False)  # the graphs, if any, are captured below
     anchors_cache: dict[tuple, torch.Tensor] = {}
 
-    @torch.inference_mode()
-    def predict(images: torch.Tensor):
-        if paths.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        if paths.compile and paths.cudagraphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        with paths.autocast(device), torch.profiler.record_function("effdense.network"):
-            out = net(images)
-        if not detection:
-            return out.clone() if paths.cudagraphs and paths.compile else out
+    def network(images: torch.Tensor):
+        # Autocast's weight-cast cache must be off while a graph is captured (the casts are part of the graph).
+        with paths.autocast(device, cache_enabled=not graphs), torch.profiler.record_function("effdense.network"):
+            return net(images)
+
+    def postprocess(out, hw: tuple[int, int]):
         cls, box = out
-        hw = tuple(images.shape[-2:])
         if hw not in anchors_cache:
             anchors_cache[hw] = _anchors_for(task, model, hw, device)
             if anchors_cache[hw].shape[0] != cls.shape[1]:
                 raise RuntimeError(f"{anchors_cache[hw].shape[0]} anchors for {cls.shape[1]} predictions at {hw}")
         with torch.profiler.record_function("effdense.postprocess"):
             return task.postprocess(cls, box, anchors_cache[hw], hw)
+
+    whole = not detection or task.postprocess.capturable(device)
+    if whole:  # network and post-processing: one call, one graph
+        def body(images: torch.Tensor):
+            out = network(images)
+            return postprocess(out, tuple(images.shape[-2:])) if detection else out
+
+        run = CapturedCall(body) if graphs else body
+        info["captured"] = "network and post-processing" if graphs else "nothing"
+    else:  # post-processing that waits for the host runs eagerly after the captured network
+        graphed_network = CapturedCall(network) if graphs else network
+
+        def run(images: torch.Tensor):
+            return postprocess(graphed_network(images), tuple(images.shape[-2:]))
+
+        info["captured"] = "network" if graphs else "nothing"
+
+    @torch.inference_mode()
+    def predict(images: torch.Tensor):
+        if paths.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.profiler.record_function("effdense.predict"):
+            return run(images)
 
     info["paths"] = paths.as_dict()
     return predict, info
