@@ -36,6 +36,40 @@ class _SkipUpdate(Exception):
     """Raised after the backward pass of a skipped step, before the optimizer changes anything."""
 
 
+class _DeviceFlag:
+    """Flags computed on the device, read on the host later: on CUDA the flag is copied into pinned memory behind
+    the work queued so far, with an event, so reading it waits for that point of the stream only, not for work
+    queued after it (the backward pass). Flags recorded before one read (gradient accumulation) combine: the read
+    is true only if all were."""
+
+    def __init__(self) -> None:
+        self._host: torch.Tensor | None = None
+        self._event = None
+        self._flag: torch.Tensor | None = None  # the combined flag of the unread records (on its device)
+        self._payloads: list[torch.Tensor] = []
+
+    def record(self, flag: torch.Tensor, payload: torch.Tensor) -> None:
+        self._flag = flag if self._flag is None else torch.minimum(self._flag, flag)
+        self._payloads.append(payload)
+        if flag.device.type == "cuda":
+            if self._host is None or self._event is None:
+                self._host = torch.empty((), dtype=flag.dtype, pin_memory=True)
+                self._event = torch.cuda.Event()
+            self._host.copy_(self._flag, non_blocking=True)
+            self._event.record(torch.cuda.current_stream(flag.device))
+
+    def read(self) -> tuple[bool, list[torch.Tensor]] | None:
+        """``(all flags true, payloads)`` of the records since the last read, else ``None``."""
+        if self._flag is None:
+            return None
+        flag, payloads = self._flag, self._payloads
+        self._flag, self._payloads = None, []
+        if flag.device.type == "cuda":
+            self._event.synchronize()
+            flag = self._host
+        return bool(flag), payloads
+
+
 class DenseTask(L.LightningModule):
     """Base LightningModule of the detection and segmentation tasks.
 
@@ -98,7 +132,7 @@ class DenseTask(L.LightningModule):
         #: Steps skipped because of a non-finite loss (in total, and in a row).
         self.nonfinite_steps = 0
         self._nonfinite_run = 0
-        self._skip_update = False
+        self._finite = _DeviceFlag()
         self.model = model
         self.optimizer_factory = optimizer
         self.weight_decay = weight_decay
@@ -150,23 +184,54 @@ class DenseTask(L.LightningModule):
         checkpoint holds, so evaluating with them makes distributed metrics equal to evaluating the checkpoint."""
         broadcast_from_rank_zero(list(self.model.parameters()) + list(self.model.buffers()))
 
-    def guard_loss(self, loss: torch.Tensor) -> torch.Tensor | None:
-        """``loss`` when it is finite on every process; otherwise ``None`` (Lightning then skips the backward
-        pass and the optimizer step on all processes together), a warning and a count. Too many non-finite steps
-        in a row raise :class:`NonFiniteLossError`."""
+    def log_training(self, values: dict[str, torch.Tensor], batch_size: int) -> None:
+        """Log a training step's losses (``values``, with ``"train/loss"``) without stalling the device at every step.
+
+        Loggers read device values only at their interval (``trainer.log_every_n_steps``). The progress bar shows
+        ``loss`` and ``lr``, refreshed at that interval: Lightning turns progress-bar values into Python numbers at
+        every step, and reading a device value (or copying a logged Python number to the device) waits for every
+        queued kernel, so they are logged as host values, read from the device at logging steps only.
+        """
+        for name, value in values.items():
+            self.log(name, value, batch_size=batch_size)
+        trainer = self._trainer
+        every = max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1))
+        if self.global_step == 0 or (self.global_step + 1) % every == 0:  # the steps Lightning's loggers write
+            loss = values["train/loss"].detach().float().cpu()
+            lr = torch.tensor(float(self.optimizers().param_groups[0]["lr"]))
+            self.log("loss", loss, prog_bar=True, logger=False, batch_size=batch_size)
+            self.log("lr", lr, prog_bar=True, batch_size=batch_size)
+
+    def guard_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Note whether ``loss`` is finite on every process, without waiting for the device, and return it.
+
+        :meth:`optimizer_step` reads the note after the backward pass has been queued (it waits for the loss, not
+        for the backward pass) and, when the loss was not finite, drops the step on every process before the
+        optimizer changes any state, with a warning and a count. Too many non-finite steps in a row raise
+        :class:`NonFiniteLossError`.
+        """
         finite = torch.isfinite(loss.detach()).all().to(torch.int32)
         if is_distributed():  # every process must skip the same steps
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        if bool(finite):
+        self._finite.record(finite, loss)
+        return loss
+
+    def _step_is_finite(self) -> bool:
+        """Whether the step whose loss :meth:`guard_loss` noted may update the weights (counts and warns if not)."""
+        noted = self._finite.read()
+        if noted is None or noted[0]:
             self._nonfinite_run = 0
-            return loss
+            return True
+        losses = torch.stack([p.detach().float().mean() for p in noted[1]])
+        bad = losses[~torch.isfinite(losses)]
+        loss = bad[0] if len(bad) else losses[-1]  # finite here when another process's loss was not
         self.nonfinite_steps += 1
         self._nonfinite_run += 1
         step = self.global_step if self._trainer is not None else -1
         self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=1)
         log.warning(
             "non-finite loss (%s) at step %d: step skipped (%d skipped so far, %d in a row)",
-            float(loss.detach().float().mean()), step, self.nonfinite_steps, self._nonfinite_run,
+            float(loss), step, self.nonfinite_steps, self._nonfinite_run,
         )
         if self._nonfinite_run >= self.max_nonfinite_steps:
             raise NonFiniteLossError(
@@ -174,21 +239,15 @@ class DenseTask(L.LightningModule):
                 "training stopped. Lower the learning rate (task.module.optimizer.lr), check the data, or train in "
                 "full precision (trainer.precision=32-true); task.module.max_nonfinite_steps sets the limit."
             )
-        if is_distributed():
-            # DDP needs a backward pass on every process: a zero loss reaching every parameter (all gradients
-            # zero), then optimizer_step drops the update before the optimizer changes any state.
-            self._skip_update = True
-            return sum((p * 0.0).sum() for p in self.model.parameters() if p.requires_grad)
-        return None
+        return False
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        if optimizer_closure is None or not is_distributed():
+        if optimizer_closure is None:
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
 
         def closure():
-            result = optimizer_closure()
-            if self._skip_update:
-                self._skip_update = False
+            result = optimizer_closure()  # forward, backward (queued on the device)
+            if not self._step_is_finite():
                 raise _SkipUpdate
             return result
 

@@ -74,10 +74,7 @@ class DetectionTask(DenseTask):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses, _ = self._losses(batch)
         bs = batch["images"].shape[0]
-        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs)
-        self.log("train/cls_loss", losses["cls_loss"], batch_size=bs)
-        self.log("train/box_loss", losses["box_loss"], batch_size=bs)
-        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=bs)
+        self.log_training({f"train/{k}": losses[k] for k in ("loss", "cls_loss", "box_loss")}, bs)
         return self.guard_loss(losses["loss"])
 
     def attach_evaluator(self, evaluator, category_ids: Sequence[int]) -> None:

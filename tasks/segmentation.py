@@ -124,11 +124,10 @@ class SegmentationTask(DenseTask):
         images = self.normalize(batch["images"])
         losses = self.loss(self(images), batch["masks"].long())
         bs = images.shape[0]
-        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs)
-        self.log("train/seg_loss", losses["seg_loss"], batch_size=bs)
+        names = ["loss", "seg_loss"]
         if getattr(getattr(self.model, "head", None), "aux", None) is not None:
-            self.log("train/aux_loss", losses["aux_loss"], batch_size=bs)
-        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=bs)
+            names.append("aux_loss")
+        self.log_training({f"train/{k}": losses[k] for k in names}, bs)
         return self.guard_loss(losses["loss"])
 
     def on_validation_epoch_start(self) -> None:
