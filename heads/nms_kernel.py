@@ -16,10 +16,11 @@ interpreter); the tests check it that way against the dense implementation.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
-__all__ = ["available", "greedy_nms_scan"]
+__all__ = ["available", "greedy_nms_scan", "usable"]
 
 
 @functools.cache
@@ -31,8 +32,8 @@ def _triton():
         return None
 
     @triton.jit
-    def greedy_nms_kernel(boxes_ptr, labels_ptr, valid_ptr, index_ptr, count_ptr, n, iou_threshold,
-                          MAX_KEEP: tl.constexpr, BLOCK: tl.constexpr):
+    def greedy_nms_kernel(boxes_ptr, labels_ptr, valid_ptr, stop_ptr, index_ptr, count_ptr, n, iou_threshold,
+                          MAX_KEEP: tl.constexpr, BLOCK: tl.constexpr, HAS_STOP: tl.constexpr):
         image = tl.program_id(0).to(tl.int64)
         slot = tl.arange(0, BLOCK)
         kx1 = tl.zeros([BLOCK], dtype=tl.float32)
@@ -44,15 +45,19 @@ def _triton():
         boxes = boxes_ptr + image * n * 4
         labels = labels_ptr + image * n
         valid = valid_ptr + image * n
+        stop = stop_ptr + image * n
         count = tl.zeros([], dtype=tl.int32)
         i = tl.zeros([], dtype=tl.int64)
-        while (i < n) & (count < MAX_KEEP):
+        going = tl.full([], 1, dtype=tl.int1)
+        while (i < n) & (count < MAX_KEEP) & going:
             x1 = tl.load(boxes + 4 * i)
             y1 = tl.load(boxes + 4 * i + 1)
             x2 = tl.load(boxes + 4 * i + 2)
             y2 = tl.load(boxes + 4 * i + 3)
             label = tl.load(labels + i).to(tl.int64)
             ok = tl.load(valid + i) != 0
+            if HAS_STOP:  # this candidate and all after it are invalid: the walk ends here
+                going = tl.load(stop + i) == 0
             area = (x2 - x1) * (y2 - y1)
             w = tl.maximum(tl.minimum(x2, kx2) - tl.maximum(x1, kx1), 0.0)
             h = tl.maximum(tl.minimum(y2, ky2) - tl.maximum(y1, ky1), 0.0)
@@ -86,22 +91,26 @@ def available(device: torch.device) -> bool:
 
 
 def greedy_nms_scan(
-    boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, iou_threshold: float, max_keep: int
+    boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, iou_threshold: float, max_keep: int,
+    *, stop: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-wise greedy NMS of score-sorted candidates: ``boxes [B, n, 4]`` (xyxy), ``labels [B, n]``,
     ``valid [B, n]`` (bool) -> ``index [B, max_keep]`` (int64: the first ``max_keep`` kept candidates of each
     image in score order, -1 after the last) and ``count [B]`` (int64, at most ``max_keep``).
 
     The kept set is the one :func:`heads.postprocess.dense_greedy_nms` returns, cut after ``max_keep``.
+    ``stop [B, n]`` (bool, optional) promises that where it is set, that candidate and all later ones of its row
+    are invalid (sorted scores below the threshold): the walk ends there instead of visiting them.
     """
     found = _triton()
     if found is None:
         raise RuntimeError("greedy_nms_scan needs Triton (pip install triton)")
     triton, kernel = found
     b, n = labels.shape
-    if boxes.shape != (b, n, 4) or valid.shape != (b, n):
-        raise ValueError(f"boxes [B, n, 4], labels [B, n], valid [B, n] expected, got {tuple(boxes.shape)}, "
-                         f"{tuple(labels.shape)}, {tuple(valid.shape)}")
+    if boxes.shape != (b, n, 4) or valid.shape != (b, n) or (stop is not None and stop.shape != (b, n)):
+        raise ValueError(f"boxes [B, n, 4], labels [B, n], valid [B, n], stop [B, n] expected, got "
+                         f"{tuple(boxes.shape)}, {tuple(labels.shape)}, {tuple(valid.shape)}, "
+                         f"{None if stop is None else tuple(stop.shape)}")
     if max_keep < 1:
         raise ValueError(f"max_keep must be >= 1, got {max_keep}")
     index = torch.full((b, max_keep), -1, dtype=torch.int64, device=boxes.device)
@@ -109,9 +118,37 @@ def greedy_nms_scan(
     if b == 0:
         return index, count.long()
     block = max(16, triton.next_power_of_2(max_keep))
+    valid = valid.contiguous().view(torch.uint8)
     kernel[(b,)](
-        boxes.float().contiguous(), labels.contiguous(), valid.contiguous().view(torch.uint8), index, count, n,
-        float(iou_threshold), MAX_KEEP=max_keep, BLOCK=block, num_warps=1 if block <= 128 else 4,
-        enable_fp_fusion=False,
+        boxes.float().contiguous(), labels.contiguous(), valid,
+        valid if stop is None else stop.contiguous().view(torch.uint8), index, count, n,
+        float(iou_threshold), MAX_KEEP=max_keep, BLOCK=block, HAS_STOP=stop is not None,
+        num_warps=1 if block <= 128 else 4, enable_fp_fusion=False,
     )
     return index, count.long()
+
+
+_USABLE: dict[torch.device, bool] = {}
+
+
+def usable(device: torch.device) -> bool:
+    """:func:`available`, and a first kernel built and run on ``device`` gave the right answer (checked once per
+    device; where Triton is installed but cannot build kernels, say without a C compiler, a warning says why and
+    the answer is False)."""
+    device = torch.device(device)
+    if device not in _USABLE:
+        ok = available(device)
+        if ok:
+            try:
+                boxes = torch.tensor([[[0.0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]]], device=device)
+                index, count = greedy_nms_scan(boxes, torch.zeros(1, 3, dtype=torch.long, device=device),
+                                               torch.ones(1, 3, dtype=torch.bool, device=device), 0.5, 3)
+                ok = index.tolist() == [[0, 2, -1]] and count.tolist() == [2]
+                if not ok:
+                    warnings.warn(f"the Triton NMS kernel gave a wrong answer on {device}: not used", stacklevel=2)
+            except Exception as err:  # noqa: BLE001 -- any build or launch failure means: use another NMS
+                warnings.warn(f"the Triton NMS kernel cannot run on {device} ({type(err).__name__}: {err}); "
+                              "the dense NMS is used instead", stacklevel=2)
+                ok = False
+        _USABLE[device] = ok
+    return _USABLE[device]

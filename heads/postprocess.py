@@ -154,21 +154,31 @@ class DetectionPostProcess:
         return self._impl(torch.device(device)) == "triton"
 
     def _impl(self, device: torch.device) -> str:
+        if self.nms_impl == "triton":
+            if _tracing():  # an exported graph cannot hold the kernel
+                return "torchvision"
+            from . import nms_kernel
+
+            if not nms_kernel.available(device):
+                raise RuntimeError(f"nms_impl='triton' needs a CUDA device and Triton installed, got {device}; "
+                                   "use nms_impl='auto', 'dense' or 'torchvision'")
+            return "triton"
         if self.nms_impl != "auto":
             return self.nms_impl
         if device.type != "cuda" or _tracing():
             return "torchvision"
         from . import nms_kernel
 
-        return "triton" if nms_kernel.available(device) else "dense"
+        return "triton" if nms_kernel.usable(device) else "dense"
 
     def _kernel_output(self, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The first ``max_detections`` survivors of each image from :func:`heads.nms_kernel.greedy_nms_scan`,
         gathered into the padded output: fixed shapes, no host synchronisation."""
         from .nms_kernel import greedy_nms_scan
 
+        # Scores are sorted (NaN first, as top-k ranks it): after the first score below the threshold, all are.
         index, count = greedy_nms_scan(boxes, labels, scores >= self.score_threshold, self.iou_threshold,
-                                       self.max_detections)
+                                       self.max_detections, stop=scores < self.score_threshold)
         shown = index >= 0
         at = index.clamp(min=0)
         return {

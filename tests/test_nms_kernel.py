@@ -58,3 +58,47 @@ def test_kernel_on_a_suppression_chain_and_empty_inputs():
     assert empty[1].tolist() == [0, 0] and (empty[0] == -1).all()
     with pytest.raises(ValueError, match="expected"):
         nms_kernel.greedy_nms_scan(boxes, torch.zeros(1, n - 1, dtype=torch.long), torch.ones(1, n).bool(), 0.5, 3)
+
+
+def test_walk_stops_at_the_first_candidate_below_the_threshold_with_nan_first():
+    """Post-processing passes ``stop = score < threshold``: scores are sorted, NaN first (as top-k ranks it), so
+    every candidate after the first one below the threshold is below it too; the result is the full walk's."""
+    g = torch.Generator().manual_seed(5)
+    boxes, labels, _ = _case(g, 2, 60, grid=False)
+    scores = torch.rand(2, 60, generator=g).sort(1, descending=True).values
+    scores[1, :3] = float("nan")
+    valid, stop = scores >= 0.4, scores < 0.4
+    keep = dense_greedy_nms(boxes, labels, valid, 0.5)
+    for s in (None, stop):
+        index, count = nms_kernel.greedy_nms_scan(boxes.to(DEVICE), labels.to(DEVICE), valid.to(DEVICE), 0.5, 100,
+                                                  stop=None if s is None else s.to(DEVICE))
+        for i in range(2):
+            expected = keep[i].nonzero().squeeze(1)
+            assert count[i].item() == len(expected) > 0
+            assert torch.equal(index[i, : len(expected)].cpu(), expected)
+
+
+def test_auto_falls_back_to_dense_when_the_kernel_cannot_run(monkeypatch):
+    monkeypatch.setattr(nms_kernel, "_USABLE", {})
+    assert nms_kernel.usable(torch.device("cpu"))  # the interpreter here, a GPU there
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C compiler")
+
+    monkeypatch.setattr(nms_kernel, "_USABLE", {})
+    monkeypatch.setattr(nms_kernel, "greedy_nms_scan", broken)
+    with pytest.warns(UserWarning, match="cannot run on cpu .*no C compiler"):
+        assert not nms_kernel.usable(torch.device("cpu"))
+
+
+def test_explicit_triton_impl_is_checked_and_not_exported(monkeypatch):
+    from heads import postprocess
+    from heads.box_coder import BoxCoder
+
+    post = postprocess.DetectionPostProcess(box_coder=BoxCoder(), nms_impl="triton")
+    monkeypatch.setattr(postprocess, "_tracing", lambda: True)
+    assert post._impl(torch.device("cpu")) == "torchvision"  # an exported graph cannot hold the kernel
+    monkeypatch.setattr(postprocess, "_tracing", lambda: False)
+    monkeypatch.setattr(nms_kernel, "available", lambda device: False)
+    with pytest.raises(RuntimeError, match="needs a CUDA device and Triton"):
+        post._impl(torch.device("cpu"))
