@@ -151,9 +151,11 @@ class _Effdet:
         bench = self.effdet.DetBenchPredict(model).to(device).eval()
         if paths.compile:  # torch's CUDA graphs of the compiled network when paths.cudagraphs
             bench.model = compile_module(model, paths)
-        elif paths.cudagraphs and device.type == "cuda":  # the eager network as a CUDA graph (its NMS waits for
-            bench.model = _GraphedModule(model)          # the host, so only the network can be captured)
+        graphed = not paths.compile and paths.cudagraphs and device.type == "cuda"
+        if graphed:  # the eager network as a CUDA graph (its NMS waits for the host: only the network is captured)
+            bench.model = _GraphedModule(model)
         h, w = size
+        infos: dict[int, dict[str, torch.Tensor]] = {}  # per batch size, made once (a host-to-device copy waits)
 
         @torch.inference_mode()
         def predict(images: torch.Tensor):
@@ -162,8 +164,11 @@ class _Effdet:
                 images = images.contiguous(memory_format=torch.channels_last)
             if paths.compile and paths.cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            info = {"img_scale": torch.ones(b, device=device), "img_size": torch.tensor([[w, h]] * b, device=device)}
-            with paths.autocast(device):
+            if b not in infos:
+                infos[b] = {"img_scale": torch.ones(b, device=device),
+                            "img_size": torch.tensor([[w, h]] * b, device=device)}
+            info = infos[b]
+            with paths.autocast(device, cache_enabled=not graphed):  # cache off when a graph may be captured
                 return bench(images, img_info=info)
 
         return predict
@@ -553,7 +558,9 @@ _MASK_INDEXING = {"index", "index_put", "index_put_", "_index_put_impl_"}
 
 def _is_sync(name: str, args: tuple, kwargs: dict) -> bool:
     first = args[0] if args and isinstance(args[0], torch.Tensor) else None
-    if first is not None and first.device.type == "cpu" and torch.cuda.is_initialized() and not first.is_pinned():
+    on_device = any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args)
+    if (first is not None and first.device.type == "cpu" and not on_device and torch.cuda.is_initialized()
+            and not first.is_pinned()):
         # A process that uses CUDA keeps this value on the host: reading it waits for nothing. (Without CUDA every
         # tensor is on the host, and the count says what would wait on a GPU. Pinned memory is where a non-blocking
         # copy from the device lands: reading it waits for that copy.)

@@ -153,7 +153,8 @@ class CapturedCall:
 
     ``fn`` must not synchronise with the host or create CPU tensors on the device while it runs (for detection:
     post-processing with the Triton NMS, :meth:`heads.DetectionPostProcess.capturable`). Where capturing fails
-    anyway, a warning says why and ``fn`` runs eagerly from then on (:attr:`failure` holds the reason). At most
+    anyway, a warning says why and ``fn`` runs eagerly from then on (:attr:`failure` holds the reason; errors of
+    the warm-up calls are raised as they are). Autocast's weight-cast cache is off while capturing. At most
     ``max_graphs`` graphs are kept (each holds its own memory pool); the least recently used is dropped.
     """
 
@@ -174,12 +175,8 @@ class CapturedCall:
         key = (tuple(inputs.shape), inputs.stride(), inputs.dtype, inputs.device)
         entry = self._graphs.pop(key, None)
         if entry is None:
-            try:
-                entry = self._capture(inputs)
-            except RuntimeError as err:  # e.g. an operation that waits for the host: run eagerly instead
-                self.failure = f"{type(err).__name__}: {err}"
-                log.warning("CUDA graph capture failed, running eagerly from now on: %s", self.failure)
-                torch.cuda.synchronize(inputs.device)
+            entry = self._capture(inputs)
+            if entry is None:
                 return self.fn(inputs)
         self._graphs[key] = entry  # most recently used last
         while len(self._graphs) > self.max_graphs:
@@ -189,19 +186,38 @@ class CapturedCall:
         graph.replay()
         return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, static_out)
 
-    def _capture(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.CUDAGraph, Any]:
+    @property
+    def num_graphs(self) -> int:
+        """How many captured graphs are held now."""
+        return len(self._graphs)
+
+    def _capture(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.CUDAGraph, Any] | None:
         static_in = torch.empty_strided(inputs.shape, inputs.stride(), dtype=inputs.dtype, device=inputs.device)
         static_in.copy_(inputs)
-        current = torch.cuda.current_stream(inputs.device)
-        side = torch.cuda.Stream(inputs.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self.fn(static_in)
-        current.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = self.fn(static_in)
+        # Autocast's weight-cast cache would hand the capture casts made during the warm-up, whose memory is freed
+        # when the caller's autocast region ends: the graph would read freed memory. Off while capturing, the casts
+        # are recorded in the graph.
+        cache = torch.is_autocast_cache_enabled()
+        torch.set_autocast_cache_enabled(False)
+        try:
+            current = torch.cuda.current_stream(inputs.device)
+            side = torch.cuda.Stream(inputs.device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self.fn(static_in)
+            current.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    static_out = self.fn(static_in)
+            except RuntimeError as err:  # e.g. an operation that waits for the host: run eagerly instead
+                self.failure = f"{type(err).__name__}: {err}"
+                log.warning("CUDA graph capture failed, running eagerly from now on: %s", self.failure)
+                torch.cuda.synchronize(inputs.device)
+                return None
+        finally:
+            torch.set_autocast_cache_enabled(cache)
         return static_in, graph, static_out
 
 
@@ -257,6 +273,7 @@ def prepare_predictor(
 
         run = CapturedCall(body) if graphs else body
         info["captured"] = "network and post-processing" if graphs else "nothing"
+        captured = run if graphs else None
     else:  # post-processing that waits for the host runs eagerly after the captured network
         graphed_network = CapturedCall(network) if graphs else network
 
@@ -264,6 +281,7 @@ def prepare_predictor(
             return postprocess(graphed_network(images), tuple(images.shape[-2:]))
 
         info["captured"] = "network" if graphs else "nothing"
+        captured = graphed_network if graphs else None
 
     @torch.inference_mode()
     def predict(images: torch.Tensor):
@@ -272,6 +290,7 @@ def prepare_predictor(
         with torch.profiler.record_function("effdense.predict"):
             return run(images)
 
+    predict.captured = captured  # the CapturedCall (None without CUDA graphs): its graphs and any capture failure
     info["paths"] = paths.as_dict()
     return predict, info
 

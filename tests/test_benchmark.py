@@ -163,3 +163,19 @@ def test_fit_with_compilation_reports_no_operation_count():
     fit = run_benchmark(cfg)[-1]
     assert fit["measure"] == "fit" and fit["compile"] is True and fit["value"] > 0
     assert fit["operations"] is None and fit["host_syncs"] is None
+
+
+def test_sync_rules_for_host_values_and_copies(monkeypatch):
+    """Without CUDA every read counts (as it would wait on a GPU); in a CUDA process a value kept on the host is
+    read for free, but a copy from the device into pageable host memory still waits."""
+    from tasks.benchmark import _is_sync
+
+    host = torch.ones(())
+    device = torch.empty((), device="meta")  # stands in for a GPU tensor
+    assert _is_sync("_local_scalar_dense", (host,), {})
+    assert _is_sync("copy_", (torch.empty(()), device), {})
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert not _is_sync("_local_scalar_dense", (host,), {})
+    assert _is_sync("_local_scalar_dense", (device,), {})
+    assert _is_sync("copy_", (torch.empty(()), device), {})
+    assert _is_sync("copy_", (torch.empty(()), device, True), {})  # non-blocking into pageable memory: waits too

@@ -110,6 +110,7 @@ def test_captured_predict_equals_eager_predict(monkeypatch, compiled):
         torch.testing.assert_close(out["boxes"], ref["boxes"], rtol=0, atol=1e-2)
         assert (out["labels"] == ref["labels"]).float().mean() > 0.98  # near-tied scores may swap
     assert not torch.equal(first["scores"], outs[0]["scores"])
+    assert graphed.captured.failure is None and graphed.captured.num_graphs == 2  # really replayed, two shapes
 
 
 @pytest.mark.gpu
@@ -126,3 +127,4 @@ def test_captured_segmentation_predict_equals_eager():
     x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(0)).cuda()
     a, b = graphed(x), plain(x)
     assert a.shape == (2, 256, 256) and (a == b).float().mean() > 0.999
+    assert graphed.captured.failure is None and graphed.captured.num_graphs == 1
