@@ -48,6 +48,12 @@ class _DeviceFlag:
         self._flag: torch.Tensor | None = None  # the combined flag of the unread records (on its device)
         self._payloads: list[torch.Tensor] = []
 
+    def __getstate__(self) -> dict:  # a copy of the task starts with no pending flag (CUDA events do not pickle)
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
     def record(self, flag: torch.Tensor, payload: torch.Tensor) -> None:
         self._flag = flag if self._flag is None else torch.minimum(self._flag, flag)
         self._payloads.append(payload)
@@ -195,8 +201,8 @@ class DenseTask(L.LightningModule):
         for name, value in values.items():
             self.log(name, value, batch_size=batch_size)
         trainer = self._trainer
-        every = max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1))
-        if self.global_step == 0 or (self.global_step + 1) % every == 0:  # the steps Lightning's loggers write
+        every = int(getattr(trainer, "log_every_n_steps", 1) or 0) if trainer is not None else 1
+        if every > 0 and (self.global_step == 0 or (self.global_step + 1) % every == 0):  # when loggers write
             loss = values["train/loss"].detach().float().cpu()
             lr = torch.tensor(float(self.optimizers().param_groups[0]["lr"]))
             self.log("loss", loss, prog_bar=True, logger=False, batch_size=batch_size)

@@ -265,3 +265,20 @@ def test_resume_from_last_continues_with_weights_only_loading(tmp_path):
     second = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert (first["global_step"], second["global_step"]) == (3, 6)
     assert second["callbacks"] and "current_model_state" in second and second["effdense_rng"]
+
+
+def test_a_pending_nonfinite_check_is_not_copied():
+    """A task copied (Predictor) or pickled after CUDA training must not carry the check's CUDA event."""
+    import copy
+    import pickle
+
+    from tasks.base import _DeviceFlag
+
+    flag = _DeviceFlag()
+    flag.record(torch.tensor(0, dtype=torch.int32), torch.tensor(float("nan")))
+    flag._event = lambda: None  # stands in for a CUDA event, which cannot be pickled
+    for copied in (copy.deepcopy(flag), pickle.loads(pickle.dumps(flag))):
+        assert copied.read() is None
+    finite, payloads = flag.read()
+    assert finite is False and torch.isnan(payloads[0])
+    assert flag.read() is None  # read once
