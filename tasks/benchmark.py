@@ -439,7 +439,9 @@ def _fit(cfg: DictConfig, task, paths: FastPaths, device: torch.device, batch: i
 
     warmup = max(int(cfg.warmup), 3)  # the counted step (warmup - 2) comes after the first, which creates state
     iters, rounds = int(cfg.iters), int(cfg.rounds)
-    steps = warmup + iters * rounds + 1  # one more step ends the last timed block (blocks run start to start)
+    profile_steps = 3 if cfg.profile else 0
+    # One more step ends the last timed block (blocks run start to start); profiled steps follow.
+    steps = warmup + iters * rounds + 1 + (profile_steps + 1 if profile_steps else 0)
     precision = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}[paths.precision]
     fit_cfg = OmegaConf.merge(cfg, {"task": {"module": {"channels_last": paths.channels_last,
                                                         "compile": bool(paths.compile)}}})
@@ -454,7 +456,8 @@ def _fit(cfg: DictConfig, task, paths: FastPaths, device: torch.device, batch: i
         data["masks"] = masks.masked_fill(torch.rand(batch, *size, generator=g) < 0.05, 255)
     if device.type == "cuda":
         data = {k: v.pin_memory() for k, v in data.items()}
-    timer = _FitTimer(device, count_at=warmup - 2, start_at=warmup, iters=iters, rounds=rounds)
+    timer = _FitTimer(device, count_at=warmup - 2, start_at=warmup, iters=iters, rounds=rounds,
+                      profile_steps=profile_steps)
 
     class SameBatch(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -497,11 +500,16 @@ class _FitTimer(L.Callback):
     EMA update and logging are in it; eager: compiled code does not run under the counter), then times ``rounds``
     blocks of ``iters`` steps from step ``start_at``."""
 
-    def __init__(self, device: torch.device, *, count_at: int, start_at: int, iters: int, rounds: int) -> None:
+    def __init__(self, device: torch.device, *, count_at: int, start_at: int, iters: int, rounds: int,
+                 profile_steps: int = 0) -> None:
         self.device, self.count_at, self.start_at, self.iters, self.rounds = device, count_at, start_at, iters, rounds
         self.counter = None
         self.count = OpCount(0, 0)
         self.marks: list[float] = []  # the start of each block and the end of the last
+        #: with ``profile_steps``, that many whole steps after the last timed one run under torch.profiler
+        self.profile_at = start_at + iters * rounds + 1 if profile_steps else None
+        self.profile_steps = profile_steps
+        self.profiler = None
 
     def _mark(self) -> None:
         _sync(self.device)
@@ -523,6 +531,10 @@ class _FitTimer(L.Callback):
             batch_idx - self.start_at
         ) % self.iters == 0:
             self._mark()
+        if self.profile_at is not None and batch_idx == self.profile_at:
+            self.profiler = _start_profiler(self.device)
+        if self.profile_at is not None and batch_idx == self.profile_at + self.profile_steps:
+            self.profiler = _print_profile(self.profiler, self.device, f"fit, {self.profile_steps} Lightning steps")
 
     def seconds(self) -> tuple[float, float]:
         """The median block's seconds per step, and the blocks' spread."""
@@ -641,18 +653,32 @@ def _data_rows(cfg: DictConfig, emit: Callable[[dict], None]) -> list[dict]:
 
 def _profile(title: str, fns: dict[str, Callable[[], Any]], device: torch.device, calls: int = 3) -> None:
     """Print where the time of ``calls`` calls of each function goes (torch.profiler, top operators) to stderr."""
+    for name, fn in fns.items():
+        prof = _start_profiler(device)
+        for _ in range(calls):
+            fn()
+        _print_profile(prof, device, f"{name} {title}, {calls} calls")
+
+
+def _start_profiler(device: torch.device):
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else []))
+    prof.__enter__()
+    prof.started_at = time.perf_counter()
+    return prof
+
+
+def _print_profile(prof, device: torch.device, title: str) -> None:
+    """Stop ``prof`` and print its top operators, by device time on a GPU (by CPU time on the CPU), and the wall
+    time it covered, to stderr."""
+    _sync(device)
+    wall_ms = (time.perf_counter() - prof.started_at) * 1000
+    prof.__exit__(None, None, None)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    for name, fn in fns.items():
-        _sync(device)
-        with profile(activities=activities) as prof:
-            for _ in range(calls):
-                fn()
-            _sync(device)
-        table = prof.key_averages().table(sort_by=key, row_limit=25)
-        print(f"\n### profile: {name} {title}, {calls} calls\n{table}", file=sys.stderr, flush=True)
+    table = prof.key_averages().table(sort_by=key, row_limit=25)
+    print(f"\n### profile: {title} (wall {wall_ms:.1f} ms, profiler included)\n{table}", file=sys.stderr, flush=True)
 
 
 def _our_train_step(task, paths: FastPaths, device, x, boxes, labels, *, graphed: bool = False) -> Callable[[], None]:

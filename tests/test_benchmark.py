@@ -150,6 +150,19 @@ def test_fit_measures_the_lightning_loop(task):
     assert re.search(r"^fit\s+effdense\s+2\s+[\d.,]+\s+images/s", format_table(rows), re.MULTILINE)
 
 
+def test_fit_profile_prints_three_lightning_steps(capsys):
+    from tasks.benchmark import run_benchmark
+    from tasks.config import compose
+
+    run_benchmark(compose("benchmark", [
+        "measures=[fit]", "profile=true", "device=cpu", "image_size=128", "model.image_size=128",
+        "train_batch_size=2", "warmup=3", "iters=1", "rounds=1", "neck.channels=16", "neck.num_repeats=1",
+        "head.depth=1"]))
+    err = capsys.readouterr().err
+    assert re.search(r"### profile: fit, 3 Lightning steps \(wall [\d.]+ ms", err), err[-2000:]
+    assert "aten::convolution" in err
+
+
 @pytest.mark.slow
 def test_fit_with_compilation_reports_no_operation_count():
     """Compiled code does not run under the counting dispatch mode, so a compiled `fit` reports no count."""
