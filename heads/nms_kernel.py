@@ -20,7 +20,10 @@ import warnings
 
 import torch
 
-__all__ = ["available", "greedy_nms_scan", "usable"]
+__all__ = ["MAX_KEEP_LIMIT", "available", "greedy_nms_scan", "usable"]
+
+#: Most boxes one program keeps (in registers); post-processing with more detections per image uses the dense NMS.
+MAX_KEEP_LIMIT = 1024
 
 
 @functools.cache
@@ -111,8 +114,8 @@ def greedy_nms_scan(
         raise ValueError(f"boxes [B, n, 4], labels [B, n], valid [B, n], stop [B, n] expected, got "
                          f"{tuple(boxes.shape)}, {tuple(labels.shape)}, {tuple(valid.shape)}, "
                          f"{None if stop is None else tuple(stop.shape)}")
-    if max_keep < 1:
-        raise ValueError(f"max_keep must be >= 1, got {max_keep}")
+    if not 1 <= max_keep <= MAX_KEEP_LIMIT:
+        raise ValueError(f"max_keep must be in [1, {MAX_KEEP_LIMIT}] (the kept boxes live in registers), got {max_keep}")
     index = torch.full((b, max_keep), -1, dtype=torch.int64, device=boxes.device)
     count = torch.empty(b, dtype=torch.int32, device=boxes.device)
     if b == 0:

@@ -169,7 +169,8 @@ class DetectionPostProcess:
             return "torchvision"
         from . import nms_kernel
 
-        return "triton" if nms_kernel.usable(device) else "dense"
+        fits = self.max_detections <= nms_kernel.MAX_KEEP_LIMIT
+        return "triton" if fits and nms_kernel.usable(device) else "dense"
 
     def _kernel_output(self, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The first ``max_detections`` survivors of each image from :func:`heads.nms_kernel.greedy_nms_scan`,

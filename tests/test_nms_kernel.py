@@ -56,6 +56,8 @@ def test_kernel_on_a_suppression_chain_and_empty_inputs():
     empty = nms_kernel.greedy_nms_scan(torch.zeros(2, 0, 4, device=DEVICE), torch.zeros(2, 0, dtype=torch.long,
                                        device=DEVICE), torch.zeros(2, 0, dtype=torch.bool, device=DEVICE), 0.5, 3)
     assert empty[1].tolist() == [0, 0] and (empty[0] == -1).all()
+    with pytest.raises(ValueError, match="max_keep must be in"):
+        nms_kernel.greedy_nms_scan(boxes, torch.zeros(1, n, dtype=torch.long), torch.ones(1, n).bool(), 0.5, 2000)
     with pytest.raises(ValueError, match="expected"):
         nms_kernel.greedy_nms_scan(boxes, torch.zeros(1, n - 1, dtype=torch.long), torch.ones(1, n).bool(), 0.5, 3)
 
@@ -95,6 +97,10 @@ def test_explicit_triton_impl_is_checked_and_not_exported(monkeypatch):
     from heads import postprocess
     from heads.box_coder import BoxCoder
 
+    many = postprocess.DetectionPostProcess(box_coder=BoxCoder(), max_detections=nms_kernel.MAX_KEEP_LIMIT + 1)
+    monkeypatch.setattr(nms_kernel, "usable", lambda device: True)
+    assert many._impl(torch.device("cuda")) == "dense"  # more kept boxes than a program holds
+    assert postprocess.DetectionPostProcess(box_coder=BoxCoder())._impl(torch.device("cuda")) == "triton"
     post = postprocess.DetectionPostProcess(box_coder=BoxCoder(), nms_impl="triton")
     monkeypatch.setattr(postprocess, "_tracing", lambda: True)
     assert post._impl(torch.device("cpu")) == "torchvision"  # an exported graph cannot hold the kernel
