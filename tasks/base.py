@@ -13,6 +13,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from models.weight_casts import low_precision_weights
+
 from .distributed import broadcast_from_rank_zero, is_distributed, rank_and_world
 from .optim import WarmupCosine, param_groups
 
@@ -88,7 +90,7 @@ class DenseTask(L.LightningModule):
             trainer's device is a CUDA GPU, where convolutions are faster in it; results change only by float
             rounding). Settled in :meth:`setup`, before the optimizer is made.
         mean, std: per-channel normalisation (0..1 scale) applied on the device to uint8 images.
-        max_nonfinite_steps: a step whose loss is NaN/inf is skipped (no backward, no update) with a warning and
+        max_nonfinite_steps: a step whose loss is NaN/inf is skipped (its update is dropped) with a warning and
             counted (``train/nonfinite_steps``); this many such steps in a row stop training with
             :class:`NonFiniteLossError`.
         compile: compile the model with ``torch.compile`` for training (forward and backward; validation during
@@ -98,6 +100,14 @@ class DenseTask(L.LightningModule):
         compile_options: keyword arguments of ``torch.compile`` (``backend``, ``mode``, ``dynamic``,
             ``fullgraph``, ``options``); ``dynamic`` defaults to ``False`` (training crops have one size; each
             other shape, e.g. a smaller last validation batch, is compiled once more).
+        fused_weight_casts: in mixed-precision training (autocast), cast all convolution weights to the low
+            precision in one pass per step (:func:`models.weight_casts.low_precision_weights`) instead of one cast
+            per layer use and one cast back of each gradient: hundreds fewer kernel launches per step. The values
+            and gradients are those of ``torch.autocast`` with its weight-cast cache (PyTorch's default); Lightning
+            runs autocast without the cache, which casts a layer's weight at each use and sums the gradients of a
+            layer used several times per forward pass (the head's, shared across levels) in float32, so the two
+            differ by bf16 rounding of those sums. Off by default until its GPU speed is measured. Not used under
+            DDP (the gradient all-reduce would wait for the whole backward pass) nor with ``compile``.
     """
 
     def __init__(
@@ -115,8 +125,10 @@ class DenseTask(L.LightningModule):
         max_nonfinite_steps: int = 10,
         compile: bool = False,
         compile_options: Mapping[str, Any] | None = None,
+        fused_weight_casts: bool = False,
     ) -> None:
         super().__init__()
+        self.fused_weight_casts = bool(fused_weight_casts)
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be true or false, got {compile!r}")
         if compile_options is not None and not isinstance(compile_options, Mapping):
@@ -171,6 +183,16 @@ class DenseTask(L.LightningModule):
             # In place: the module keeps its parameters and state-dict keys (no ``_orig_mod.`` prefix).
             self.model.compile(**self.compile_options)
             log.info("model compiled for training (torch.compile %s)", self.compile_options)
+
+    def run_model(self, images: torch.Tensor):
+        """``self.model(images)``; in mixed-precision training with :attr:`fused_weight_casts`, with the weights
+        cast to the low precision in one pass."""
+        device = images.device.type
+        if (self.fused_weight_casts and self.training and torch.is_grad_enabled()
+                and torch.is_autocast_enabled(device) and not self.model_compiled and not is_distributed()):
+            with low_precision_weights(self.model, torch.get_autocast_dtype(device)):
+                return self.model(images)
+        return self.model(images)
 
     @property
     def model_compiled(self) -> bool:

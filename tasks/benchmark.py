@@ -37,6 +37,7 @@ network; its own post-processing and anchor labeller as they are).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.metadata
 import json
@@ -58,6 +59,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from heads import flatten_levels
+from models.weight_casts import low_precision_weights
 
 from .inference import CapturedCall, FastPaths, FlatDetector, compile_module, prepare_predictor
 
@@ -695,9 +697,13 @@ def _our_train_step(task, paths: FastPaths, device, x, boxes, labels, *, graphed
     anchors = _anchors_for(task, model, tuple(x.shape[-2:]), device)
     assigner, loss_fn = task.assigner, task.loss
 
+    # As DenseTask.run_model: the weights cast to the low precision in one pass (eager, mixed precision).
+    fused = getattr(task, "fused_weight_casts", False) and paths.precision != "fp32" and not paths.compile
+
     def loss(images: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.Tensor) -> torch.Tensor:
         with paths.autocast(device, cache_enabled=not graphed):
-            cls, box = net(images)
+            with low_precision_weights(model, paths.dtype) if fused else contextlib.nullcontext():
+                cls, box = net(images)
         cls_t, box_t, num_pos = assigner(anchors, gt_boxes, gt_labels)
         return loss_fn(cls, box, cls_t, box_t, num_pos)["loss"]
 

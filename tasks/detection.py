@@ -56,7 +56,7 @@ class DetectionTask(DenseTask):
     # ------------------------------------------------------------------ forward pieces
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normalised images -> flat class logits ``[B, A, C]``, box deltas ``[B, A, 4]`` and anchors ``[A, 4]``."""
-        out = self.model(images)
+        out = self.run_model(images)
         cls = flatten_levels(out.cls_logits, self.num_classes)
         box = flatten_levels(out.box_deltas, 4)
         shapes = {k: tuple(v.shape[-2:]) for k, v in out.cls_logits.items()}

@@ -82,7 +82,7 @@ class SegmentationTask(DenseTask):
     # ------------------------------------------------------------------ inference
     def forward(self, images: torch.Tensor) -> SegmentationOutput:
         """Normalised images -> raw head output."""
-        return self.model(images)
+        return self.run_model(images)
 
     def _whole_logits(self, images: torch.Tensor) -> torch.Tensor:
         return upsample_logits(self(images).logits.float(), images.shape[-2:])

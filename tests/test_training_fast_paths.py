@@ -114,7 +114,7 @@ def test_channels_last_bad_value_is_an_error():
 
 
 @pytest.mark.slow
-def test_training_with_the_gpu_defaults_runs_on_the_cpu(tmp_path):
+def test_training_with_the_gpu_defaults_runs_on_the_cpu(tmp_path, monkeypatch):
     """What `auto` picks on a GPU (bf16-mixed, channels-last), forced on the CPU: Lightning trains with it and the
     checkpoint holds ordinary float32 weights."""
     import csv
@@ -139,6 +139,22 @@ def test_training_with_the_gpu_defaults_runs_on_the_cpu(tmp_path):
     with open(run / "logs" / "metrics.csv") as f:
         losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
     assert losses and all(math.isfinite(v) for v in losses)
+    # The same run with the weights cast in one pass per step (fused_weight_casts): used at every training step,
+    # and the checkpoint holds the float32 (channels-last) parameters, not the copies.
+    import tasks.base
+
+    calls = []
+    real = tasks.base.low_precision_weights
+    monkeypatch.setattr(tasks.base, "low_precision_weights", lambda m, d: calls.append(d) or real(m, d))
+    cfg.task.module.fused_weight_casts = True
+    train(cfg, tmp_path / "fused")
+    assert calls == [torch.bfloat16] * 3
+    fused = torch.load(tmp_path / "fused" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert fused["global_step"] == 3
+    weights = [v for k, v in fused["state_dict"].items() if k.startswith("model.") and v.is_floating_point()]
+    assert weights and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights)
+    convs = [v for k, v in fused["state_dict"].items() if k.startswith("model.") and v.dim() == 4 and v.shape[-1] == 3]
+    assert convs and all(v.is_contiguous(memory_format=torch.channels_last) for v in convs)
 
 
 def test_compile_options_are_checked():

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements recorded in docs/benchmarks.md, one benchmark process per part, within a time budget.
-# Usage: OUT=outputs/bench_gpu BUDGET=545 [PARTS="d0 d0_train d0_fit d3 fit_profile seg d0_train_compiled d3_compiled"] bash tools/bench_gpu.sh
+# Usage: OUT=outputs/bench_gpu BUDGET=545 [PARTS="d0 d0_train d0_fit d0_fused d3 fit_profile seg d0_train_compiled d3_compiled"] bash tools/bench_gpu.sh
 # JSON lines go to $OUT/<part>.jsonl, logs to $OUT/<part>.log (parts of the same name append); a part that
 # would overrun the budget is cut short (the lines it printed so far are kept).
 set -u
@@ -34,6 +34,8 @@ for p in $PARTS; do
     if ((rc != 0 && rc != 124)); then  # failed (not merely out of time): the same without compilation
       run d0 120 backbone=b0 compare=effdet fast.compile=false measures=[predict,latency]
     fi ;;
+  d0_fused)  # D0 training with the weights cast to bf16 in one pass per step (task.module.fused_weight_casts)
+    run d0_fused 90 backbone=b0 compare=effdet fast.compile=false measures=[ops,train,fit] iters=5 task.module.fused_weight_casts=true ;;
   fit_profile)  # where the Lightning loop's time goes beyond the bare step: D3, profiled steps of both
     run fit_profile 150 backbone=b3 fast.compile=false measures=[train,fit] iters=3 profile=true ;;
   d3)  # D3 predict (batch 16) and training (batch 8), both eager (bf16, channels-last); ours also as one CUDA graph
