@@ -16,6 +16,7 @@ interpreter); the tests check it that way against the dense implementation.
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 
 import torch
@@ -86,8 +87,6 @@ def _triton():
 def available(device: torch.device) -> bool:
     """Whether the kernel can run on ``device``: a CUDA device with Triton installed (or any device under
     ``TRITON_INTERPRET=1``)."""
-    import os
-
     if _triton() is None:
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"

@@ -536,7 +536,8 @@ class _FitTimer(L.Callback):
         if self.profile_at is not None and batch_idx == self.profile_at:
             self.profiler = _start_profiler(self.device)
         if self.profile_at is not None and batch_idx == self.profile_at + self.profile_steps:
-            self.profiler = _print_profile(self.profiler, self.device, f"fit, {self.profile_steps} Lightning steps")
+            _print_profile(self.profiler, self.device, f"fit, {self.profile_steps} Lightning steps")
+            self.profiler = None
 
     def seconds(self) -> tuple[float, float]:
         """The median block's seconds per step, and the blocks' spread."""
@@ -701,9 +702,9 @@ def _our_train_step(task, paths: FastPaths, device, x, boxes, labels, *, graphed
     fused = getattr(task, "fused_weight_casts", False) and paths.precision != "fp32" and not paths.compile
 
     def loss(images: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.Tensor) -> torch.Tensor:
-        with paths.autocast(device, cache_enabled=not graphed):
-            with low_precision_weights(model, paths.dtype) if fused else contextlib.nullcontext():
-                cls, box = net(images)
+        casts = low_precision_weights(model, paths.dtype) if fused else contextlib.nullcontext()
+        with paths.autocast(device, cache_enabled=not graphed), casts:
+            cls, box = net(images)
         cls_t, box_t, num_pos = assigner(anchors, gt_boxes, gt_labels)
         return loss_fn(cls, box, cls_t, box_t, num_pos)["loss"]
 

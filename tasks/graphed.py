@@ -25,7 +25,19 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["GraphedTrainStep"]
+__all__ = ["GraphedTrainStep", "warm_up"]
+
+
+def warm_up(fn: Callable[[], object], times: int, device: torch.device | None = None) -> None:
+    """Call ``fn`` ``times`` times on a side stream, then make the current stream wait for them: what the calls
+    before a CUDA graph capture must do (lazily created state, cuDNN autotuning and compilation happen there)."""
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        for _ in range(times):
+            fn()
+    current.wait_stream(side)
 
 
 class GraphedTrainStep:
@@ -65,12 +77,7 @@ class GraphedTrainStep:
         self.static_inputs = [t.detach().clone() for t in example_inputs]
         self.graph = torch.cuda.CUDAGraph()
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                self._step()
-        torch.cuda.current_stream().wait_stream(side)
+        warm_up(self._step, warmup)
         # Gradients must live in the graph's memory pool: they are created inside the capture, not before it.
         optimizer.zero_grad(set_to_none=True)
         with torch.cuda.graph(self.graph):

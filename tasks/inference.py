@@ -32,6 +32,8 @@ from backbones.timm_backbone import inplace_activations_for_inference
 from heads import flatten_levels
 from models.fusion import fold_batchnorm
 
+from .graphed import warm_up
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -200,13 +202,7 @@ class CapturedCall:
         cache = torch.is_autocast_cache_enabled()
         torch.set_autocast_cache_enabled(False)
         try:
-            current = torch.cuda.current_stream(inputs.device)
-            side = torch.cuda.Stream(inputs.device)
-            side.wait_stream(current)
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    self.fn(static_in)
-            current.wait_stream(side)
+            warm_up(lambda: self.fn(static_in), self.warmup, inputs.device)
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph, capture_error_mode="thread_local"):
