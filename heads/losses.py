@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._triton import tracing as _tracing
+
 __all__ = ["DetectionLoss", "huber_loss", "sigmoid_focal_loss"]
 
 IGNORE = -2
@@ -49,6 +51,12 @@ class DetectionLoss:
     Both are summed over the batch and divided by ``num_positives + 1`` (the box loss also by 4, its
     number of coordinates). Ignored anchors (target -2) contribute nothing; background anchors (-1) have
     an all-zero class target.
+
+    ``focal_impl`` chooses how the classification loss (without label smoothing) is computed: ``"torch"`` with
+    PyTorch operations (about twenty passes over the ``[B, A, C]`` logits, forward and backward), ``"triton"``
+    with :func:`heads.focal_kernel.focal_loss` (one pass forward, one backward; needs a CUDA device and Triton),
+    ``"auto"`` (default) with the kernel on CUDA once a first kernel has run correctly there, PyTorch otherwise.
+    Inside ``torch.compile``, tracing or export both use the PyTorch operations (the compiler fuses them).
     """
 
     def __init__(
@@ -60,6 +68,7 @@ class DetectionLoss:
         label_smoothing: float = 0.0,
         huber_delta: float = 0.1,
         box_loss_weight: float = 50.0,
+        focal_impl: str = "auto",
     ) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -73,6 +82,9 @@ class DetectionLoss:
             raise ValueError(f"huber_delta must be > 0, got {huber_delta}")
         if not box_loss_weight >= 0.0:
             raise ValueError(f"box_loss_weight must be >= 0, got {box_loss_weight}")
+        if focal_impl not in ("auto", "torch", "triton"):
+            raise ValueError(f"focal_impl must be auto, torch or triton, got {focal_impl!r}")
+        self.focal_impl = focal_impl
         self.num_classes = num_classes
         self.alpha = alpha
         self.gamma = gamma
@@ -97,6 +109,10 @@ class DetectionLoss:
         positive = cls_targets >= 0
         if self.label_smoothing > 0:
             cls_loss = self._smoothed_cls_loss(cls_logits, cls_targets, positive) / normalizer
+        elif self._use_kernel(cls_logits.device):
+            from .focal_kernel import focal_loss
+
+            cls_loss = focal_loss(cls_logits, cls_targets, normalizer, alpha=self.alpha, gamma=self.gamma)
         else:
             cls_loss = self._cls_loss(cls_logits, cls_targets, positive) / normalizer
         box = huber_loss(box_deltas, box_targets, delta=self.huber_delta) * positive[..., None]
@@ -106,6 +122,18 @@ class DetectionLoss:
             "cls_loss": cls_loss,
             "box_loss": box_loss,
         }
+
+    def _use_kernel(self, device: torch.device) -> bool:
+        if self.focal_impl == "torch" or _tracing():
+            return False
+        from . import focal_kernel
+
+        if self.focal_impl == "triton":
+            if not focal_kernel.available(device):
+                raise RuntimeError(f"focal_impl='triton' needs a CUDA device and Triton installed, got {device}; "
+                                   "use focal_impl='auto' or 'torch'")
+            return True
+        return device.type == "cuda" and focal_kernel.usable(device)
 
     def _cls_loss(self, cls_logits: torch.Tensor, cls_targets: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
         """Summed focal loss with hard targets, in few passes over the ``[B, A, C]`` logits.

@@ -16,10 +16,10 @@ interpreter); the tests check it that way against the dense implementation.
 from __future__ import annotations
 
 import functools
-import os
-import warnings
 
 import torch
+
+from ._triton import available, checked, triton_modules
 
 __all__ = ["MAX_KEEP_LIMIT", "available", "greedy_nms_scan", "usable"]
 
@@ -29,11 +29,10 @@ MAX_KEEP_LIMIT = 1024
 
 @functools.cache
 def _triton():
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
+    found = triton_modules()
+    if found is None:
         return None
+    triton, tl = found
 
     @triton.jit
     def greedy_nms_kernel(boxes_ptr, labels_ptr, valid_ptr, stop_ptr, index_ptr, count_ptr, n, iou_threshold,
@@ -84,14 +83,6 @@ def _triton():
     return triton, greedy_nms_kernel
 
 
-def available(device: torch.device) -> bool:
-    """Whether the kernel can run on ``device``: a CUDA device with Triton installed (or any device under
-    ``TRITON_INTERPRET=1``)."""
-    if _triton() is None:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def greedy_nms_scan(
     boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, iou_threshold: float, max_keep: int,
     *, stop: torch.Tensor | None = None,
@@ -130,27 +121,15 @@ def greedy_nms_scan(
     return index, count.long()
 
 
-_USABLE: dict[torch.device, bool] = {}
+def _probe(device: torch.device) -> bool:
+    boxes = torch.tensor([[[0.0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]]], device=device)
+    index, count = greedy_nms_scan(boxes, torch.zeros(1, 3, dtype=torch.long, device=device),
+                                   torch.ones(1, 3, dtype=torch.bool, device=device), 0.5, 3)
+    return index.tolist() == [[0, 2, -1]] and count.tolist() == [2]
 
 
 def usable(device: torch.device) -> bool:
     """:func:`available`, and a first kernel built and run on ``device`` gave the right answer (checked once per
     device; where Triton is installed but cannot build kernels, say without a C compiler, a warning says why and
     the answer is False)."""
-    device = torch.device(device)
-    if device not in _USABLE:
-        ok = available(device)
-        if ok:
-            try:
-                boxes = torch.tensor([[[0.0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]]], device=device)
-                index, count = greedy_nms_scan(boxes, torch.zeros(1, 3, dtype=torch.long, device=device),
-                                               torch.ones(1, 3, dtype=torch.bool, device=device), 0.5, 3)
-                ok = index.tolist() == [[0, 2, -1]] and count.tolist() == [2]
-                if not ok:
-                    warnings.warn(f"the Triton NMS kernel gave a wrong answer on {device}: not used", stacklevel=2)
-            except Exception as err:  # noqa: BLE001 -- any build or launch failure means: use another NMS
-                warnings.warn(f"the Triton NMS kernel cannot run on {device} ({type(err).__name__}: {err}); "
-                              "the dense NMS is used instead", stacklevel=2)
-                ok = False
-        _USABLE[device] = ok
-    return _USABLE[device]
+    return checked("NMS", device, lambda d: _probe(d), "the dense NMS")  # late binding: tests replace the kernel

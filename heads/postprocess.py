@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torchvision.ops import nms
 
+from ._triton import tracing as _tracing
 from .box_coder import BoxCoder
 
 __all__ = ["DetectionPostProcess", "dense_greedy_nms"]
@@ -308,10 +309,6 @@ def _topk(cls_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     top_values[image[sel], rank[sel]] = values[sel]
     top_index[image[sel], rank[sel]] = index[sel]
     return top_values, top_index
-
-
-def _tracing() -> bool:
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
 def _grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float) -> torch.Tensor:

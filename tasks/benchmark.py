@@ -320,12 +320,16 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
         rows.append(row)
         emit(row)
 
-    def add_pair(measure: str, times: dict, per_call_images: int, *, unit: str, **fields) -> None:
+    def add_pair(measure: str, times: dict, per_call_images: int, *, unit: str, ours: dict | None = None,
+                 **fields) -> None:
+        ours = ours or {}
         ours_s = times["effdense"]["seconds"]
         ratio = round(ours_s / times["effdet"]["seconds"], 3) if "effdet" in times else None
         for impl, t in times.items():
             value = per_call_images / t["seconds"] if unit == "images/s" else t["seconds"] * 1000
             extra = {"ratio": ratio} if impl == "effdense" and ratio is not None else {}
+            if impl == "effdense":
+                extra.update(ours)
             add(measure, impl, value=round(value, 2), unit=unit, ms_per_call=round(t["seconds"] * 1000, 3),
                 spread=round(t["spread"], 3), peak_memory_mb=t["peak_memory_mb"] or _rss_mb(device),
                 **fields, **extra)
@@ -418,13 +422,13 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
         times = _time_rounds(fns, **timing)
         if cfg.profile:
             _profile(f"{'graphed ' * graphed}train batch {train_batch}", fns, device)
-        add_pair(measure, times, train_batch, unit="images/s", batch=train_batch)
+        add_pair(measure, times, train_batch, unit="images/s", batch=train_batch, ours=_loss_fields(task, device))
     if "fit" in measures:
         fit = _fit(cfg, task, paths, device, train_batch, size)
         train_row = next((r for r in rows if r["measure"] == "train" and r["impl"] == "effdense"), None)
         if train_row is not None:
             fit["vs_train"] = round(fit["ms_per_call"] / train_row["ms_per_call"], 3)
-        add("fit", "effdense", batch=train_batch, **fit)
+        add("fit", "effdense", batch=train_batch, **fit, **_loss_fields(task, device))
     if "data" in measures:
         rows += _data_rows(cfg, emit)
     return rows
@@ -489,6 +493,14 @@ def _fit(cfg: DictConfig, task, paths: FastPaths, device: torch.device, batch: i
             "host_syncs": timer.count.host_syncs if counted else None,
             "ema": bool(fit_cfg.ema.enabled), "gradient_clip_val": kwargs.get("gradient_clip_val"),
             "lightning_precision": precision, "peak_memory_mb": _peak_mb(device)}
+
+
+def _loss_fields(task, device: torch.device) -> dict[str, str]:
+    """Which focal-loss implementation this project's training step uses on ``device`` (detection only)."""
+    loss = getattr(task, "loss", None)
+    if not hasattr(loss, "_use_kernel"):
+        return {}
+    return {"focal_loss": "triton" if loss.label_smoothing == 0 and loss._use_kernel(device) else "torch"}
 
 
 def _peak_mb(device: torch.device) -> float | None:

@@ -143,6 +143,9 @@ def test_fit_measures_the_lightning_loop(task):
     assert fit["value"] == pytest.approx(2 / (fit["ms_per_call"] / 1000), rel=1e-2)
     if task == "detection":
         assert fit["vs_train"] == pytest.approx(fit["ms_per_call"] / rows[0]["ms_per_call"], abs=1e-3)
+        assert fit["focal_loss"] == rows[0]["focal_loss"] == "torch"  # auto: the kernel only on CUDA
+    else:
+        assert "focal_loss" not in fit
     without_ema = run_benchmark(compose("benchmark", [f"task={task}", "measures=[fit]", "ema.enabled=false", *small]))[-1]
     assert without_ema["ema"] is False
     assert fit["operations"] - without_ema["operations"] == 5  # sub, mul, add (all floats), copy (ints), count

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heads import nms_kernel
+from heads import _triton, nms_kernel
 from heads.postprocess import dense_greedy_nms
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -81,13 +81,13 @@ def test_walk_stops_at_the_first_candidate_below_the_threshold_with_nan_first():
 
 
 def test_auto_falls_back_to_dense_when_the_kernel_cannot_run(monkeypatch):
-    monkeypatch.setattr(nms_kernel, "_USABLE", {})
+    monkeypatch.setattr(_triton, "_CHECKED", {})
     assert nms_kernel.usable(torch.device("cpu"))  # the interpreter here, a GPU there
 
     def broken(*args, **kwargs):
         raise RuntimeError("no C compiler")
 
-    monkeypatch.setattr(nms_kernel, "_USABLE", {})
+    monkeypatch.setattr(_triton, "_CHECKED", {})
     monkeypatch.setattr(nms_kernel, "greedy_nms_scan", broken)
     with pytest.warns(UserWarning, match="cannot run on cpu .*no C compiler"):
         assert not nms_kernel.usable(torch.device("cpu"))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements recorded in docs/benchmarks.md, one benchmark process per part, within a time budget.
-# Usage: OUT=outputs/bench_gpu BUDGET=545 [PARTS="d0 d0_train d0_fit d0_fused d3 fit_profile seg d0_train_compiled d3_compiled"] bash tools/bench_gpu.sh
+# Usage: OUT=outputs/bench_gpu BUDGET=545 [PARTS="d0 d0_train d0_fit d0_fused focal d3 fit_profile seg d0_train_compiled d3_compiled"] bash tools/bench_gpu.sh
 # JSON lines go to $OUT/<part>.jsonl, logs to $OUT/<part>.log (parts of the same name append); a part that
 # would overrun the budget is cut short (the lines it printed so far are kept).
 set -u
@@ -44,6 +44,11 @@ for p in $PARTS; do
     run d0_train 120 backbone=b0 compare=effdet fast.compile=false measures=[ops,train,train_graph,fit] iters=5 profile=true ;;
   d0_fit)  # the same without the graph and the profiles: operations and syncs, the bare step and the Lightning loop
     run d0_fit 90 backbone=b0 compare=effdet fast.compile=false measures=[ops,train,fit] iters=5 ;;
+  focal)  # the training step with the focal loss as PyTorch operations, then as the Triton kernel (the CUDA default); D0, D3
+    for impl in torch auto; do
+      run focal 60 backbone=b0 fast.compile=false measures=[train] iters=5 task.module.loss.focal_impl=$impl
+      run focal 60 backbone=b3 fast.compile=false measures=[train] iters=5 task.module.loss.focal_impl=$impl
+    done ;;
   seg)  # segmentation at 1024x2048 (batch 4), b0..b3, eager
     for b in b0 b1 b2 b3; do
       run seg 30 task=segmentation backbone=$b measures=[params,predict] fast.compile=false iters=5 rounds=2

@@ -1,0 +1,201 @@
+"""The one-pass focal loss kernel (heads.focal_kernel) gives the eager loss and its autograd gradient.
+
+Without a GPU it runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET before Triton is imported).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from heads import _triton, focal_kernel
+from heads.losses import IGNORE, DetectionLoss
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(not focal_kernel.available(DEVICE), reason="needs Triton")
+
+
+def _case(seed: int, b: int, a: int, c: int, *, scale: float = 4.0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(b, a, c, generator=g) * scale).to(dtype)
+    targets = torch.randint(0, c, (b, a), generator=g)
+    kind = torch.rand(b, a, generator=g)
+    targets[kind < 0.5] = -1  # background
+    targets[kind > 0.85] = IGNORE
+    return logits.to(DEVICE), targets.to(DEVICE)
+
+
+def _eager(logits, targets, normalizer, alpha, gamma, upstream):
+    x = logits.detach().clone().requires_grad_()
+    loss = DetectionLoss(num_classes=x.shape[-1], alpha=alpha, gamma=gamma, focal_impl="torch")._cls_loss(
+        x, targets, targets >= 0) / normalizer
+    loss.backward(upstream)
+    return loss.detach(), x.grad
+
+
+def _kernel(logits, targets, normalizer, alpha, gamma, upstream):
+    x = logits.detach().clone().requires_grad_()
+    loss = focal_kernel.focal_loss(x, targets, normalizer, alpha=alpha, gamma=gamma)
+    loss.backward(upstream)
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize(("alpha", "gamma"), [(0.25, 1.5), (0.25, 0.0), (0.6, 2.0), (0.0, 1.5)])
+@pytest.mark.parametrize("shape", [(2, 77, 5), (1, 40, 90), (3, 33, 1)])  # rows not a multiple of the block
+def test_loss_and_gradient_equal_the_eager_ones_in_float32(alpha, gamma, shape):
+    logits, targets = _case(sum(shape), *shape)
+    normalizer = torch.tensor(7.0, device=DEVICE)
+    upstream = torch.tensor(0.37, device=DEVICE)
+    ref_loss, ref_grad = _eager(logits, targets, normalizer, alpha, gamma, upstream)
+    loss, grad = _kernel(logits, targets, normalizer, alpha, gamma, upstream)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-6, atol=1e-7)
+    assert grad.dtype == logits.dtype and grad.shape == logits.shape
+    torch.testing.assert_close(grad, ref_grad, rtol=2e-6, atol=1e-9)
+    ignored = targets == IGNORE
+    assert (grad[ignored] == 0).all() and (grad[~ignored].abs() > 0).any()
+
+
+def test_extreme_logits_stay_finite_and_exact():
+    x = torch.tensor([[[-100.0, -30.0, -1e-4, 0.0, 1e-4, 30.0, 100.0, -17.0]]], device=DEVICE).repeat(1, 3, 1)
+    targets = torch.tensor([[1, 6, -1]], device=DEVICE)  # positives at -30 and +100, a background row
+    one = torch.tensor(1.0, device=DEVICE)
+    ref_loss, ref_grad = _eager(x, targets, one, 0.25, 1.5, one)
+    loss, grad = _kernel(x, targets, one, 0.25, 1.5, one)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-12)
+
+
+def test_bfloat16_logits_get_a_bfloat16_gradient_within_one_rounding():
+    logits, targets = _case(3, 2, 200, 9, dtype=torch.bfloat16)
+    normalizer = torch.tensor(11.0, device=DEVICE)
+    upstream = torch.tensor(1.0, device=DEVICE)
+    ref_loss, ref_grad = _eager(logits, targets, normalizer, 0.25, 1.5, upstream)
+    loss, grad = _kernel(logits, targets, normalizer, 0.25, 1.5, upstream)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-6, atol=0.0)
+    # The eager gradient is cast to bf16 once at the end; so is the kernel's: they differ by at most one bf16 step.
+    step = torch.finfo(torch.bfloat16).eps * ref_grad.float().abs()
+    assert ((grad.float() - ref_grad.float()).abs() <= step + 1e-30).all()
+
+
+def test_no_gradient_work_without_grad_and_a_retained_graph_gives_the_same_gradient_twice():
+    logits, targets = _case(5, 2, 50, 4)
+    n = torch.tensor(3.0, device=DEVICE)
+    with torch.no_grad():
+        plain = focal_kernel.focal_loss(logits, targets, n, alpha=0.25, gamma=1.5)
+    x = logits.clone().requires_grad_()
+    loss = focal_kernel.focal_loss(x, targets, n, alpha=0.25, gamma=1.5)
+    assert torch.equal(loss.detach(), plain)
+    (first,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, x)
+    assert torch.equal(first, second)
+    empty = focal_kernel.focal_loss(torch.zeros(0, 0, 3, device=DEVICE, requires_grad=True),
+                                    torch.zeros(0, 0, dtype=torch.long, device=DEVICE), n, alpha=0.25, gamma=1.5)
+    assert empty.item() == 0.0
+    with pytest.raises(ValueError, match="logits"):
+        focal_kernel.focal_loss(logits, targets[:, :10], n, alpha=0.25, gamma=1.5)
+
+
+def _detection_inputs(seed: int):
+    logits, targets = _case(seed, 2, 60, 6)
+    g = torch.Generator().manual_seed(seed)
+    deltas = torch.randn(2, 60, 4, generator=g).to(DEVICE)
+    box_targets = torch.randn(2, 60, 4, generator=g).to(DEVICE)
+    return logits, deltas, targets, box_targets, (targets >= 0).sum()
+
+
+def test_detection_loss_with_the_kernel_equals_the_torch_one():
+    logits, deltas, targets, box_targets, num_pos = _detection_inputs(11)
+    results = {}
+    for impl in ("torch", "triton"):
+        x = logits.clone().requires_grad_()
+        d = deltas.clone().requires_grad_()
+        out = DetectionLoss(num_classes=6, focal_impl=impl)(x, d, targets, box_targets, num_pos)
+        out["loss"].backward()
+        results[impl] = (out, x.grad, d.grad)
+    (ref, ref_gx, ref_gd), (got, gx, gd) = results["torch"], results["triton"]
+    for key in ("loss", "cls_loss", "box_loss"):
+        torch.testing.assert_close(got[key], ref[key], rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(gx, ref_gx, rtol=2e-6, atol=1e-9)
+    assert torch.equal(gd, ref_gd)
+
+
+def test_auto_uses_the_kernel_on_cuda_only_and_falls_back_when_it_cannot_run(monkeypatch):
+    calls = []
+    real = focal_kernel.focal_loss
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(focal_kernel, "focal_loss", counting)
+    inputs = _detection_inputs(2)
+    DetectionLoss(num_classes=6)(*inputs)
+    assert len(calls) == (1 if DEVICE.type == "cuda" else 0)  # auto: the kernel on CUDA, PyTorch on the CPU
+    DetectionLoss(num_classes=6, focal_impl="triton")(*inputs)
+    assert len(calls) == (2 if DEVICE.type == "cuda" else 1)
+
+    monkeypatch.setattr(_triton, "_CHECKED", {})
+    assert focal_kernel.usable(torch.device("cpu"))  # the interpreter here
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C compiler")
+
+    monkeypatch.setattr(_triton, "_CHECKED", {})
+    monkeypatch.setattr(focal_kernel, "focal_loss_and_grad", broken)
+    with pytest.warns(UserWarning, match="focal loss kernel cannot run on cpu .*no C compiler.*eager focal loss"):
+        assert not focal_kernel.usable(torch.device("cpu"))
+
+
+def test_compiled_loss_uses_torch_operations_and_bad_choices_raise(monkeypatch):
+    inputs = _detection_inputs(4)
+    loss = DetectionLoss(num_classes=6, focal_impl="triton")
+    ref = DetectionLoss(num_classes=6, focal_impl="torch")(*inputs)["loss"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the kernel must not be launched inside torch.compile")
+
+    monkeypatch.setattr(focal_kernel, "focal_loss", refuse)
+    compiled = torch.compile(lambda *a: loss(*a)["loss"], backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(*inputs), ref)
+    with pytest.raises(ValueError, match="focal_impl must be"):
+        DetectionLoss(num_classes=6, focal_impl="fused")
+    monkeypatch.setattr(focal_kernel, "available", lambda device: False)
+    with pytest.raises(RuntimeError, match="focal_impl='triton' needs a CUDA device"):
+        loss(*inputs)
+
+
+def test_a_detection_task_trains_through_the_kernel_with_the_same_gradients():
+    """The task's loss (anchors, target assignment, both losses) with the kernel: the same loss and parameter
+    gradients as with the PyTorch focal loss, and the config key reaches the loss."""
+    from tasks.config import compose
+    from tasks.runner import build_model, build_task
+
+    small = ["image_size=64", "model.image_size=64", "neck.channels=16", "neck.num_repeats=1", "head.depth=1",
+             "backbone.drop_path_rate=0.0", "data.num_classes=3"]
+    g = torch.Generator().manual_seed(0)
+    batch = {"images": torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=g),
+             "boxes": torch.tensor([[[4.0, 4, 40, 30], [20, 10, 60, 60]], [[0.0, 0, 30, 50], [0, 0, 0, 0]]]),
+             "labels": torch.tensor([[0, 2], [1, -1]])}
+    grads = {}
+    for impl in ("torch", "triton"):
+        torch.manual_seed(0)
+        cfg = compose("benchmark", [*small, f"task.module.loss.focal_impl={impl}"])
+        task = build_task(cfg, build_model(cfg)).train()
+        assert task.loss.focal_impl == impl
+        losses, _ = task._losses({k: v.to(DEVICE) for k, v in batch.items()} if DEVICE.type == "cuda" else batch)
+        losses["loss"].backward()
+        grads[impl] = (losses["loss"].detach(), {n: p.grad for n, p in task.model.named_parameters()
+                                                 if p.grad is not None})
+    (ref_loss, ref), (loss, got) = grads["torch"], grads["triton"]
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-6, atol=1e-7)
+    assert ref.keys() == got.keys() and len(ref) > 10
+    # float32 rounding, summed through the whole network (some gradients cancel to ~1e-7): every entry within 1e-5
+    # of the largest gradient entry, and the whole gradient within 1e-5 in relative L2 norm
+    largest = max(r.abs().max() for r in ref.values())
+    for name in ref:
+        assert (got[name] - ref[name]).abs().max() <= 1e-5 * largest, name
+    flat_ref, flat = torch.cat([r.flatten() for r in ref.values()]), torch.cat([got[n].flatten() for n in ref])
+    assert (flat - flat_ref).norm() <= 1e-5 * flat_ref.norm()
