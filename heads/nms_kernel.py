@@ -15,6 +15,7 @@ interpreter); the tests check it that way against the dense implementation.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -112,12 +113,13 @@ def greedy_nms_scan(
         return index, count.long()
     block = max(16, triton.next_power_of_2(max_keep))
     valid = valid.contiguous().view(torch.uint8)
-    kernel[(b,)](
-        boxes.float().contiguous(), labels.contiguous(), valid,
-        valid if stop is None else stop.contiguous().view(torch.uint8), index, count, n,
-        float(iou_threshold), MAX_KEEP=max_keep, BLOCK=block, HAS_STOP=stop is not None,
-        num_warps=1 if block <= 128 else 4, enable_fp_fusion=False,
-    )
+    with torch.cuda.device(boxes.device) if boxes.device.type == "cuda" else contextlib.nullcontext():
+        kernel[(b,)](
+            boxes.float().contiguous(), labels.contiguous(), valid,
+            valid if stop is None else stop.contiguous().view(torch.uint8), index, count, n,
+            float(iou_threshold), MAX_KEEP=max_keep, BLOCK=block, HAS_STOP=stop is not None,
+            num_warps=1 if block <= 128 else 4, enable_fp_fusion=False,
+        )
     return index, count.long()
 
 
