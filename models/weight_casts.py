@@ -7,10 +7,13 @@ once: the weights, viewed flat in their memory order, are concatenated and cast 
 its own view of the result, with the weight's shape and strides. Autocast leaves tensors that already have its
 dtype alone, and the gradients flow back through one cast and one split to the float32 parameters.
 
-The values are those of autocast's own casts (the same rounding), and so are the gradients, as autocast computes
-them with its weight-cast cache (PyTorch's default): a layer used several times per forward pass gets one copy, so
-its gradients are summed in the low precision before the cast back. Without the cache (Lightning's choice) each use
-casts anew and the sum is float32.
+The values are those of autocast's own casts (the same rounding), and so are the gradients, bit for bit, whether
+autocast runs with its weight-cast cache (PyTorch's default) or without it (Lightning's choice). The two differ only
+for a layer used several times per forward pass: with the cache it gets one copy, so its gradients are summed in
+the low precision before the cast back; without it each use casts anew and the sum is float32. So, without the
+cache, the layers of modules that declare ``reuses_layers = True`` (EfficientDet's head, run once per level) and
+parameters tied between layers keep autocast's per-use casts. A layer called several times without that
+declaration gets one copy, as with the cache.
 """
 
 from __future__ import annotations
@@ -39,14 +42,21 @@ _STOCK_FORWARDS = _stock_forwards()
 _ACTIVE: set[int] = set()
 
 
-def _castable(module: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
+def _castable(module: nn.Module, *, per_use: bool) -> list[tuple[nn.Module, str, nn.Parameter]]:
     """The (layer, name, parameter) triples to copy: weight and bias of layers whose forward is a stock
     convolution's or linear layer's (a layer that transforms its weight first, e.g. weight standardisation,
     keeps autocast's per-layer cast), without hooks or parametrizations, float parameters that require gradients,
-    in a contiguous or 4-d channels-last layout. Found anew at every call: parameters may change between steps."""
+    in a contiguous or 4-d channels-last layout; with ``per_use``, not inside a module that declares
+    ``reuses_layers`` and not tied between layers. Found anew at every call: parameters may change between steps."""
+    reused = set()
+    if per_use:
+        for owner in module.modules():
+            if getattr(owner, "reuses_layers", False):
+                reused.update(id(m) for m in owner.modules())
     found = []
     for layer in module.modules():
-        if type(layer).forward not in _STOCK_FORWARDS or layer._forward_pre_hooks or layer._forward_hooks:
+        if (type(layer).forward not in _STOCK_FORWARDS or layer._forward_pre_hooks or layer._forward_hooks
+                or id(layer) in reused):
             continue
         for name in ("weight", "bias"):
             p = layer._parameters.get(name)
@@ -54,6 +64,11 @@ def _castable(module: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
                     and (p.stride() == _contiguous_strides(p.shape)
                          or (p.dim() == 4 and p.stride() == _channels_last_strides(p.shape)))):
                 found.append((layer, name, p))
+    if per_use:  # a parameter tied between layers is used once per layer: each use casts, as autocast does
+        layers_of: dict[int, int] = {}
+        for _, _, p in found:
+            layers_of[id(p)] = layers_of.get(id(p), 0) + 1
+        found = [entry for entry in found if layers_of[id(entry[2])] == 1]
     return found
 
 
@@ -85,10 +100,13 @@ def low_precision_weights(module: nn.Module, dtype: torch.dtype) -> Iterator[Non
     cast (differentiable: gradients reach the float32 parameters); afterwards the parameters are back.
 
     Layers whose parameters do not require gradients, norms, and layers that transform their weight in their
-    forward keep autocast's own casts. Inside the block ``state_dict()`` would show the copies: nothing should read
-    it there. A nested block on the same module changes nothing.
+    forward keep autocast's own casts; so do layers run several times per forward pass (in modules that declare
+    ``reuses_layers``) when autocast's cast cache is off, as under Lightning: values and gradients are then those
+    of autocast as it runs, bit for bit. Inside the block ``state_dict()`` would show the copies: nothing should
+    read it there. A nested block on the same module changes nothing.
     """
-    entries = [] if id(module) in _ACTIVE else _castable(module)
+    per_use = not torch.is_autocast_cache_enabled()
+    entries = [] if id(module) in _ACTIVE else _castable(module, per_use=per_use)
     if not entries:
         yield
         return

@@ -100,14 +100,13 @@ class DenseTask(L.LightningModule):
         compile_options: keyword arguments of ``torch.compile`` (``backend``, ``mode``, ``dynamic``,
             ``fullgraph``, ``options``); ``dynamic`` defaults to ``False`` (training crops have one size; each
             other shape, e.g. a smaller last validation batch, is compiled once more).
-        fused_weight_casts: in mixed-precision training (autocast), cast all convolution weights to the low
+        fused_weight_casts: in mixed-precision training (autocast), cast the convolution weights to the low
             precision in one pass per step (:func:`models.weight_casts.low_precision_weights`) instead of one cast
-            per layer use and one cast back of each gradient: hundreds fewer kernel launches per step. The values
-            and gradients are those of ``torch.autocast`` with its weight-cast cache (PyTorch's default); Lightning
-            runs autocast without the cache, which casts a layer's weight at each use and sums the gradients of a
-            layer used several times per forward pass (the head's, shared across levels) in float32, so the two
-            differ by bf16 rounding of those sums. Off by default until its GPU speed is measured. Not used under
-            DDP (the gradient all-reduce would wait for the whole backward pass) nor with ``compile``.
+            per layer and one cast back of each gradient: hundreds fewer kernel launches per step. Values and
+            gradients are bit for bit those of autocast as it runs (with or without its weight-cast cache;
+            Lightning's has none, and there the head's layers, run once per level, keep their per-use casts). On by
+            default. Not used under DDP (the gradient all-reduce would wait for the whole backward pass) nor with
+            ``compile``.
     """
 
     def __init__(
@@ -125,7 +124,7 @@ class DenseTask(L.LightningModule):
         max_nonfinite_steps: int = 10,
         compile: bool = False,
         compile_options: Mapping[str, Any] | None = None,
-        fused_weight_casts: bool = False,
+        fused_weight_casts: bool = True,
     ) -> None:
         super().__init__()
         self.fused_weight_casts = bool(fused_weight_casts)

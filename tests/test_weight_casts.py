@@ -22,9 +22,9 @@ def _task():
     return build_task(cfg, build_model(cfg)).train()
 
 
-def _step(model, x, fused: bool):
+def _step(model, x, fused: bool, cache: bool = True):
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache):
         if fused:
             with low_precision_weights(model, torch.bfloat16):
                 out = model(x)
@@ -35,16 +35,17 @@ def _step(model, x, fused: bool):
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("cache", [True, False])  # autocast's weight-cast cache: PyTorch's default, Lightning's
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_same_outputs_and_gradients_as_autocast(channels_last):
+def test_same_outputs_and_gradients_as_autocast(channels_last, cache):
     model = _task().model
     x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     plain, fused = copy.deepcopy(model), copy.deepcopy(model)
-    out_a, grads_a = _step(plain, x, fused=False)
-    out_b, grads_b = _step(fused, x, fused=True)
+    out_a, grads_a = _step(plain, x, fused=False, cache=cache)
+    out_b, grads_b = _step(fused, x, fused=True, cache=cache)
     for level in out_a.cls_logits:
         assert torch.equal(out_a.cls_logits[level], out_b.cls_logits[level])
         assert torch.equal(out_a.box_deltas[level], out_b.box_deltas[level])
@@ -55,6 +56,20 @@ def test_same_outputs_and_gradients_as_autocast(channels_last):
         assert grads_b[name].stride() == dict(fused.named_parameters())[name].stride() or grads_b[name].numel() == 1
     # The layers have their float32 parameters back.
     assert all(isinstance(p, torch.nn.Parameter) and p.dtype == torch.float32 for p in fused.parameters())
+
+
+def test_without_the_cache_the_head_keeps_per_use_casts(monkeypatch):
+    """Without autocast's cache each use of a head layer (one per level) casts anew, and its gradients are summed in
+    float32: one shared copy would sum them in bf16, which is what the head's reuses_layers marker prevents."""
+    from heads.efficientdet import HeadNet
+
+    model = _task().model
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    _, plain = _step(copy.deepcopy(model), x, fused=False, cache=False)
+    monkeypatch.setattr(HeadNet, "reuses_layers", False)
+    _, shared = _step(copy.deepcopy(model), x, fused=True, cache=False)
+    differ = {n for n, g in plain.items() if not torch.equal(g, shared[n])}
+    assert differ and all(n.startswith("head.") for n in differ)
 
 
 def test_fewer_operations_per_step_and_parameters_back_after_an_error():
@@ -75,8 +90,7 @@ def test_task_uses_it_in_mixed_precision_training_only(monkeypatch):
     import tasks.base
 
     task = _task()
-    assert task.fused_weight_casts is False  # off by default
-    task.fused_weight_casts = True
+    assert task.fused_weight_casts is True  # on by default
     calls = []
     real = tasks.base.low_precision_weights
     monkeypatch.setattr(tasks.base, "low_precision_weights", lambda m, d: calls.append(d) or real(m, d))
@@ -109,11 +123,14 @@ def test_only_stock_layers_are_swapped_and_nesting_and_tying_are_safe():
     tied2.weight = tied.weight  # one parameter in two layers
     net = torch.nn.Sequential(plain, custom, frozen, tied, tied2)
     net.add_module("again", tied)  # the same layer twice
-    swapped = {(id(layer), name) for layer, name, _ in _castable(net)}
+    swapped = {(id(layer), name) for layer, name, _ in _castable(net, per_use=False)}
     assert swapped == {(id(plain), "weight"), (id(plain), "bias"), (id(tied), "weight"), (id(tied), "bias"),
                        (id(tied2), "weight"), (id(tied2), "bias")}
+    # Without autocast's cache each use of a tied parameter casts anew: it keeps those casts.
+    per_use = {(id(layer), name) for layer, name, _ in _castable(net, per_use=True)}
+    assert per_use == swapped - {(id(tied), "weight"), (id(tied2), "weight")}
     frozen.weight.requires_grad_(True)  # found anew at every call
-    assert (id(frozen), "weight") in {(id(layer), name) for layer, name, _ in _castable(net)}
+    assert (id(frozen), "weight") in {(id(layer), name) for layer, name, _ in _castable(net, per_use=False)}
     with low_precision_weights(net, torch.bfloat16):
         assert plain.weight.dtype == torch.bfloat16 and custom.weight.dtype == torch.float32
         assert tied.weight is tied2.weight and tied.weight.dtype == torch.bfloat16  # one copy for the tied weight
