@@ -37,7 +37,6 @@ network; its own post-processing and anchor labeller as they are).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.metadata
 import json
@@ -59,8 +58,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from heads import flatten_levels
-from models.weight_casts import low_precision_weights
 
+from .base import training_forward
 from .inference import CapturedCall, FastPaths, FlatDetector, compile_module, prepare_predictor
 
 __all__ = ["BenchmarkError", "format_table", "run_benchmark"]
@@ -710,13 +709,16 @@ def _our_train_step(task, paths: FastPaths, device, x, boxes, labels, *, graphed
     anchors = _anchors_for(task, model, tuple(x.shape[-2:]), device)
     assigner, loss_fn = task.assigner, task.loss
 
-    # As DenseTask.run_model: the weights cast to the low precision in one pass (eager, mixed precision).
-    fused = getattr(task, "fused_weight_casts", False) and paths.precision != "fp32" and not paths.compile
+    # As DenseTask.run_model: eager training goes through training_forward (batched BatchNorm counters, the weights
+    # cast to the low precision in one pass).
+    fused = getattr(task, "fused_weight_casts", False)
 
     def loss(images: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.Tensor) -> torch.Tensor:
-        casts = low_precision_weights(model, paths.dtype) if fused else contextlib.nullcontext()
-        with paths.autocast(device, cache_enabled=not graphed), casts:
-            cls, box = net(images)
+        with paths.autocast(device, cache_enabled=not graphed):
+            if paths.compile:
+                cls, box = net(images)
+            else:
+                cls, box = training_forward(net, images, fused_weight_casts=fused)
         cls_t, box_t, num_pos = assigner(anchors, gt_boxes, gt_labels)
         return loss_fn(cls, box, cls_t, box_t, num_pos)["loss"]
 
