@@ -13,7 +13,8 @@ for a layer used several times per forward pass: with the cache it gets one copy
 the low precision before the cast back; without it each use casts anew and the sum is float32. So, without the
 cache, the layers of modules that declare ``reuses_layers = True`` (EfficientDet's head, run once per level) and
 parameters tied between layers keep autocast's per-use casts. A layer called several times without that
-declaration gets one copy, as with the cache.
+declaration gets one copy, as with the cache. One difference remains: a layer that takes part in no output gets a zero
+gradient instead of none (the split's backward fills the unused pieces with zeros).
 """
 
 from __future__ import annotations
@@ -46,17 +47,11 @@ def _castable(module: nn.Module, *, per_use: bool) -> list[tuple[nn.Module, str,
     """The (layer, name, parameter) triples to copy: weight and bias of layers whose forward is a stock
     convolution's or linear layer's (a layer that transforms its weight first, e.g. weight standardisation,
     keeps autocast's per-layer cast), without hooks or parametrizations, float parameters that require gradients,
-    in a contiguous or 4-d channels-last layout; with ``per_use``, not inside a module that declares
+    in a contiguous or 4-d channels-last layout; with ``per_use``, not inside a module whose class declares
     ``reuses_layers`` and not tied between layers. Found anew at every call: parameters may change between steps."""
-    reused = set()
-    if per_use:
-        for owner in module.modules():
-            if getattr(owner, "reuses_layers", False):
-                reused.update(id(m) for m in owner.modules())
     found = []
-    for layer in module.modules():
-        if (type(layer).forward not in _STOCK_FORWARDS or layer._forward_pre_hooks or layer._forward_hooks
-                or id(layer) in reused):
+    for layer in _layers(module, skip_reusing=per_use):
+        if type(layer).forward not in _STOCK_FORWARDS or layer._forward_pre_hooks or layer._forward_hooks:
             continue
         for name in ("weight", "bias"):
             p = layer._parameters.get(name)
@@ -69,6 +64,22 @@ def _castable(module: nn.Module, *, per_use: bool) -> list[tuple[nn.Module, str,
         for _, _, p in found:
             layers_of[id(p)] = layers_of.get(id(p), 0) + 1
         found = [entry for entry in found if layers_of[id(entry[2])] == 1]
+    return found
+
+
+def _layers(module: nn.Module, *, skip_reusing: bool) -> list[nn.Module]:
+    """``module.modules()`` (each once), in one walk; with ``skip_reusing``, without the subtrees of modules whose
+    class declares ``reuses_layers`` (read from the class: a missing attribute on a module instance is slow)."""
+    seen: set[int] = set()
+    found: list[nn.Module] = []
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen or (skip_reusing and getattr(type(m), "reuses_layers", False)):
+            continue
+        seen.add(id(m))
+        found.append(m)
+        stack.extend(c for c in reversed(m._modules.values()) if c is not None)
     return found
 
 

@@ -3,7 +3,6 @@ schedule, the self-describing checkpoint and the evaluation outputs written into
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -14,7 +13,6 @@ import lightning as L
 import torch
 from torch import nn
 
-from models.norm_counters import batched_norm_counters
 from models.weight_casts import low_precision_weights
 
 from .distributed import broadcast_from_rank_zero, is_distributed, rank_and_world
@@ -33,16 +31,14 @@ COMPILE_OPTIONS = frozenset({"backend", "mode", "dynamic", "fullgraph", "options
 
 
 def training_forward(model: nn.Module, images: torch.Tensor, *, fused_weight_casts: bool):
-    """``model(images)`` for a training step of an eager model, with the same values and fewer operations: the
-    BatchNorm batch counters advanced in one operation (:func:`models.norm_counters.batched_norm_counters`) and,
-    with ``fused_weight_casts`` under autocast, the weights cast to its dtype in one pass
-    (:func:`models.weight_casts.low_precision_weights`)."""
+    """``model(images)`` for a training step of an eager model: with ``fused_weight_casts`` under autocast, the
+    weights cast to its dtype in one pass (:func:`models.weight_casts.low_precision_weights`; the same values,
+    fewer operations)."""
     device = images.device.type
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(batched_norm_counters(model))
-        if fused_weight_casts and torch.is_autocast_enabled(device):
-            stack.enter_context(low_precision_weights(model, torch.get_autocast_dtype(device)))
-        return model(images)
+    if fused_weight_casts and torch.is_autocast_enabled(device):
+        with low_precision_weights(model, torch.get_autocast_dtype(device)):
+            return model(images)
+    return model(images)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -119,8 +115,9 @@ class DenseTask(L.LightningModule):
             precision in one pass per step (:func:`models.weight_casts.low_precision_weights`) instead of one cast
             per layer and one cast back of each gradient: hundreds fewer kernel launches per step. Values and
             gradients are bit for bit those of autocast as it runs (with or without its weight-cast cache;
-            Lightning's has none, and there the head's layers, run once per level, keep their per-use casts). On by
-            default. Not used under DDP (the gradient all-reduce would wait for the whole backward pass) nor with
+            Lightning's has none, and there the head's layers, run once per level, keep their per-use casts), except
+            that a convolution taking part in no output gets a zero gradient instead of none (weight decay then
+            moves it). On by default. Not used under DDP (the gradient all-reduce would wait for the whole backward pass) nor with
             ``compile``.
     """
 

@@ -709,13 +709,13 @@ def _our_train_step(task, paths: FastPaths, device, x, boxes, labels, *, graphed
     anchors = _anchors_for(task, model, tuple(x.shape[-2:]), device)
     assigner, loss_fn = task.assigner, task.loss
 
-    # As DenseTask.run_model: eager training goes through training_forward (batched BatchNorm counters, the weights
-    # cast to the low precision in one pass).
+    # As DenseTask.run_model: eager training goes through training_forward (the weights cast to the low precision in
+    # one pass). The graph-captured step runs the network uncompiled, so it does too.
     fused = getattr(task, "fused_weight_casts", False)
 
     def loss(images: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.Tensor) -> torch.Tensor:
         with paths.autocast(device, cache_enabled=not graphed):
-            if paths.compile:
+            if paths.compile and not graphed:
                 cls, box = net(images)
             else:
                 cls, box = training_forward(net, images, fused_weight_casts=fused)
