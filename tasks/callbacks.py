@@ -12,12 +12,13 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
+from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from .distributed import broadcast_from_rank_zero
 
-__all__ = ["EMA", "AtomicCheckpointIO", "SaveLastOnTrainEnd"]
+__all__ = ["EMA", "AtomicCheckpointIO", "SaveLastOnTrainEnd", "SyncNormLayers"]
 
 
 def ema_weight(decay: float, warmup: bool, num_averaged: int) -> float:
@@ -179,3 +180,41 @@ class SaveLastOnTrainEnd(L.Callback):
             return
         path = Path(self.checkpoint.dirpath) / f"{self.checkpoint.CHECKPOINT_NAME_LAST}{self.checkpoint.FILE_EXTENSION}"
         trainer.save_checkpoint(str(path))
+
+
+class SyncNormLayers(TorchSyncBatchNorm):
+    """``trainer.sync_batchnorm=true`` for models with timm's fused norm + activation layers.
+
+    Lightning's own conversion turns every BatchNorm into a plain ``SyncBatchNorm``: a timm ``BatchNormAct2d``
+    (norm, then its activation) loses its activation, which silently trains another network. Here timm's conversion
+    keeps them whole (``SyncBatchNormAct``), and :meth:`revert` (after training) gives each layer back its own
+    module, holding the trained parameters and statistics.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._originals: dict[int, nn.Module] = {}
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        from timm.layers import convert_sync_batchnorm
+
+        if isinstance(model, nn.modules.batchnorm._BatchNorm) and not isinstance(model, nn.SyncBatchNorm):
+            synced = convert_sync_batchnorm(model)  # the layer and its activation and dropout children
+            self._originals[id(synced)] = model
+            return synced
+        for name, child in list(model.named_children()):
+            model.add_module(name, self.apply(child))
+        return model
+
+    def revert(self, model: nn.Module) -> nn.Module:
+        original = self._originals.pop(id(model), None)
+        if original is not None:
+            # The synced layer shares its parameters with the original, but buffers moved to the device are new
+            # tensors: take everything from the synced layer.
+            original._parameters.update(model._parameters)
+            original._buffers.update(model._buffers)
+            original.training = model.training
+            model = original
+        for name, child in list(model.named_children()):
+            model.add_module(name, self.revert(child))
+        return model

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from backbones.timm_backbone import state_dict_mismatches
 
-from .callbacks import EMA, AtomicCheckpointIO, SaveLastOnTrainEnd
+from .callbacks import EMA, AtomicCheckpointIO, SaveLastOnTrainEnd, SyncNormLayers
 from .checkpoint import CheckpointError, merge_checkpoint_config, read_checkpoint
 
 __all__ = ["build_model", "build_task", "trainer_kwargs", "train", "evaluate", "load_checkpoint_weights", "CheckpointError"]
@@ -149,12 +149,15 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     if init is not None:
         load_finetune_weights(task.model, init, source=cfg.init_from)
     ckpt_dir = run_dir / "checkpoints"
+    kwargs = trainer_kwargs(cfg, training=True)
+    # timm's fused norm + activation layers stay whole under sync_batchnorm (Lightning's conversion drops the act).
+    layer_sync = [SyncNormLayers()] if kwargs.get("sync_batchnorm") else []
     trainer = L.Trainer(
-        **trainer_kwargs(cfg, training=True),
+        **kwargs,
         default_root_dir=str(run_dir),
         callbacks=_callbacks(cfg, ckpt_dir),
         logger=CSVLogger(save_dir=str(run_dir), name="logs", version=""),
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *layer_sync],
     )
     # Checkpoints hold tensors and plain data only: resume without unpickling arbitrary objects.
     trainer.fit(task, datamodule=datamodule, ckpt_path=_resolve_resume(cfg.ckpt_path, ckpt_dir), weights_only=True)
