@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["available", "checked", "tracing", "triton_modules"]
+__all__ = ["available", "checked", "lazy_kernel", "tracing", "triton_modules"]
 
 
 @functools.cache
@@ -22,6 +22,18 @@ def triton_modules():
     except ImportError:
         return None
     return triton, tl
+
+
+def lazy_kernel(build: Callable) -> Callable[[], tuple | None]:
+    """A function returning ``(triton, build(triton, triton.language))``, built on first call and kept, or None
+    where Triton is not installed: kernel modules import without Triton and compile nothing until used."""
+
+    @functools.cache
+    def get():
+        found = triton_modules()
+        return None if found is None else (found[0], build(*found))
+
+    return get
 
 
 def tracing() -> bool:

@@ -25,12 +25,11 @@ the tests check it that way against the eager loss and its autograd gradient.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 
 import torch
 
-from ._triton import available, checked, triton_modules
+from ._triton import available, checked, lazy_kernel
 
 __all__ = ["available", "focal_loss", "focal_loss_and_grad", "usable"]
 
@@ -38,13 +37,7 @@ _BLOCK_ROWS = 32  # anchors per program (fewer with over 128 classes)
 _BLOCK_ELEMENTS = 4096
 
 
-@functools.cache
-def _triton():
-    found = triton_modules()
-    if found is None:
-        return None
-    triton, tl = found
-
+def _build(triton, tl):
     @triton.jit
     def focal_kernel(logits_ptr, target_ptr, norm_ptr, scale_ptr, grad_ptr, partial_ptr, rows, alpha, gamma, nan,
                      C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WRITE_GRAD: tl.constexpr,
@@ -84,7 +77,10 @@ def _triton():
         else:
             tl.store(partial_ptr + block, tl.sum(tl.sum(loss, axis=1), axis=0))
 
-    return triton, focal_kernel
+    return focal_kernel
+
+
+_triton = lazy_kernel(_build)
 
 
 def focal_loss_and_grad(

@@ -16,11 +16,10 @@ interpreter); the tests check it that way against the dense implementation.
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 
-from ._triton import available, checked, triton_modules
+from ._triton import available, checked, lazy_kernel
 
 __all__ = ["MAX_KEEP_LIMIT", "available", "greedy_nms_scan", "usable"]
 
@@ -28,13 +27,7 @@ __all__ = ["MAX_KEEP_LIMIT", "available", "greedy_nms_scan", "usable"]
 MAX_KEEP_LIMIT = 1024
 
 
-@functools.cache
-def _triton():
-    found = triton_modules()
-    if found is None:
-        return None
-    triton, tl = found
-
+def _build(triton, tl):
     @triton.jit
     def greedy_nms_kernel(boxes_ptr, labels_ptr, valid_ptr, stop_ptr, index_ptr, count_ptr, n, iou_threshold,
                           MAX_KEEP: tl.constexpr, BLOCK: tl.constexpr, HAS_STOP: tl.constexpr):
@@ -81,7 +74,10 @@ def _triton():
             i += 1
         tl.store(count_ptr + image, count)
 
-    return triton, greedy_nms_kernel
+    return greedy_nms_kernel
+
+
+_triton = lazy_kernel(_build)
 
 
 def greedy_nms_scan(
