@@ -176,4 +176,4 @@ def _probe(device: torch.device) -> bool:
 def usable(device: torch.device) -> bool:
     """:func:`available`, and a first kernel built and run on ``device`` gave the right answer (checked once per
     device; otherwise a warning says why and the answer is False)."""
-    return checked("focal loss", device, lambda d: _probe(d), "the eager focal loss")  # late binding for tests
+    return checked("focal loss", device, _probe, "the eager focal loss")

@@ -107,9 +107,10 @@ class DetectionLoss:
             raise ValueError(f"cls_logits has {cls_logits.shape[-1]} classes, expected {self.num_classes}")
         normalizer = num_positives.float().sum() + 1.0
         positive = cls_targets >= 0
-        if self.label_smoothing > 0:
+        backend = self.focal_backend(cls_logits.device)
+        if backend == "smoothed":
             cls_loss = self._smoothed_cls_loss(cls_logits, cls_targets, positive) / normalizer
-        elif self._use_kernel(cls_logits.device):
+        elif backend == "triton":
             from .focal_kernel import focal_loss
 
             cls_loss = focal_loss(cls_logits, cls_targets, normalizer, alpha=self.alpha, gamma=self.gamma)
@@ -123,17 +124,22 @@ class DetectionLoss:
             "box_loss": box_loss,
         }
 
-    def _use_kernel(self, device: torch.device) -> bool:
+    def focal_backend(self, device: torch.device) -> str:
+        """How the classification loss is computed for logits on ``device``: ``"smoothed"`` (label smoothing:
+        PyTorch operations on one-hot targets), ``"triton"`` (:func:`heads.focal_kernel.focal_loss`) or
+        ``"torch"`` (PyTorch operations on signed logits); see ``focal_impl``."""
+        if self.label_smoothing > 0:
+            return "smoothed"
         if self.focal_impl == "torch" or _tracing():
-            return False
+            return "torch"
         from . import focal_kernel
 
         if self.focal_impl == "triton":
             if not focal_kernel.available(device):
                 raise RuntimeError(f"focal_impl='triton' needs a CUDA device and Triton installed, got {device}; "
                                    "use focal_impl='auto' or 'torch'")
-            return True
-        return device.type == "cuda" and focal_kernel.usable(device)
+            return "triton"
+        return "triton" if device.type == "cuda" and focal_kernel.usable(device) else "torch"
 
     def _cls_loss(self, cls_logits: torch.Tensor, cls_targets: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
         """Summed focal loss with hard targets, in few passes over the ``[B, A, C]`` logits.

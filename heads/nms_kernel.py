@@ -130,4 +130,4 @@ def usable(device: torch.device) -> bool:
     """:func:`available`, and a first kernel built and run on ``device`` gave the right answer (checked once per
     device; where Triton is installed but cannot build kernels, say without a C compiler, a warning says why and
     the answer is False)."""
-    return checked("NMS", device, lambda d: _probe(d), "the dense NMS")  # late binding: tests replace the kernel
+    return checked("NMS", device, _probe, "the dense NMS")

@@ -13,8 +13,8 @@ for a layer used several times per forward pass: with the cache it gets one copy
 the low precision before the cast back; without it each use casts anew and the sum is float32. So, without the
 cache, the layers of modules that declare ``reuses_layers = True`` (EfficientDet's head, run once per level) and
 parameters tied between layers keep autocast's per-use casts. A layer called several times without that
-declaration gets one copy, as with the cache. One difference remains: a layer that takes part in no output gets a zero
-gradient instead of none (the split's backward fills the unused pieces with zeros).
+declaration gets one copy, as with the cache. One difference remains: a layer that takes part in no output gets a
+zero gradient instead of none (the split's backward fills the unused pieces with zeros).
 """
 
 from __future__ import annotations

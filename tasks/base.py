@@ -117,8 +117,8 @@ class DenseTask(L.LightningModule):
             gradients are bit for bit those of autocast as it runs (with or without its weight-cast cache;
             Lightning's has none, and there the head's layers, run once per level, keep their per-use casts), except
             that a convolution taking part in no output gets a zero gradient instead of none (weight decay then
-            moves it). On by default. Not used under DDP (the gradient all-reduce would wait for the whole backward pass) nor with
-            ``compile``.
+            moves it). On by default. Not used under DDP (the gradient all-reduce would wait for the whole backward
+            pass) nor with ``compile``.
     """
 
     def __init__(

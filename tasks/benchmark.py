@@ -496,10 +496,8 @@ def _fit(cfg: DictConfig, task, paths: FastPaths, device: torch.device, batch: i
 
 def _loss_fields(task, device: torch.device) -> dict[str, str]:
     """Which focal-loss implementation this project's training step uses on ``device`` (detection only)."""
-    loss = getattr(task, "loss", None)
-    if not hasattr(loss, "_use_kernel"):
-        return {}
-    return {"focal_loss": "triton" if loss.label_smoothing == 0 and loss._use_kernel(device) else "torch"}
+    backend = getattr(getattr(task, "loss", None), "focal_backend", None)
+    return {"focal_loss": backend(device)} if backend is not None else {}
 
 
 def _peak_mb(device: torch.device) -> float | None:
