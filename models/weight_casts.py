@@ -4,8 +4,10 @@ Under autocast every convolution casts its float32 weight (and bias) to bfloat16
 autograd casts each weight's gradient back: two small kernels per layer and step (about 480 of the 2,337
 operations of an EfficientDet-D0 training step on a GPU). :func:`low_precision_weights` makes the same copies at
 once: the weights, viewed flat in their memory order, are concatenated and cast in one pass, and each layer gets
-its own view of the result, with the weight's shape and strides. Autocast leaves tensors that already have its
-dtype alone, and the gradients flow back through one cast and one split to the float32 parameters.
+its own view of the result, with the weight's shape and strides. Each view starts on a 128-byte boundary (zeros
+pad the pieces between): cuDNN reads a weight's address alignment when it picks a convolution kernel, and an
+unaligned weight gets slower generic kernels. Autocast leaves tensors that already have its dtype alone, and the
+gradients flow back through one cast and one split to the float32 parameters.
 
 The values are those of autocast's own casts (the same rounding), and so are the gradients, bit for bit, whether
 autocast runs with its weight-cast cache (PyTorch's default) or without it (Lightning's choice). The two differ only
@@ -96,6 +98,20 @@ def _channels_last_strides(shape: torch.Size) -> tuple[int, ...]:
     return c * h * w, 1, w * c, c
 
 
+#: each piece of the low-precision buffer starts at a multiple of this many elements (128 bytes in bf16/fp16)
+ALIGN_ELEMENTS = 64
+_PADS: dict[torch.device, torch.Tensor] = {}
+
+
+def _pad(n: int, like: torch.Tensor) -> torch.Tensor:
+    """``n`` zeros (``n < ALIGN_ELEMENTS``) of ``like``'s dtype and device: a view of one kept tensor, so padding
+    allocates nothing per step."""
+    zeros = _PADS.get(like.device)
+    if zeros is None or zeros.dtype != like.dtype:
+        zeros = _PADS[like.device] = torch.zeros(ALIGN_ELEMENTS, dtype=like.dtype, device=like.device)
+    return zeros[:n]
+
+
 def _flat(p: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """``p`` (contiguous or 4-d channels-last) as a 1-d view in memory order, and whether it was viewed through the
     channels-last permutation. The copy a layer gets has exactly the parameter's strides (size-1 dimensions
@@ -123,9 +139,17 @@ def low_precision_weights(module: nn.Module, dtype: torch.dtype) -> Iterator[Non
         return
     unique = list({id(p): p for _, _, p in entries}.values())  # a parameter tied between layers is copied once
     flats, channels_last = zip(*(_flat(p) for p in unique))
-    low = torch.cat(flats).to(dtype)
+    parts, real = [], []  # real: the index in ``parts`` of each weight (the others are padding)
+    for f in flats:
+        real.append(len(parts))
+        parts.append(f)
+        if f.numel() % ALIGN_ELEMENTS:
+            parts.append(_pad(ALIGN_ELEMENTS - f.numel() % ALIGN_ELEMENTS, f))
+    low = torch.cat(parts).to(dtype)
+    split = low.split([t.numel() for t in parts])
+    pieces = [split[i] for i in real]
     copies = {}
-    for p, piece, cl in zip(unique, low.split([f.numel() for f in flats]), channels_last):
+    for p, piece, cl in zip(unique, pieces, channels_last):
         if cl:
             n, c, h, w = p.shape
             copies[id(p)] = piece.view(n, h, w, c).permute(0, 3, 1, 2)

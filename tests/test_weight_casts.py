@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from models.weight_casts import low_precision_weights
 from tasks.benchmark import count_ops
@@ -138,3 +139,26 @@ def test_only_stock_layers_are_swapped_and_nesting_and_tying_are_safe():
             assert plain.weight.dtype == torch.bfloat16
         assert plain.weight.dtype == torch.bfloat16
     assert all(isinstance(p, torch.nn.Parameter) and p.dtype == torch.float32 for p in net.parameters())
+
+
+def test_every_copy_starts_on_a_128_byte_boundary():
+    """cuDNN picks convolution kernels by the weight's address alignment: an unaligned copy would get slower
+    generic kernels than autocast's own (freshly allocated) casts. Odd-sized biases sit between the weights."""
+    from models.weight_casts import ALIGN_ELEMENTS
+
+    net = nn.Sequential(nn.Conv2d(3, 5, 3, bias=True), nn.Conv2d(5, 7, 1, bias=True), nn.Conv2d(7, 4, 3, groups=1),
+                        nn.Conv2d(4, 4, 3, groups=4, bias=True)).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 12, 12).to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16), low_precision_weights(net, torch.bfloat16):
+        seen = [(m.weight, m.bias) for m in net]  # the copies the layers read inside the block
+        out = net(x)
+    base = seen[0][0].untyped_storage().data_ptr()  # one buffer (CUDA's allocator aligns it to 512 bytes)
+    for weight, bias in seen:
+        for t in (weight, bias):
+            if t is not None:
+                assert t.dtype == torch.bfloat16 and t.untyped_storage().data_ptr() == base
+                assert (t.data_ptr() - base) % 128 == 0
+    assert ALIGN_ELEMENTS * 2 == 128
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = net(x)
+    assert torch.equal(out, ref)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements recorded in docs/benchmarks.md, one benchmark process per part, within a time budget.
-# Usage: OUT=outputs/bench_gpu BUDGET=545 [PARTS="d0 d0_train d0_fit d0_percast focal d3 fit_profile seg d0_train_compiled d3_compiled"] bash tools/bench_gpu.sh
+# Usage: OUT=outputs/bench_gpu BUDGET=545 [PARTS="d0 d0_train d0_fit d0_percast d0_step d0_step_percast d3_step focal d3 d3_profile fit_profile seg d0_train_compiled d3_compiled"] bash tools/bench_gpu.sh
 # JSON lines go to $OUT/<part>.jsonl, logs to $OUT/<part>.log (parts of the same name append); a part that
-# would overrun the budget is cut short (the lines it printed so far are kept).
+# would overrun the budget is cut short (the lines it printed so far are kept). FOCAL_IMPLS="torch" limits the
+# focal part to the PyTorch loss (the default, auto, is what the other parts measure), FOCAL_BACKBONES="b0" to D0.
 set -u
 OUT=${OUT:-outputs/bench_gpu}
 PY=${PY:-python3}
@@ -34,10 +35,19 @@ for p in $PARTS; do
     if ((rc != 0 && rc != 124)); then  # failed (not merely out of time): the same without compilation
       run d0 120 backbone=b0 compare=effdet fast.compile=false measures=[predict,latency]
     fi ;;
+  d0_step)  # the D0 training step alone (both eager), profiled: where its GPU time goes
+    run d0_step 90 backbone=b0 compare=effdet fast.compile=false measures=[train] iters=5 profile=true ;;
+  d0_step_percast)  # the same with autocast's per-layer weight casts (task.module.fused_weight_casts=false)
+    run d0_step_percast 90 backbone=b0 compare=effdet fast.compile=false measures=[train] iters=5 profile=true \
+      task.module.fused_weight_casts=false ;;
+  d3_step)  # the D3 training step alone (both eager), profiled
+    run d3_step 120 backbone=b3 compare=effdet fast.compile=false measures=[train] iters=3 profile=true ;;
   d0_percast)  # D0 training with autocast's per-layer weight casts (task.module.fused_weight_casts=false; on by default)
     run d0_percast 90 backbone=b0 compare=effdet fast.compile=false measures=[ops,train,fit] iters=5 task.module.fused_weight_casts=false ;;
   fit_profile)  # where the Lightning loop's time goes beyond the bare step: D3, profiled steps of both
     run fit_profile 150 backbone=b3 fast.compile=false measures=[train,fit] iters=3 profile=true ;;
+  d3_profile)  # D3 predict, training step (both with effdet) and the Lightning loop, all eager and profiled
+    run d3_profile 150 backbone=b3 compare=effdet fast.compile=false measures=[predict,train,fit] iters=3 profile=true ;;
   d3)  # D3 predict (batch 16) and training (batch 8), both eager (bf16, channels-last); ours also as one CUDA graph
     run d3 150 backbone=b3 compare=effdet fast.compile=false measures=[agreement,predict,train,train_graph,fit] iters=5 ;;
   d0_train)  # D0 training step at batch 32, both eager; ours also as one CUDA graph, and in the Lightning loop (fit)
@@ -45,9 +55,10 @@ for p in $PARTS; do
   d0_fit)  # the same without the graph and the profiles: operations and syncs, the bare step and the Lightning loop
     run d0_fit 90 backbone=b0 compare=effdet fast.compile=false measures=[ops,train,fit] iters=5 ;;
   focal)  # the training step with the focal loss as PyTorch operations, then as the Triton kernel (the CUDA default); D0, D3
-    for impl in torch auto; do  # each with effdet in the same process, so the ratios compare across processes
-      run focal 60 backbone=b0 compare=effdet fast.compile=false measures=[train] iters=5 task.module.loss.focal_impl=$impl
-      run focal 60 backbone=b3 compare=effdet fast.compile=false measures=[train] iters=5 task.module.loss.focal_impl=$impl
+    for impl in ${FOCAL_IMPLS:-torch auto}; do  # each with effdet in the same process, so the ratios compare across processes
+      for b in ${FOCAL_BACKBONES:-b0 b3}; do
+        run focal 90 backbone=$b compare=effdet fast.compile=false measures=[train] iters=5 task.module.loss.focal_impl=$impl
+      done
     done ;;
   seg)  # segmentation at 1024x2048 (batch 4), b0..b3, eager
     for b in b0 b1 b2 b3; do
