@@ -117,7 +117,9 @@ class DenseTask(L.LightningModule):
             gradients are bit for bit those of autocast as it runs (with or without its weight-cast cache;
             Lightning's has none, and there the head's layers, run once per level, keep their per-use casts), except
             that a convolution taking part in no output gets a zero gradient instead of none (weight decay then
-            moves it). On by default. Not used under DDP (the gradient all-reduce would wait for the whole backward
+            moves it). Off by default: on an H100 it leaves the step's GPU time as it is and adds host time (the
+            views and autograd nodes of the copies cost more than the launches saved; docs/benchmarks.md). Not
+            used under DDP (the gradient all-reduce would wait for the whole backward
             pass) nor with ``compile``.
     """
 
@@ -136,7 +138,7 @@ class DenseTask(L.LightningModule):
         max_nonfinite_steps: int = 10,
         compile: bool = False,
         compile_options: Mapping[str, Any] | None = None,
-        fused_weight_casts: bool = True,
+        fused_weight_casts: bool = False,
     ) -> None:
         super().__init__()
         self.fused_weight_casts = bool(fused_weight_casts)

@@ -391,8 +391,8 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
                 if impl == "effdense" and "effdet" in found:
                     extra["ratio"] = round(step.operations / found["effdet"][1].operations, 3)
                 add("ops", impl, value=step.operations, unit="operations per training step", batch=train_batch,
-                    train_host_syncs=step.host_syncs, predict_operations=pred.operations, predict_batch=batch,
-                    predict_host_syncs=pred.host_syncs, **extra)
+                    train_host_syncs=step.host_syncs, train_views=step.views, predict_operations=pred.operations,
+                    predict_batch=batch, predict_host_syncs=pred.host_syncs, **extra)
 
     timing = {"device": device, "warmup": int(cfg.warmup), "iters": int(cfg.iters), "rounds": int(cfg.rounds)}
     for measure, n in (("predict", batch), ("latency", 1)):
@@ -568,6 +568,9 @@ def _train_inputs(images: torch.Tensor, train_batch: int, num_classes: int, seed
 class OpCount:
     operations: int  #: tensor operations dispatched (views and allocations not counted)
     host_syncs: int  #: of which wait for the device (``.item()``, ``nonzero``, boolean indexing, ``equal``)
+    #: view operations dispatched: they launch nothing on the device, but each costs host time (dispatch, and in
+    #: training an autograd node), so a change that trades kernels for views can make a host-bound step slower
+    views: int = 0
 
 
 #: Operations that only allocate or describe memory (no kernel runs).
@@ -611,15 +614,18 @@ def _is_sync(name: str, args: tuple, kwargs: dict) -> bool:
 
 
 class _OpCounter(TorchDispatchMode):
-    """A dispatch mode that counts tensor operations (``.operations``) and host synchronisations (``.syncs``)."""
+    """A dispatch mode that counts tensor operations (``.operations``), host synchronisations (``.syncs``) and view
+    operations (``.views``)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.operations = self.syncs = 0
+        self.operations = self.syncs = self.views = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if not func.is_view and name not in _NOT_KERNELS:
+        if func.is_view:
+            self.views += 1
+        elif name not in _NOT_KERNELS:
             self.operations += 1
             self.syncs += _is_sync(name, args, kwargs or {})
         return func(*args, **(kwargs or {}))
@@ -630,7 +636,7 @@ def count_ops(fn: Callable[[], Any]) -> OpCount:
     fn()
     with _OpCounter() as counter:
         fn()
-    return OpCount(counter.operations, counter.syncs)
+    return OpCount(counter.operations, counter.syncs, counter.views)
 
 
 def _data_rows(cfg: DictConfig, emit: Callable[[dict], None]) -> list[dict]:
@@ -805,7 +811,8 @@ def format_table(rows: list[dict]) -> str:
                           "operations", "", ""])
             continue
         if r["measure"] == "ops":
-            value = (f"train {r['value']:,} ({r['train_host_syncs']} syncs), predict {r['predict_operations']:,} "
+            value = (f"train {r['value']:,} ({r['train_host_syncs']} syncs, {r['train_views']:,} views), "
+                     f"predict {r['predict_operations']:,} "
                      f"({r['predict_host_syncs']} syncs, batch {r['predict_batch']})")
             lines.append(["ops", r["impl"], str(r["batch"]), value, "operations", "" if r.get("ratio") is None
                           else f"{r['ratio']:.3f}", ""])

@@ -55,11 +55,12 @@ def test_compare_effdet_on_cpu_prints_json_lines_table_and_ratios(tmp_path):
     assert ours["unit"] == "operations per training step" and ours["batch"] == 2
     assert 0 < ours["value"] < theirs["value"] and ours["ratio"] == pytest.approx(ours["value"] / theirs["value"], abs=1e-3)
     assert ours["train_host_syncs"] == 0 < theirs["train_host_syncs"]
+    assert 0 < ours["train_views"] < theirs["train_views"]  # views launch nothing but cost host time
     assert ours["predict_operations"] > 0 and theirs["predict_operations"] > 0
     table = res.stderr[re.search(r"^measure\s+impl", res.stderr, re.MULTILINE).start():]
     assert re.search(r"^agreement\s+effdense vs efficientdet_d0", table, re.MULTILINE)
     assert re.search(r"^latency\s+effdense\s+1\s+[\d.,]+\s+ms\s+[\d.]+", table, re.MULTILINE)
-    assert re.search(r"^ops\s+effdense\s+2\s+train [\d,]+ \(0 syncs\), predict", table, re.MULTILINE)
+    assert re.search(r"^ops\s+effdense\s+2\s+train [\d,]+ \(0 syncs, [\d,]+ views\), predict", table, re.MULTILINE)
 
 
 @pytest.mark.parametrize(
@@ -114,7 +115,8 @@ def test_count_ops_counts_kernels_and_host_synchronisations():
 
     x = torch.randn(5, 4)
     assert count_ops(lambda: x.t().reshape(-1).view(2, 10)).operations == 1  # the reshape of a transpose copies
-    assert count_ops(lambda: x.view(-1)[3:]).operations == 0  # views only
+    views = count_ops(lambda: x.view(-1)[3:])
+    assert views.operations == 0 and views.views == 2  # views only: counted apart
     n = count_ops(lambda: (x * 2 + 1).sum().item())
     assert (n.operations, n.host_syncs) == (4, 1)  # mul, add, sum, item
     masked = count_ops(lambda: x[x > 0])

@@ -139,7 +139,7 @@ def test_training_with_the_gpu_defaults_runs_on_the_cpu(tmp_path, monkeypatch):
     with open(run / "logs" / "metrics.csv") as f:
         losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
     assert losses and all(math.isfinite(v) for v in losses)
-    # fused_weight_casts (the default): used at every training step, the checkpoint holds the float32 (channels-last)
+    # fused_weight_casts (opt-in): used at every training step, the checkpoint holds the float32 (channels-last)
     # parameters, not the copies, and the run is bit for bit the one without it (Lightning's autocast has no cast
     # cache: the head's layers, run once per level, keep their per-use casts).
     import tasks.base
@@ -147,7 +147,7 @@ def test_training_with_the_gpu_defaults_runs_on_the_cpu(tmp_path, monkeypatch):
     calls = []
     real = tasks.base.low_precision_weights
     monkeypatch.setattr(tasks.base, "low_precision_weights", lambda m, d: calls.append(d) or real(m, d))
-    assert cfg.task.module.fused_weight_casts is True
+    assert cfg.task.module.fused_weight_casts is False  # the default
     cfg.task.module.fused_weight_casts = False
     train(cfg, tmp_path / "per_layer")
     assert calls == [] and len(ckpt["state_dict"]) > 100
