@@ -48,7 +48,8 @@ _ACTIVE: set[int] = set()
 def _castable(module: nn.Module, *, per_use: bool) -> list[tuple[nn.Module, str, nn.Parameter]]:
     """The (layer, name, parameter) triples to copy: weight and bias of layers whose forward is a stock
     convolution's or linear layer's (a layer that transforms its weight first, e.g. weight standardisation,
-    keeps autocast's per-layer cast), without hooks or parametrizations, float parameters that require gradients,
+    keeps autocast's per-layer cast), without hooks or parametrizations, float32 parameters that require gradients
+    (autocast casts only those; a float64 or float16 layer is left to it),
     in a contiguous or 4-d channels-last layout; with ``per_use``, not inside a module whose class declares
     ``reuses_layers`` and not tied between layers. Found anew at every call: parameters may change between steps."""
     found = []
@@ -57,7 +58,7 @@ def _castable(module: nn.Module, *, per_use: bool) -> list[tuple[nn.Module, str,
             continue
         for name in ("weight", "bias"):
             p = layer._parameters.get(name)
-            if (isinstance(p, nn.Parameter) and p.is_floating_point() and p.requires_grad
+            if (isinstance(p, nn.Parameter) and p.dtype == torch.float32 and p.requires_grad
                     and (p.stride() == _contiguous_strides(p.shape)
                          or (p.dim() == 4 and p.stride() == _channels_last_strides(p.shape)))):
                 found.append((layer, name, p))
@@ -100,15 +101,16 @@ def _channels_last_strides(shape: torch.Size) -> tuple[int, ...]:
 
 #: each piece of the low-precision buffer starts at a multiple of this many elements (128 bytes in bf16/fp16)
 ALIGN_ELEMENTS = 64
-_PADS: dict[torch.device, torch.Tensor] = {}
+_PADS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
 def _pad(n: int, like: torch.Tensor) -> torch.Tensor:
     """``n`` zeros (``n < ALIGN_ELEMENTS``) of ``like``'s dtype and device: a view of one kept tensor, so padding
     allocates nothing per step."""
-    zeros = _PADS.get(like.device)
-    if zeros is None or zeros.dtype != like.dtype:
-        zeros = _PADS[like.device] = torch.zeros(ALIGN_ELEMENTS, dtype=like.dtype, device=like.device)
+    key = (like.device, like.dtype)
+    zeros = _PADS.get(key)
+    if zeros is None:
+        zeros = _PADS[key] = torch.zeros(ALIGN_ELEMENTS, dtype=like.dtype, device=like.device)
     return zeros[:n]
 
 

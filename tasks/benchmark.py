@@ -529,7 +529,7 @@ class _FitTimer(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == self.count_at + 1 and self.counter is not None:
             self.counter.__exit__(None, None, None)
-            self.count = OpCount(self.counter.operations, self.counter.syncs)
+            self.count = OpCount(self.counter.operations, self.counter.syncs, self.counter.views)
             self.counter = None
         if batch_idx == self.count_at:
             self.counter = _OpCounter()
@@ -811,7 +811,7 @@ def format_table(rows: list[dict]) -> str:
                           "operations", "", ""])
             continue
         if r["measure"] == "ops":
-            value = (f"train {r['value']:,} ({r['train_host_syncs']} syncs, {r['train_views']:,} views), "
+            value = (f"train {r['value']:,} ({r['train_host_syncs']} syncs, {r.get('train_views', 0):,} views), "
                      f"predict {r['predict_operations']:,} "
                      f"({r['predict_host_syncs']} syncs, batch {r['predict_batch']})")
             lines.append(["ops", r["impl"], str(r["batch"]), value, "operations", "" if r.get("ratio") is None

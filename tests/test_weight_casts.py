@@ -163,3 +163,29 @@ def test_every_copy_starts_on_a_128_byte_boundary():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = net(x)
     assert torch.equal(out, ref)
+
+
+class _MixedDtypes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c32 = nn.Conv2d(3, 4, 3, padding=1)
+        self.c64 = nn.Conv2d(3, 4, 3, padding=1).double()
+        self.c16 = nn.Conv2d(3, 4, 1).half()
+
+    def forward(self, x):
+        return self.c32(x) + self.c64(x.double()).float() + self.c16.weight.float().sum()
+
+
+def test_only_float32_parameters_are_copied():
+    """Autocast casts float32 weights only; a float64 (or float16) layer runs as autocast leaves it."""
+    from models.weight_casts import _castable
+
+    torch.manual_seed(0)
+    net = _MixedDtypes()
+    assert {id(p) for _, _, p in _castable(net, per_use=False)} == {id(net.c32.weight), id(net.c32.bias)}
+    x = torch.randn(2, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = net(x)
+        with low_precision_weights(net, torch.bfloat16):
+            out = net(x)
+    assert torch.equal(out, ref)
