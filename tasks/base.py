@@ -119,8 +119,7 @@ class DenseTask(L.LightningModule):
             that a convolution taking part in no output gets a zero gradient instead of none (weight decay then
             moves it). Off by default: on an H100 it leaves the step's GPU time as it is and adds host time (the
             views and autograd nodes of the copies cost more than the launches saved; docs/benchmarks.md). Not
-            used under DDP (the gradient all-reduce would wait for the whole backward
-            pass) nor with ``compile``.
+            used under DDP (the gradient all-reduce would wait for the whole backward pass) nor with ``compile``.
     """
 
     def __init__(

@@ -21,6 +21,26 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _no_c_compiler(*args, **kwargs):
+    raise RuntimeError("no C compiler")
+
+
+@pytest.fixture
+def refused_kernel(monkeypatch):
+    """``check(module, attr, device, match, replacement=<raises 'no C compiler'>)``: with ``module.attr`` (what the
+    kernel's first-run probe calls) replaced, ``module.usable(device)`` probes anew through
+    ``heads._triton.checked``, warns with ``match`` and answers False."""
+    from heads import _triton
+
+    def check(module, attr: str, device: torch.device, match: str, replacement=_no_c_compiler) -> None:
+        monkeypatch.setattr(_triton, "_CHECKED", {})
+        monkeypatch.setattr(module, attr, replacement)
+        with pytest.warns(UserWarning, match=match):
+            assert not module.usable(device)
+
+    return check
+
+
 @pytest.fixture(scope="session")
 def synthetic_coco(tmp_path_factory):
     """A small synthetic COCO-format folder (train2017/val2017), shared by the tests of one session."""

@@ -165,7 +165,7 @@ def test_detection_loss_with_the_kernel_equals_the_torch_one():
     assert torch.equal(gd, ref_gd)
 
 
-def test_auto_uses_the_kernel_on_cuda_only_and_falls_back_when_it_cannot_run(monkeypatch):
+def test_auto_uses_the_kernel_on_cuda_only_and_falls_back_when_it_cannot_run(monkeypatch, refused_kernel):
     calls = []
     real, real_both = focal_kernel.focal_loss, focal_kernel.focal_loss_and_grad
 
@@ -182,23 +182,15 @@ def test_auto_uses_the_kernel_on_cuda_only_and_falls_back_when_it_cannot_run(mon
 
     monkeypatch.setattr(_triton, "_CHECKED", {})
     assert focal_kernel.usable(DEVICE)  # the interpreter on the CPU, the GPU where there is one
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("no C compiler")
-
-    monkeypatch.setattr(_triton, "_CHECKED", {})
-    monkeypatch.setattr(focal_kernel, "focal_loss_and_grad", broken)
-    with pytest.warns(UserWarning, match=f"focal loss kernel cannot run on {DEVICE} .*no C compiler.*eager focal loss"):
-        assert not focal_kernel.usable(DEVICE)
+    refused_kernel(focal_kernel, "focal_loss_and_grad", DEVICE,
+                   f"focal loss kernel cannot run on {DEVICE} .*no C compiler.*eager focal loss")
 
     def slightly_wrong_gradient(*args, **kwargs):
         loss, grad = real_both(*args, **kwargs)
         return loss, None if grad is None else grad * 1.01
 
-    monkeypatch.setattr(_triton, "_CHECKED", {})
-    monkeypatch.setattr(focal_kernel, "focal_loss_and_grad", slightly_wrong_gradient)
-    with pytest.warns(UserWarning, match=f"focal loss kernel gave a wrong answer on {DEVICE}"):
-        assert not focal_kernel.usable(DEVICE)
+    refused_kernel(focal_kernel, "focal_loss_and_grad", DEVICE,
+                   f"focal loss kernel gave a wrong answer on {DEVICE}", slightly_wrong_gradient)
 
 
 def test_compiled_loss_uses_torch_operations_and_bad_choices_raise(monkeypatch):

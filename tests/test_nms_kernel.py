@@ -80,17 +80,10 @@ def test_walk_stops_at_the_first_candidate_below_the_threshold_with_nan_first():
             assert torch.equal(index[i, : len(expected)].cpu(), expected)
 
 
-def test_auto_falls_back_to_dense_when_the_kernel_cannot_run(monkeypatch):
+def test_auto_falls_back_to_dense_when_the_kernel_cannot_run(monkeypatch, refused_kernel):
     monkeypatch.setattr(_triton, "_CHECKED", {})
     assert nms_kernel.usable(DEVICE)  # the interpreter on the CPU, the GPU where there is one
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("no C compiler")
-
-    monkeypatch.setattr(_triton, "_CHECKED", {})
-    monkeypatch.setattr(nms_kernel, "greedy_nms_scan", broken)
-    with pytest.warns(UserWarning, match=f"cannot run on {DEVICE} .*no C compiler"):
-        assert not nms_kernel.usable(DEVICE)
+    refused_kernel(nms_kernel, "greedy_nms_scan", DEVICE, f"cannot run on {DEVICE} .*no C compiler")
 
 
 def test_explicit_triton_impl_is_checked_and_not_exported(monkeypatch):
