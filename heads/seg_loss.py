@@ -28,26 +28,26 @@ def ohem_cross_entropy(
     A valid pixel is hard when the predicted probability of its true class is below ``threshold``; when fewer
     than ``min_kept`` pixels are hard, the ``min_kept`` pixels with the lowest true-class probability are used
     (all valid pixels when there are fewer). Returns 0 (with a gradient path) when no pixel is valid.
+
+    Nothing here waits for the device (no data-dependent Python branch), so a training step with it can be
+    captured as a CUDA graph.
     """
     ce = F.cross_entropy(
         logits, target, weight=weight, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
     ).flatten()
     valid = (target != ignore_index).flatten()
-    num_valid = int(valid.sum())
-    if num_valid == 0:
-        return logits.sum() * 0.0
     with torch.no_grad():
         logp = torch.log_softmax(logits.float(), dim=1)
         safe = torch.where(target == ignore_index, torch.zeros_like(target), target)
         prob = logp.gather(1, safe.unsqueeze(1)).exp().flatten()
-        prob = torch.where(valid, prob, torch.full_like(prob, 2.0))  # ignored pixels are never kept
+        prob = torch.where(valid, prob, torch.full_like(prob, 2.0))  # ignored pixels are never kept (sort last)
         hard = prob < threshold
-        k = min(int(min_kept), num_valid)
-        if int(hard.sum()) < k:
-            kth = torch.kthvalue(prob, k).values
-            hard = prob <= kth
-        hard &= valid
-    return ce[hard].sum() / hard.sum().clamp(min=1)
+        # The min_kept-th lowest probability. With fewer valid pixels it is an ignored pixel's 2.0 (or, when there
+        # are fewer pixels at all, the largest), so "prob <= kth" keeps every valid pixel, as it should then.
+        kth = torch.kthvalue(prob, min(int(min_kept), prob.numel())).values
+        k = valid.sum().clamp(max=int(min_kept))  # the pixels to keep at least
+        hard = torch.where(hard.sum() < k, prob <= kth, hard) & valid
+    return torch.where(hard, ce, torch.zeros_like(ce)).sum() / hard.sum().clamp(min=1)
 
 
 class SegmentationLoss:
@@ -96,11 +96,17 @@ class SegmentationLoss:
                 weight=weight,
                 label_smoothing=self.label_smoothing,
             )
-        if not bool((target != self.ignore_index).any()):
-            return logits.sum() * 0.0
-        return F.cross_entropy(
-            logits, target, weight=weight, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing
-        )
+        # The mean over the valid pixels (weighted: over their class weights), as cross_entropy's "mean" computes
+        # it, but 0 with a gradient path when no pixel is valid, and without asking the host which case it is.
+        total = F.cross_entropy(logits, target, weight=weight, ignore_index=self.ignore_index,
+                                label_smoothing=self.label_smoothing, reduction="sum")
+        valid = target != self.ignore_index
+        if weight is None:
+            count = valid.sum()
+        else:
+            safe = torch.where(valid, target, torch.zeros_like(target))
+            count = torch.where(valid, weight[safe], torch.zeros_like(weight[safe])).sum()
+        return total / count.to(total.dtype).clamp(min=torch.finfo(total.dtype).tiny)
 
     def __call__(self, output: SegmentationOutput, target: torch.Tensor) -> dict[str, torch.Tensor]:
         target = target.long()

@@ -120,6 +120,19 @@ class DenseTask(L.LightningModule):
             moves it). Off by default: on an H100 it leaves the step's GPU time as it is and adds host time (the
             views and autograd nodes of the copies cost more than the launches saved; docs/benchmarks.md). Not
             used under DDP (the gradient all-reduce would wait for the whole backward pass) nor with ``compile``.
+        cuda_graph: capture the whole training step (normalisation, forward, target assignment, loss, backward,
+            gradient clipping, optimizer step) as one CUDA graph and replay it every step: one launch instead of
+            thousands, for training steps that are bound by the host launching kernels (EfficientDet's small maps on a
+            fast GPU). The first three steps run eagerly (warm-up: momentum buffers, cuDNN autotuning), the fourth is
+            captured; each step still trains once on its own batch. Needs one CUDA device (no DDP), ``32-true`` or
+            ``bf16-mixed`` precision, no gradient accumulation, not ``compile``, and an optimizer with a fused CUDA
+            implementation (``torch.optim.SGD``, ``Adam``, ``AdamW``: made with ``fused=True``, its learning rate a
+            device tensor that the schedule updates in place). Batches must keep one shape (training crops do;
+            detection pads its boxes to a fixed count). Gradient clipping comes from the trainer's
+            ``gradient_clip_val`` (:attr:`gradient_clipping`, set by :func:`tasks.runner.build_task`). A step whose loss
+            or gradient norm is not finite is skipped on the device (the optimizer's ``found_inf``); the host counts it
+            one step later, without waiting for the device. Lightning's ``on_before_backward``,
+            ``on_after_backward`` and ``on_before_optimizer_step`` hooks do not run (the step is one graph).
     """
 
     def __init__(
@@ -138,11 +151,25 @@ class DenseTask(L.LightningModule):
         compile: bool = False,
         compile_options: Mapping[str, Any] | None = None,
         fused_weight_casts: bool = False,
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__()
         self.fused_weight_casts = bool(fused_weight_casts)
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be true or false, got {compile!r}")
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be true or false, got {cuda_graph!r}")
+        if cuda_graph and compile:
+            raise ValueError("cuda_graph and compile are two ways to cut the training step's launches: choose one "
+                             "(task.module.cuda_graph=true or task.module.compile=true)")
+        #: Whether the training step runs as one captured CUDA graph (see the class docstring).
+        self.cuda_graph = cuda_graph
+        if cuda_graph:  # the task steps the optimizer itself: the whole step is one graph
+            self.automatic_optimization = False
+        #: The captured step's gradient clipping, ``(max value, "norm" | "value")``, or ``None``.
+        self.gradient_clipping: tuple[float, str] | None = None
+        self._captured_step = None
+        self._unread_step = -1  # the step whose finite flag is still to be read (captured steps)
         if compile_options is not None and not isinstance(compile_options, Mapping):
             raise ValueError(f"compile_options must be a mapping, got {compile_options!r}")
         options = _plain(compile_options or {})
@@ -195,6 +222,25 @@ class DenseTask(L.LightningModule):
             # In place: the module keeps its parameters and state-dict keys (no ``_orig_mod.`` prefix).
             self.model.compile(**self.compile_options)
             log.info("model compiled for training (torch.compile %s)", self.compile_options)
+        if self.cuda_graph and stage == "fit":
+            self._check_cuda_graph_setup()
+
+    def _check_cuda_graph_setup(self) -> None:
+        trainer = self.trainer
+        device = trainer.strategy.root_device
+        problem = None
+        if device.type != "cuda":
+            problem = f"it needs a CUDA device, and this run trains on {device}"
+        elif trainer.world_size > 1:
+            problem = f"it runs in one process, and this run has {trainer.world_size} (DDP)"
+        elif str(trainer.precision) not in ("32-true", "32", "bf16-mixed", "bf16-true"):
+            problem = (f"it supports precision 32-true and bf16-mixed, not {trainer.precision} (fp16 loss scaling "
+                       "decides on the host)")
+        elif trainer.accumulate_grad_batches != 1:
+            problem = f"it steps the optimizer every batch (accumulate_grad_batches={trainer.accumulate_grad_batches})"
+        if problem:
+            raise ValueError(f"task.module.cuda_graph=true captures the training step as a CUDA graph: {problem}. "
+                             "Set task.module.cuda_graph=false")
 
     def run_model(self, images: torch.Tensor):
         """``self.model(images)``; in training, through :func:`training_forward` (fewer operations, the same
@@ -256,7 +302,11 @@ class DenseTask(L.LightningModule):
 
     def _step_is_finite(self) -> bool:
         """Whether the step whose loss :meth:`guard_loss` noted may update the weights (counts and warns if not)."""
-        noted = self._finite.read()
+        return self._judge_step(self._finite.read(), self.global_step if self._trainer is not None else -1)
+
+    def _judge_step(self, noted: tuple[bool, list[torch.Tensor]] | None, step: int, *, log_count: bool = True) -> bool:
+        """Count, warn about and (too many in a row) stop on the step whose flag ``noted`` holds (``log_count``:
+        log the count, where Lightning allows logging)."""
         if noted is None or noted[0]:
             self._nonfinite_run = 0
             return True
@@ -265,8 +315,8 @@ class DenseTask(L.LightningModule):
         loss = bad[0] if len(bad) else losses[-1]  # finite here when another process's loss was not
         self.nonfinite_steps += 1
         self._nonfinite_run += 1
-        step = self.global_step if self._trainer is not None else -1
-        self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=1)
+        if log_count:
+            self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=1)
         log.warning(
             "non-finite loss (%s) at step %d: step skipped (%d skipped so far, %d in a row)",
             float(loss), step, self.nonfinite_steps, self._nonfinite_run,
@@ -295,8 +345,94 @@ class DenseTask(L.LightningModule):
             pass
         return None
 
+    # ------------------------------------------------------------------ the captured training step (cuda_graph)
+    #: Names of the values :meth:`graph_losses` returns, the total ``"loss"`` first (logged as ``train/<name>``).
+    graph_loss_names: tuple[str, ...] = ("loss",)
+
+    def graph_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        """The device tensors of ``batch`` that the captured training step reads, with the same shapes every step."""
+        raise NotImplementedError(f"{type(self).__name__} does not support task.module.cuda_graph=true")
+
+    def graph_losses(self, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The training losses of :meth:`graph_inputs`' tensors (run eagerly in the warm-up steps, then captured)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support task.module.cuda_graph=true")
+
+    def captured_training_step(self, batch: dict[str, Any]) -> torch.Tensor:
+        """A training step as one replayed CUDA graph (``cuda_graph=True``): the training_step of manual optimization.
+
+        Counts the optimizer step for Lightning, steps the learning-rate schedule (in place on the device tensor the
+        graph reads), logs the losses and notes whether the step was finite (read one step later)."""
+        from .graphed import CapturedStep
+
+        inputs = self.graph_inputs(batch)
+        lightning_opt = self.optimizers()
+        if self._captured_step is None:
+            _device_learning_rates(lightning_opt.optimizer, inputs[0].device)
+            self._captured_step = CapturedStep(self._graph_step, warmup=3)
+        step = self.global_step
+        lightning_opt._on_before_step()  # Lightning's optimizer-step count (what opt.step() would do)
+        try:
+            capturing = not self._captured_step.captured and self._captured_step.calls >= self._captured_step.warmup
+            try:
+                values = self._captured_step(*inputs).clone()
+            except Exception as err:
+                if capturing:
+                    raise RuntimeError(f"capturing the training step as a CUDA graph failed ({err}); train without it: "
+                                       "task.module.cuda_graph=false") from err
+                raise
+        finally:
+            lightning_opt._on_after_step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        # The flag of the previous step: its kernels ran while this step's were queued, so this does not stall.
+        self._judge_step(self._finite.read(), self._unread_step)
+        self._finite.record(values[-1].to(torch.int32), values[0])
+        self._unread_step = step
+        self.log_training({f"train/{n}": values[i] for i, n in enumerate(self.graph_loss_names)}, inputs[0].shape[0])
+        return values[0]
+
+    def _graph_step(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The captured step: losses, backward, clipping, the fused optimizer step (skipped on the device when the
+        loss or the gradient norm is not finite); returns the losses and the finite flag as one float vector."""
+        opt = self.optimizers().optimizer
+        opt.zero_grad(set_to_none=True)  # the backward pass creates the gradients: in the graph's memory
+        losses = self.graph_losses(*inputs)
+        loss = losses["loss"]
+        loss.backward()
+        finite = torch.isfinite(loss.detach())
+        if self.gradient_clipping is not None:
+            value, algorithm = self.gradient_clipping
+            params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+            if algorithm == "norm":
+                norm = torch.nn.utils.clip_grad_norm_(params, value, foreach=True)
+                finite = finite & torch.isfinite(norm)
+            else:
+                torch.nn.utils.clip_grad_value_(params, value, foreach=True)
+        opt.found_inf = (~finite).to(torch.float32).reshape(1)  # the fused kernels skip the update when it is 1
+        try:
+            opt.step()
+        finally:
+            del opt.found_inf
+        values = [losses[name].detach().float() for name in self.graph_loss_names]
+        return torch.stack([*values, finite.to(torch.float32)])
+
+    def on_train_end(self) -> None:
+        if self.cuda_graph:  # the last captured step's flag
+            self._judge_step(self._finite.read(), self._unread_step, log_count=False)
+
     def configure_optimizers(self):
-        opt = self.optimizer_factory(param_groups(self.model, self.weight_decay))
+        groups = param_groups(self.model, self.weight_decay)
+        if self.cuda_graph:
+            try:  # one fused kernel per step, and capturable with the learning rate as a device tensor
+                opt = self.optimizer_factory(groups, fused=True)
+            except (TypeError, RuntimeError) as err:
+                raise ValueError(
+                    "task.module.cuda_graph=true needs an optimizer with a fused implementation (torch.optim.SGD, "
+                    f"Adam or AdamW take fused=True): {err}"
+                ) from err
+        else:
+            opt = self.optimizer_factory(groups)
         total = int(self.trainer.estimated_stepping_batches)
         schedule = WarmupCosine(
             total_steps=max(total, 1),
@@ -312,6 +448,11 @@ class DenseTask(L.LightningModule):
         # The random-number state of every process (stochastic depth draws from torch's global generator), so a
         # resumed run continues with the same draws. Plain lists and tensors: loadable with weights_only=True.
         checkpoint["effdense_rng"] = _gather_rng_states()
+        if self.cuda_graph:  # learning rates as plain numbers, as an eager run stores them (the tensor is a runtime form)
+            for state in checkpoint.get("optimizer_states", []):
+                for group in state.get("param_groups", []):
+                    if isinstance(group.get("lr"), torch.Tensor):
+                        group["lr"] = float(group["lr"])
         if self.run_config is not None:
             checkpoint["effdense_config"] = self.run_config
         names = self.class_names()
@@ -341,6 +482,15 @@ class DenseTask(L.LightningModule):
         from .coco_eval import atomic_write_json
 
         atomic_write_json(Path(run_dir) / "metrics.json", _json_safe(self.last_metrics), indent=2)
+
+
+def _device_learning_rates(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Make each group's learning rate a float32 tensor on ``device`` (the value a captured step reads; the schedule
+    fills it in place)."""
+    for group in optimizer.param_groups:
+        lr = group["lr"]
+        if not (isinstance(lr, torch.Tensor) and lr.device == device):
+            group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
 
 
 def _plain(options: Any) -> dict[str, Any]:

@@ -23,8 +23,9 @@ prints one JSON line per measurement and a table. Measurements:
   its optimizer and learning-rate schedule, gradient clipping, the EMA of the weights, logging) at
   ``train_batch_size``, on one in-memory batch moved to the device every step (the ``data`` measure covers the
   loader), and the operations and host synchronisations of one whole step; ``vs_train`` is its time over the
-  bare ``train`` step's when both are measured (the loop's overhead). This project only (effdet has no trainer);
-  ``task.module.compile`` follows ``fast.compile``;
+  bare ``train`` step's when both are measured (the loop's overhead), and ``ratio`` its time over effdet's bare
+  ``train`` step's (effdet has no trainer); ``task.module.compile`` follows ``fast.compile``, and
+  ``task.module.cuda_graph=true`` measures the loop with the captured training step (CUDA only);
 - ``train_graph`` (CUDA only): the same step captured whole as one CUDA graph (:class:`tasks.graphed.GraphedTrainStep`),
   which this project's sync-free target assignment allows; effdet's step cannot be captured (its anchor labeller
   selects each image's valid boxes with boolean indexing, a host synchronisation), so its row is its ``train`` step.
@@ -427,6 +428,10 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
         train_row = next((r for r in rows if r["measure"] == "train" and r["impl"] == "effdense"), None)
         if train_row is not None:
             fit["vs_train"] = round(fit["ms_per_call"] / train_row["ms_per_call"], 3)
+        effdet_row = next((r for r in rows if r["measure"] == "train" and r["impl"] == "effdet"), None)
+        if effdet_row is not None:  # effdet has no training loop: its bare step is what the loop is held to
+            fit["ratio"] = round(fit["ms_per_call"] / effdet_row["ms_per_call"], 3)
+            fit["ratio_to"] = "effdet train step"
         add("fit", "effdense", batch=train_batch, **fit, **_loss_fields(task, device))
     if "data" in measures:
         rows += _data_rows(cfg, emit)
@@ -442,14 +447,19 @@ def _fit(cfg: DictConfig, task, paths: FastPaths, device: torch.device, batch: i
 
     from .runner import build_task, loop_callbacks, trainer_kwargs
 
+    graph = bool(cfg.task.module.get("cuda_graph", False))
+    if graph and device.type != "cuda":
+        raise BenchmarkError("task.module.cuda_graph=true (the captured training step) needs device=cuda")
     warmup = max(int(cfg.warmup), 3)  # the counted step (warmup - 2) comes after the first, which creates state
+    if graph:  # three eager steps, the capture, one replay counted, then the timed replays
+        warmup = max(warmup, 6)
     iters, rounds = int(cfg.iters), int(cfg.rounds)
     profile_steps = 3 if cfg.profile else 0
     # One more step ends the last timed block (blocks run start to start); profiled steps follow.
     steps = warmup + iters * rounds + 1 + (profile_steps + 1 if profile_steps else 0)
     precision = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}[paths.precision]
     fit_cfg = OmegaConf.merge(cfg, {"task": {"module": {"channels_last": paths.channels_last,
-                                                        "compile": bool(paths.compile)}}})
+                                                        "compile": bool(paths.compile) and not graph}}})
     fit_task = build_task(fit_cfg, copy.deepcopy(task.model).train())
     g = torch.Generator().manual_seed(int(cfg.seed))
     data: dict[str, torch.Tensor] = {"images": torch.randint(0, 256, (batch, 3, *size), dtype=torch.uint8, generator=g)}
@@ -461,8 +471,12 @@ def _fit(cfg: DictConfig, task, paths: FastPaths, device: torch.device, batch: i
         data["masks"] = masks.masked_fill(torch.rand(batch, *size, generator=g) < 0.05, 255)
     if device.type == "cuda":
         data = {k: v.pin_memory() for k, v in data.items()}
+    # A replayed graph allocates nothing: its memory was taken while capturing, so the captured step's peak is
+    # that of the whole fit (warm-up steps and capture), not of the timed steps.
     timer = _FitTimer(device, count_at=warmup - 2, start_at=warmup, iters=iters, rounds=rounds,
-                      profile_steps=profile_steps)
+                      profile_steps=profile_steps, reset_peak_at_start=not graph)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
     class SameBatch(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -490,7 +504,9 @@ def _fit(cfg: DictConfig, task, paths: FastPaths, device: torch.device, batch: i
     return {"value": round(batch / seconds, 2), "unit": "images/s", "ms_per_call": round(seconds * 1000, 3),
             "spread": round(spread, 3), "operations": timer.count.operations if counted else None,
             "host_syncs": timer.count.host_syncs if counted else None,
-            "ema": bool(fit_cfg.ema.enabled), "gradient_clip_val": kwargs.get("gradient_clip_val"),
+            "ema": bool(fit_cfg.ema.enabled), "cuda_graph": graph,
+            "gradient_clip_val": fit_task.gradient_clipping[0] if graph and fit_task.gradient_clipping
+            else kwargs.get("gradient_clip_val"),
             "lightning_precision": precision, "peak_memory_mb": _peak_mb(device)}
 
 
@@ -512,8 +528,9 @@ class _FitTimer(L.Callback):
     blocks of ``iters`` steps from step ``start_at``."""
 
     def __init__(self, device: torch.device, *, count_at: int, start_at: int, iters: int, rounds: int,
-                 profile_steps: int = 0) -> None:
+                 profile_steps: int = 0, reset_peak_at_start: bool = True) -> None:
         self.device, self.count_at, self.start_at, self.iters, self.rounds = device, count_at, start_at, iters, rounds
+        self.reset_peak_at_start = reset_peak_at_start
         self.counter = None
         self.count = OpCount(0, 0)
         self.marks: list[float] = []  # the start of each block and the end of the last
@@ -534,7 +551,7 @@ class _FitTimer(L.Callback):
         if batch_idx == self.count_at:
             self.counter = _OpCounter()
             self.counter.__enter__()
-        if batch_idx == self.start_at and self.device.type == "cuda":
+        if batch_idx == self.start_at and self.device.type == "cuda" and self.reset_peak_at_start:
             torch.cuda.reset_peak_memory_stats(self.device)
         # Blocks run from a step's start to a later step's start (one more step follows the last block), so each
         # holds whole steps: the batch's copy to the device, the step, the callbacks (the EMA update), logging.

@@ -29,6 +29,8 @@ class DetectionTask(DenseTask):
         model: ``images -> DetectionOutput`` (e.g. :class:`models.DenseModel` with an EfficientDet head).
         num_classes: number of foreground classes (contiguous labels ``0 .. num_classes-1``).
         anchors, assigner, loss, postprocess: the composed detection pieces.
+        cuda_graph_max_boxes: with ``cuda_graph=True``, the box count every training batch is padded to (the
+            captured step has fixed shapes); a batch with more objects in one image is an error naming this setting.
         **kwargs: optimizer, schedule, memory format and normalisation (see :class:`tasks.base.DenseTask`).
     """
 
@@ -41,9 +43,13 @@ class DetectionTask(DenseTask):
         assigner: TargetAssigner,
         loss: DetectionLoss,
         postprocess: DetectionPostProcess,
+        cuda_graph_max_boxes: int = 100,
         **kwargs: Any,
     ) -> None:
         super().__init__(model=model, **kwargs)
+        if cuda_graph_max_boxes < 1:
+            raise ValueError(f"cuda_graph_max_boxes must be >= 1, got {cuda_graph_max_boxes}")
+        self.cuda_graph_max_boxes = int(cuda_graph_max_boxes)
         self.num_classes = num_classes
         self.anchors = anchors
         self.assigner = assigner
@@ -71,7 +77,28 @@ class DetectionTask(DenseTask):
         return losses, (cls, box, anchors, images.shape[-2:])
 
     # ------------------------------------------------------------------ Lightning hooks
+    graph_loss_names = ("loss", "cls_loss", "box_loss")
+
+    def graph_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        """uint8 images, and boxes and labels padded to :attr:`cuda_graph_max_boxes` per image (labels -1)."""
+        boxes, labels = batch["boxes"], batch["labels"]
+        count, limit = boxes.shape[1], self.cuda_graph_max_boxes
+        if count > limit:
+            raise ValueError(
+                f"a training batch has an image with {count} objects, more than task.module.cuda_graph_max_boxes="
+                f"{limit} (the captured training step pads every batch to that many boxes): raise it"
+            )
+        if count < limit:
+            boxes = torch.nn.functional.pad(boxes, (0, 0, 0, limit - count))
+            labels = torch.nn.functional.pad(labels, (0, limit - count), value=-1)
+        return batch["images"], boxes, labels
+
+    def graph_losses(self, images: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self._losses({"images": images, "boxes": boxes, "labels": labels})[0]
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if self.cuda_graph:
+            return self.captured_training_step(batch)
         losses, _ = self._losses(batch)
         bs = batch["images"].shape[0]
         self.log_training({f"train/{k}": losses[k] for k in ("loss", "cls_loss", "box_loss")}, bs)

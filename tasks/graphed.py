@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["GraphedTrainStep", "warm_up"]
+__all__ = ["CapturedStep", "GraphedTrainStep", "warm_up"]
 
 
 def warm_up(fn: Callable[[], object], times: int, device: torch.device | None = None) -> None:
@@ -38,6 +38,84 @@ def warm_up(fn: Callable[[], object], times: int, device: torch.device | None = 
         for _ in range(times):
             fn()
     current.wait_stream(side)
+
+
+def _check_cuda_inputs(inputs: Sequence[torch.Tensor], what: str) -> None:
+    if not inputs or any(not isinstance(t, torch.Tensor) for t in inputs):
+        raise TypeError(f"{what} must be a non-empty sequence of tensors")
+    devices = {t.device for t in inputs}
+    if len(devices) != 1 or next(iter(devices)).type != "cuda":
+        raise RuntimeError(
+            f"a graphed training step needs CUDA tensors on one device, got inputs on {sorted(map(str, devices))}"
+        )
+
+
+class CapturedStep:
+    """``fn(*inputs) -> tensor`` run eagerly for its first ``warmup`` calls, then captured as one CUDA graph and
+    replayed for every later call.
+
+    The eager calls run on a side stream, as CUDA graph capture requires of the calls before it (lazily created
+    state such as momentum buffers, cuDNN autotuning). Call ``warmup + 1`` captures ``fn`` with copies of its inputs
+    as the graph's static inputs and replays it once, so every call, eager or replayed, does the work of ``fn`` once
+    on its own inputs. Later calls copy their inputs into the static ones and replay.
+
+    ``fn`` must not synchronise with the host, and a training step inside it must create its gradients itself
+    (``optimizer.zero_grad(set_to_none=True)`` before its backward pass), so that they live in the graph's memory
+    and each replay overwrites them. The returned tensor of a replay is the graph's static output: the next call
+    overwrites it (clone it to keep it).
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor], *, warmup: int = 3) -> None:
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1, got {warmup}")
+        self.fn = fn
+        self.warmup = warmup
+        #: Calls so far (eager and replayed).
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_inputs: list[torch.Tensor] = []
+        self.static_output: torch.Tensor | None = None
+
+    @property
+    def captured(self) -> bool:
+        """Whether the graph exists (the calls from now on replay it)."""
+        return self.graph is not None
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        _check_cuda_inputs(inputs, "inputs")
+        if self.graph is None and self.calls < self.warmup:
+            out: list[torch.Tensor] = []
+            warm_up(lambda: out.append(self.fn(*inputs)), 1, inputs[0].device)
+            self.calls += 1
+            return out[0]
+        if self.graph is None:
+            self.capture(*inputs)
+        else:
+            self._load(inputs)
+        self.graph.replay()
+        self.calls += 1
+        return self.static_output
+
+    def capture(self, *inputs: torch.Tensor) -> None:
+        """Capture ``fn`` on copies of ``inputs`` (recorded, not run: replay to run it)."""
+        _check_cuda_inputs(inputs, "inputs")
+        self.static_inputs = [t.detach().clone() for t in inputs]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.static_output = self.fn(*self.static_inputs)
+        self.graph = graph
+
+    def _load(self, inputs: Sequence[torch.Tensor]) -> None:
+        if len(inputs) != len(self.static_inputs):
+            raise TypeError(f"expected {len(self.static_inputs)} inputs, got {len(inputs)}")
+        for static, new in zip(self.static_inputs, inputs):
+            if new.shape != static.shape or new.dtype != static.dtype:
+                raise ValueError(
+                    f"a graphed step replays fixed shapes and dtypes: expected {tuple(static.shape)} {static.dtype}, "
+                    f"got {tuple(new.shape)} {new.dtype}"
+                )
+            if new.data_ptr() != static.data_ptr():
+                static.copy_(new, non_blocking=True)
 
 
 class GraphedTrainStep:
@@ -63,44 +141,26 @@ class GraphedTrainStep:
         *,
         warmup: int = 3,
     ) -> None:
-        if not example_inputs or any(not isinstance(t, torch.Tensor) for t in example_inputs):
-            raise TypeError("example_inputs must be a non-empty sequence of tensors")
-        devices = {t.device for t in example_inputs}
-        if len(devices) != 1 or next(iter(devices)).type != "cuda":
-            raise RuntimeError(
-                f"a graphed training step needs CUDA tensors on one device, got inputs on {sorted(map(str, devices))}"
-            )
+        _check_cuda_inputs(example_inputs, "example_inputs")
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1, got {warmup}")
         self.loss_fn = loss_fn
         self.optimizer = optimizer
-        self.static_inputs = [t.detach().clone() for t in example_inputs]
-        self.graph = torch.cuda.CUDAGraph()
+        self._captured = CapturedStep(self._step, warmup=warmup)
+        for _ in range(warmup):
+            self._captured(*example_inputs)
+        self._captured.capture(*example_inputs)
+        self.static_inputs = self._captured.static_inputs
+        self.static_loss = self._captured.static_output
+        self.graph = self._captured.graph
 
-        warm_up(self._step, warmup)
-        # Gradients must live in the graph's memory pool: they are created inside the capture, not before it.
-        optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(self.graph):
-            self.static_loss = self._step(zero_grad=False)
-
-    def _step(self, zero_grad: bool = True) -> torch.Tensor:
-        if zero_grad:
-            self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(*self.static_inputs)
+    def _step(self, *inputs: torch.Tensor) -> torch.Tensor:
+        # Set to None, the gradients are created by the backward pass: in the graph's memory when captured.
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(*inputs)
         loss.backward()
         self.optimizer.step()
         return loss.detach()
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        if len(inputs) != len(self.static_inputs):
-            raise TypeError(f"expected {len(self.static_inputs)} inputs, got {len(inputs)}")
-        for static, new in zip(self.static_inputs, inputs):
-            if new.shape != static.shape or new.dtype != static.dtype:
-                raise ValueError(
-                    f"a graphed step replays fixed shapes and dtypes: expected {tuple(static.shape)} {static.dtype}, "
-                    f"got {tuple(new.shape)} {new.dtype}"
-                )
-            if new.data_ptr() != static.data_ptr():
-                static.copy_(new, non_blocking=True)
-        self.graph.replay()
-        return self.static_loss
+        return self._captured(*inputs)

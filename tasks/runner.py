@@ -33,6 +33,10 @@ def build_task(cfg: DictConfig, model: torch.nn.Module | None = None) -> L.Light
     model = build_model(cfg) if model is None else model
     task = instantiate(cfg.task.module, model=model)
     task.run_config = OmegaConf.to_container(cfg, resolve=True)
+    if getattr(task, "cuda_graph", False):  # the captured step clips its gradients itself (see trainer_kwargs)
+        clip = cfg.trainer.get("gradient_clip_val")
+        if clip:
+            task.gradient_clipping = (float(clip), str(cfg.trainer.get("gradient_clip_algorithm") or "norm"))
     return task
 
 
@@ -70,8 +74,13 @@ def trainer_kwargs(cfg: DictConfig, *, training: bool = True) -> dict[str, Any]:
     optimizer stay float32), ``32-true`` otherwise. Validation during training runs in the same precision.
     Evaluation (``training=False``, ``tools/eval.py``): ``32-true``. Fork-based strategies (``ddp_fork``,
     ``ddp_notebook``) must not start CUDA before they fork, so there ``auto`` means ``32-true``: set the precision.
+    With ``task.module.cuda_graph`` the gradient clipping is left out: the task's captured step clips (Lightning
+    clips only when it steps the optimizer itself).
     """
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if training and cfg.task.module.get("cuda_graph", False):
+        kwargs.pop("gradient_clip_val", None)
+        kwargs.pop("gradient_clip_algorithm", None)
     if kwargs.get("precision") == "auto":
         bf16 = training and _native_bf16_gpu(kwargs.get("accelerator", "auto"), kwargs.get("strategy", "auto"))
         kwargs["precision"] = "bf16-mixed" if bf16 else "32-true"

@@ -120,14 +120,23 @@ class SegmentationTask(DenseTask):
         return preds
 
     # ------------------------------------------------------------------ Lightning hooks
+    @property
+    def graph_loss_names(self) -> tuple[str, ...]:
+        aux = getattr(getattr(self.model, "head", None), "aux", None) is not None
+        return ("loss", "seg_loss", "aux_loss") if aux else ("loss", "seg_loss")
+
+    def graph_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        return batch["images"], batch["masks"]
+
+    def graph_losses(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.loss(self(self.normalize(images)), masks.long())
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        images = self.normalize(batch["images"])
-        losses = self.loss(self(images), batch["masks"].long())
-        bs = images.shape[0]
-        names = ["loss", "seg_loss"]
-        if getattr(getattr(self.model, "head", None), "aux", None) is not None:
-            names.append("aux_loss")
-        self.log_training({f"train/{k}": losses[k] for k in names}, bs)
+        if self.cuda_graph:
+            return self.captured_training_step(batch)
+        losses = self.graph_losses(batch["images"], batch["masks"])
+        bs = batch["images"].shape[0]
+        self.log_training({f"train/{k}": losses[k] for k in self.graph_loss_names}, bs)
         return self.guard_loss(losses["loss"])
 
     def on_validation_epoch_start(self) -> None:

@@ -113,6 +113,33 @@ def test_all_ignored_target_gives_zero_loss_with_gradient():
         value.backward()
 
 
+def test_weighted_smoothed_loss_is_cross_entropy_mean():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 3, 8, 8)
+    target = torch.randint(0, 3, (2, 8, 8))
+    target[1, 3:] = 255
+    weights = [0.5, 2.0, 1.0]
+    loss = SegmentationLoss(aux_weight=0.0, class_weights=weights, label_smoothing=0.1)(SegmentationOutput(logits),
+                                                                                           target)
+    expected = F.cross_entropy(logits, target, weight=torch.tensor(weights), ignore_index=255, label_smoothing=0.1)
+    torch.testing.assert_close(loss["loss"], expected)
+
+
+@pytest.mark.parametrize("ohem", [None, 0.7])
+def test_loss_does_not_wait_for_the_device(ohem):
+    """No host synchronisation (a training step with it can be captured as a CUDA graph)."""
+    from tasks.benchmark import _OpCounter
+
+    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    target = torch.randint(0, 3, (2, 8, 8))
+    target[0, :2] = 255
+    loss = SegmentationLoss(ohem_threshold=ohem, ohem_min_kept=20, class_weights=[1.0, 2.0, 0.5])
+    with _OpCounter() as counter:
+        out = loss(SegmentationOutput(logits, logits), target)
+        out["loss"].backward()
+    assert counter.operations > 10 and counter.syncs == 0
+
+
 def test_ohem_keeps_pixels_below_threshold_or_the_hardest_min_kept():
     # Four pixels, two classes, true class 0 everywhere; p(true) = sigmoid(d) for logit difference d.
     d = torch.tensor([3.0, 1.0, -1.0, 0.5])

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU measurements recorded in docs/benchmarks.md, one benchmark process per part, within a time budget.
-# Usage: OUT=outputs/bench_gpu BUDGET=545 [PARTS="d0 d0_train d0_fit d0_fused d0_step d0_step_fused d3_step focal d3 d3_profile fit_profile seg d0_train_compiled d3_compiled"] bash tools/bench_gpu.sh
+# Usage: OUT=outputs/bench_gpu BUDGET=545 [PARTS="d0 d0_train d0_fit graph_fit d0_fused d0_step d0_step_fused d3_step focal d3 d3_profile fit_profile seg d0_train_compiled d3_compiled"] bash tools/bench_gpu.sh
 # JSON lines go to $OUT/<part>.jsonl, logs to $OUT/<part>.log (parts of the same name append); a part that
 # would overrun the budget is cut short (the lines it printed so far are kept). FOCAL_IMPLS="torch" limits the
-# focal part to the PyTorch loss (the default, auto, is what the other parts measure), FOCAL_BACKBONES="b0" to D0.
+# focal part to the PyTorch loss (the default, auto, is what the other parts measure), FOCAL_BACKBONES="b0" to D0;
+# GRAPH_BACKBONES="b0" limits graph_fit to D0.
 set -u
 OUT=${OUT:-outputs/bench_gpu}
 PY=${PY:-python3}
@@ -44,6 +45,12 @@ for p in $PARTS; do
     run d3_step 120 backbone=b3 compare=effdet fast.compile=false measures=[train] iters=3 profile=true ;;
   d0_fused)  # D0 training with the one-pass weight casts (task.module.fused_weight_casts=true; off by default)
     run d0_fused 90 backbone=b0 compare=effdet fast.compile=false measures=[ops,train,fit] iters=5 task.module.fused_weight_casts=true ;;
+  graph_fit)  # the Lightning loop with the training step captured as one CUDA graph (task.module.cuda_graph=true),
+    # D0 and D3, against effdet's bare eager step in the same process
+    for b in ${GRAPH_BACKBONES:-b0 b3}; do
+      if [[ $b == b0 ]]; then iters=5 limit=120; else iters=3 limit=150; fi
+      run graph_fit $limit backbone=$b compare=effdet fast.compile=false measures=[train,fit] iters=$iters task.module.cuda_graph=true
+    done ;;
   fit_profile)  # where the Lightning loop's time goes beyond the bare step: D3, profiled steps of both
     run fit_profile 150 backbone=b3 fast.compile=false measures=[train,fit] iters=3 profile=true ;;
   d3_profile)  # D3 predict, training step (both with effdet) and the Lightning loop, all eager and profiled

@@ -1,0 +1,249 @@
+"""``task.module.cuda_graph=true``: the Lightning training step captured as one CUDA graph.
+
+On the CPU the capture itself cannot run, so the task-level logic around it (manual optimization, the step count,
+the learning-rate schedule on a device tensor, gradient clipping, the fused optimizer's on-device skip of
+non-finite steps, the box padding, logging, checkpoints) runs with :class:`EagerSteps` in place of
+:class:`tasks.graphed.CapturedStep`: the same step function, called eagerly every time. The GPU tests capture and
+replay for real and compare with eager training.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.base import DenseTask
+from tasks.config import compose
+from tasks.runner import build_model, build_task, train, trainer_kwargs
+
+TINY = [
+    "data=synthetic", "model.image_size=128", "neck.channels=16", "neck.num_repeats=1", "head.depth=1",
+    "data.batch_size=4", "data.num_workers=0", "data.synthetic.num_train=16", "data.synthetic.num_val=4",
+    "trainer.enable_progress_bar=false", "trainer.max_epochs=3", "trainer.log_every_n_steps=1",
+    "eval_after_train=false", "backbone.drop_path_rate=0.0",
+]
+TINY_SEG = [
+    "task=segmentation", "data=synthetic", "neck.channels=16", "neck.num_repeats=1", "head.depth=1",
+    "data.batch_size=2", "data.num_workers=0", "data.synthetic.num_train=8", "data.synthetic.num_val=2",
+    "trainer.enable_progress_bar=false", "trainer.max_epochs=3", "trainer.log_every_n_steps=1",
+    "eval_after_train=false", "backbone.drop_path_rate=0.0",
+]
+
+
+class EagerSteps:
+    """Stands in for :class:`tasks.graphed.CapturedStep` on the CPU: calls the step function eagerly each time."""
+
+    def __init__(self, fn, *, warmup: int = 3) -> None:
+        self.fn, self.warmup, self.calls = fn, warmup, 0
+
+    captured = False
+
+    def __call__(self, *inputs):
+        self.calls += 1
+        return self.fn(*inputs)
+
+
+@pytest.fixture
+def eager_capture(monkeypatch):
+    import tasks.graphed
+
+    monkeypatch.setattr(tasks.graphed, "CapturedStep", EagerSteps)
+    monkeypatch.setattr(DenseTask, "_check_cuda_graph_setup", lambda self: None)
+
+
+def _run(tmp_path: Path, name: str, overrides: list[str], base=TINY):
+    run_dir = tmp_path / name
+    train(compose("train", [*base, f"cache_dir={tmp_path / 'cache'}", *overrides]), run_dir)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    return ckpt, losses
+
+
+def _assert_same_state(a: dict, b: dict, **tol) -> None:
+    assert list(a) == list(b)
+    for key, value in a.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(b[key], value, msg=key, **tol)
+        else:
+            assert torch.equal(b[key], value), key
+
+
+def test_options_are_checked():
+    with pytest.raises(Exception, match="choose one"):
+        cfg = compose("train", ["data=synthetic", "task.module.cuda_graph=true", "task.module.compile=true"])
+        build_task(cfg, build_model(cfg))
+    with pytest.raises(Exception, match="cuda_graph_max_boxes must be >= 1"):
+        cfg = compose("train", ["data=synthetic", "task.module.cuda_graph=true", "task.module.cuda_graph_max_boxes=0"])
+        build_task(cfg, build_model(cfg))
+
+
+def test_gradient_clipping_moves_from_the_trainer_to_the_task():
+    cfg = compose("train", ["data=synthetic", "task.module.cuda_graph=true", "trainer.gradient_clip_val=3.5"])
+    assert "gradient_clip_val" not in trainer_kwargs(cfg, training=True)
+    assert build_task(cfg, build_model(cfg)).gradient_clipping == (3.5, "norm")
+    plain = compose("train", ["data=synthetic", "trainer.gradient_clip_val=3.5"])
+    assert trainer_kwargs(plain, training=True)["gradient_clip_val"] == 3.5
+    assert build_task(plain, build_model(plain)).gradient_clipping is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_cuda_graph_on_the_cpu_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="needs a CUDA device, and this run trains on cpu.*cuda_graph=false"):
+        _run(tmp_path, "run", ["trainer.accelerator=cpu", "trainer.max_steps=1", "task.module.cuda_graph=true"])
+
+
+def test_boxes_are_padded_to_the_fixed_count():
+    cfg = compose("train", ["data=synthetic", "task.module.cuda_graph=true", "task.module.cuda_graph_max_boxes=6"])
+    task = build_task(cfg, build_model(cfg))
+    batch = {"images": torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "boxes": torch.ones(2, 4, 4),
+             "labels": torch.tensor([[0, 1, -1, -1], [2, 3, 4, 5]])}
+    _, boxes, labels = task.graph_inputs(batch)
+    assert boxes.shape == (2, 6, 4) and labels.shape == (2, 6)
+    assert torch.equal(boxes[:, :4], batch["boxes"]) and not boxes[:, 4:].any()
+    assert torch.equal(labels[:, :4], batch["labels"]) and (labels[:, 4:] == -1).all()
+    too_many = {**batch, "boxes": torch.ones(2, 7, 4), "labels": torch.zeros(2, 7, dtype=torch.long)}
+    with pytest.raises(ValueError, match="7 objects, more than task.module.cuda_graph_max_boxes=6"):
+        task.graph_inputs(too_many)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base", [TINY, TINY_SEG], ids=["detection", "segmentation"])
+def test_captured_step_logic_trains_like_the_eager_loop(tmp_path, eager_capture, base):
+    """The captured step's function, run eagerly, trains exactly as Lightning's automatic loop with the same fused
+    optimizer: same losses, weights, step count and schedule (gradient clipping included)."""
+    common = ["trainer.accelerator=cpu", "trainer.max_steps=5", "trainer.gradient_clip_val=0.5"]
+    eager_ckpt, eager_losses = _run(tmp_path, "eager", [*common, "+task.module.optimizer.fused=true"], base)
+    graph_ckpt, graph_losses = _run(tmp_path, "graph", [*common, "task.module.cuda_graph=true"], base)
+    assert graph_ckpt["global_step"] == eager_ckpt["global_step"] == 5
+    assert len(graph_losses) == len(eager_losses) == 5
+    assert graph_losses == eager_losses
+    _assert_same_state(eager_ckpt["state_dict"], graph_ckpt["state_dict"], rtol=0, atol=0)
+    # The checkpoint stores plain learning rates and the schedule's position, as an eager run does.
+    for a, b in zip(eager_ckpt["optimizer_states"][0]["param_groups"], graph_ckpt["optimizer_states"][0]["param_groups"]):
+        assert isinstance(b["lr"], float) and b["lr"] == pytest.approx(a["lr"], abs=1e-7)
+    assert graph_ckpt["lr_schedulers"][0]["last_epoch"] == eager_ckpt["lr_schedulers"][0]["last_epoch"] == 5
+
+
+class _Kill(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_captured_step_resumes_to_the_same_weights(tmp_path, eager_capture, monkeypatch):
+    """A 6-step run, and one killed before step 5 (last.ckpt every 2 steps) then resumed to 6 steps, end with the
+    same weights and EMA weights: the resumed run's learning rates go back onto the device."""
+    import lightning as L
+
+    from tasks import runner
+
+    base = ["trainer.accelerator=cpu", "task.module.cuda_graph=true", "trainer.max_steps=6",
+            "checkpoint.every_n_train_steps=2"]
+    full, _ = _run(tmp_path, "full", base)
+
+    class KillAt(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 4:
+                raise _Kill("killed before step 5")
+
+    original = runner._callbacks
+    monkeypatch.setattr(runner, "_callbacks", lambda cfg, ckpt_dir: [*original(cfg, ckpt_dir), KillAt()])
+    with pytest.raises(_Kill):
+        _run(tmp_path, "part", base)
+    monkeypatch.setattr(runner, "_callbacks", original)
+    resumed, _ = _run(tmp_path, "part", [*base, "ckpt_path=last"])
+    assert full["global_step"] == resumed["global_step"] == 6
+    for key in ("state_dict", "current_model_state"):  # EMA weights, raw weights
+        _assert_same_state(full[key], resumed[key], rtol=0, atol=1e-5)
+
+
+def _nan_loss_at(monkeypatch, nan_calls: set[int]):
+    from heads.losses import DetectionLoss
+
+    original = DetectionLoss.__call__
+    calls = {"n": 0}
+
+    def patched(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] in nan_calls:
+            out = {**out, "loss": out["loss"] * float("nan")}
+        return out
+
+    monkeypatch.setattr(DetectionLoss, "__call__", patched)
+
+
+@pytest.mark.slow
+def test_nonfinite_steps_are_skipped_on_the_device_and_counted(tmp_path, eager_capture, monkeypatch, caplog):
+    # A constant learning rate and no EMA: the checkpoint's weights after 2 clean steps are comparable.
+    common = ["trainer.accelerator=cpu", "task.module.cuda_graph=true", "trainer.max_steps=4", "ema.enabled=false",
+              "task.module.warmup_steps=0", "task.module.min_lr_factor=1.0"]
+    clean, _ = _run(tmp_path, "clean", [*common, "trainer.max_steps=2"])
+    _nan_loss_at(monkeypatch, {3, 4})  # the last two steps: the last one is counted when training ends
+    with caplog.at_level("WARNING"):
+        skipped, _ = _run(tmp_path, "skipped", common)
+    assert "step skipped (1 skipped so far, 1 in a row)" in caplog.text
+    assert "(2 skipped so far, 2 in a row)" in caplog.text
+    assert skipped["global_step"] == 4
+    # Neither update happened: the weights are those after the two clean steps (the norms' running statistics
+    # moved in the forward passes, as in an eager skipped step).
+    for key, value in clean["state_dict"].items():
+        if "running_" not in key and "num_batches_tracked" not in key:
+            torch.testing.assert_close(skipped["state_dict"][key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.slow
+def test_training_stops_when_the_captured_loss_stays_nonfinite(tmp_path, eager_capture, monkeypatch):
+    from tasks.base import NonFiniteLossError
+
+    _nan_loss_at(monkeypatch, set(range(1, 100)))
+    with pytest.raises(NonFiniteLossError, match="NaN/inf for 3 steps in a row"):
+        _run(tmp_path, "run", ["trainer.accelerator=cpu", "task.module.cuda_graph=true", "trainer.max_steps=10",
+                               "task.module.max_nonfinite_steps=3"])
+
+
+# ---------------------------------------------------------------------------------------------------- on a GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("base", [TINY, TINY_SEG], ids=["detection", "segmentation"])
+def test_captured_training_equals_eager_training_on_the_gpu(tmp_path, monkeypatch, base):
+    """Three eager warm-up steps, the capture, then replays: the losses and weights of eager training with the
+    same fused optimizer (float32, deterministic cuDNN, no TF32), and the graph really replayed."""
+    import tasks.graphed
+
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    steps = {}
+    original = tasks.graphed.CapturedStep
+
+    class Recording(original):
+        def __init__(self, fn, **kwargs):
+            super().__init__(fn, **kwargs)
+            steps["step"] = self
+
+    monkeypatch.setattr(tasks.graphed, "CapturedStep", Recording)
+    common = ["trainer.accelerator=gpu", "trainer.devices=1", "trainer.precision=32-true", "trainer.max_steps=7",
+              "trainer.gradient_clip_val=0.5", "trainer.benchmark=false", "task.module.channels_last=true"]
+    eager_ckpt, eager_losses = _run(tmp_path, "eager", [*common, "+task.module.optimizer.fused=true"], base)
+    graph_ckpt, graph_losses = _run(tmp_path, "graph", [*common, "task.module.cuda_graph=true"], base)
+    assert steps["step"].captured and steps["step"].calls == 7
+    assert graph_ckpt["global_step"] == 7
+    assert graph_losses == pytest.approx(eager_losses, rel=1e-4, abs=1e-5)
+    _assert_same_state(eager_ckpt["state_dict"], graph_ckpt["state_dict"], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_training_in_bf16_runs_on_the_gpu(tmp_path):
+    ckpt, losses = _run(tmp_path, "bf16", ["trainer.accelerator=gpu", "trainer.devices=1",
+                                           "trainer.precision=bf16-mixed", "trainer.max_steps=6",
+                                           "task.module.cuda_graph=true"])
+    assert ckpt["global_step"] == 6 and len(losses) == 6
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
