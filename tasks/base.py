@@ -127,8 +127,9 @@ class DenseTask(L.LightningModule):
             captured; each step still trains once on its own batch. Needs one CUDA device (no DDP), ``32-true`` or
             ``bf16-mixed`` precision, no gradient accumulation, not ``compile``, and an optimizer with a fused CUDA
             implementation (``torch.optim.SGD``, ``Adam``, ``AdamW``: made with ``fused=True``, its learning rate a
-            device tensor that the schedule updates in place). Batches must keep one shape (training crops do;
-            detection pads its boxes to a fixed count). Gradient clipping comes from the trainer's
+            device tensor that the schedule updates in place). The graph replays one shape: training crops have
+            one, and detection pads its boxes to a fixed count; a batch of another shape (more boxes, a smaller
+            last batch) runs the same step eagerly, with a warning. Gradient clipping comes from the trainer's
             ``gradient_clip_val`` (:attr:`gradient_clipping`, set by :func:`tasks.runner.build_task`). A step whose loss
             or gradient norm is not finite is skipped on the device (the optimizer's ``found_inf``); the host counts it
             one step later, without waiting for the device. Lightning's ``on_before_backward``,
@@ -170,6 +171,7 @@ class DenseTask(L.LightningModule):
         self.gradient_clipping: tuple[float, str] | None = None
         self._captured_step = None
         self._unread_step = -1  # the step whose finite flag is still to be read (captured steps)
+        self._warned_shapes = False
         if compile_options is not None and not isinstance(compile_options, Mapping):
             raise ValueError(f"compile_options must be a mapping, got {compile_options!r}")
         options = _plain(compile_options or {})
@@ -370,11 +372,19 @@ class DenseTask(L.LightningModule):
             _device_learning_rates(lightning_opt.optimizer, inputs[0].device)
             self._captured_step = CapturedStep(self._graph_step, warmup=3)
         step = self.global_step
+        captured = self._captured_step
+        eager = not captured.matches(inputs)
+        if eager and not self._warned_shapes:
+            log.warning(
+                "a training batch with other shapes than the captured training step's (%s, captured %s) runs eagerly; "
+                "so will any other such batch (detection: raise task.module.cuda_graph_max_boxes when images have "
+                "more objects)", [tuple(t.shape) for t in inputs], [tuple(t.shape) for t in captured.static_inputs])
+            self._warned_shapes = True
         lightning_opt._on_before_step()  # Lightning's optimizer-step count (what opt.step() would do)
         try:
-            capturing = not self._captured_step.captured and self._captured_step.calls >= self._captured_step.warmup
+            capturing = not eager and not captured.captured and captured.calls >= captured.warmup
             try:
-                values = self._captured_step(*inputs).clone()
+                values = (captured.run_eagerly(*inputs) if eager else captured(*inputs)).clone()
             except Exception as err:
                 if capturing:
                     raise RuntimeError(f"capturing the training step as a CUDA graph failed ({err}); train without it: "

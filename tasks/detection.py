@@ -30,7 +30,8 @@ class DetectionTask(DenseTask):
         num_classes: number of foreground classes (contiguous labels ``0 .. num_classes-1``).
         anchors, assigner, loss, postprocess: the composed detection pieces.
         cuda_graph_max_boxes: with ``cuda_graph=True``, the box count every training batch is padded to (the
-            captured step has fixed shapes); a batch with more objects in one image is an error naming this setting.
+            captured step has fixed shapes); a batch with more objects in one image runs its step eagerly (slower,
+            with a warning that names this setting).
         **kwargs: optimizer, schedule, memory format and normalisation (see :class:`tasks.base.DenseTask`).
     """
 
@@ -80,14 +81,10 @@ class DetectionTask(DenseTask):
     graph_loss_names = ("loss", "cls_loss", "box_loss")
 
     def graph_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
-        """uint8 images, and boxes and labels padded to :attr:`cuda_graph_max_boxes` per image (labels -1)."""
+        """uint8 images, and boxes and labels padded to :attr:`cuda_graph_max_boxes` per image (labels -1; a batch
+        with more is left as it is, and its step runs eagerly)."""
         boxes, labels = batch["boxes"], batch["labels"]
         count, limit = boxes.shape[1], self.cuda_graph_max_boxes
-        if count > limit:
-            raise ValueError(
-                f"a training batch has an image with {count} objects, more than task.module.cuda_graph_max_boxes="
-                f"{limit} (the captured training step pads every batch to that many boxes): raise it"
-            )
         if count < limit:
             boxes = torch.nn.functional.pad(boxes, (0, 0, 0, limit - count))
             labels = torch.nn.functional.pad(labels, (0, limit - count), value=-1)

@@ -105,6 +105,19 @@ class CapturedStep:
             self.static_output = self.fn(*self.static_inputs)
         self.graph = graph
 
+    def matches(self, inputs: Sequence[torch.Tensor]) -> bool:
+        """Whether ``inputs`` have the captured graph's shapes and dtypes (true before the capture)."""
+        if self.graph is None:
+            return True
+        return len(inputs) == len(self.static_inputs) and all(
+            new.shape == static.shape and new.dtype == static.dtype for static, new in zip(self.static_inputs, inputs)
+        )
+
+    def run_eagerly(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """``fn(*inputs)`` without the graph (for inputs the graph cannot replay); the graph stays for later calls."""
+        self.calls += 1
+        return self.fn(*inputs)
+
     def _load(self, inputs: Sequence[torch.Tensor]) -> None:
         if len(inputs) != len(self.static_inputs):
             raise TypeError(f"expected {len(self.static_inputs)} inputs, got {len(inputs)}")

@@ -34,14 +34,34 @@ TINY_SEG = [
 
 
 class EagerSteps:
-    """Stands in for :class:`tasks.graphed.CapturedStep` on the CPU: calls the step function eagerly each time."""
+    """Stands in for :class:`tasks.graphed.CapturedStep` on the CPU: calls the step function eagerly each time, and
+    after ``warmup`` calls holds the shapes a capture would have fixed (``matches``), counting the calls a graph
+    would have replayed (``replays``) and those run eagerly for other shapes (``eager_calls``)."""
 
     def __init__(self, fn, *, warmup: int = 3) -> None:
         self.fn, self.warmup, self.calls = fn, warmup, 0
+        self.static_inputs: list[torch.Tensor] = []
+        self.replays = self.eager_calls = 0
+        EagerSteps.last = self
 
-    captured = False
+    @property
+    def captured(self) -> bool:
+        return bool(self.static_inputs)
+
+    def matches(self, inputs) -> bool:
+        return not self.static_inputs or [t.shape for t in inputs] == [t.shape for t in self.static_inputs]
 
     def __call__(self, *inputs):
+        if self.calls >= self.warmup:
+            if not self.static_inputs:
+                self.static_inputs = [t.clone() for t in inputs]
+            assert self.matches(inputs), "the task must not replay other shapes"
+            self.replays += 1
+        self.calls += 1
+        return self.fn(*inputs)
+
+    def run_eagerly(self, *inputs):
+        self.eager_calls += 1
         self.calls += 1
         return self.fn(*inputs)
 
@@ -107,8 +127,24 @@ def test_boxes_are_padded_to_the_fixed_count():
     assert torch.equal(boxes[:, :4], batch["boxes"]) and not boxes[:, 4:].any()
     assert torch.equal(labels[:, :4], batch["labels"]) and (labels[:, 4:] == -1).all()
     too_many = {**batch, "boxes": torch.ones(2, 7, 4), "labels": torch.zeros(2, 7, dtype=torch.long)}
-    with pytest.raises(ValueError, match="7 objects, more than task.module.cuda_graph_max_boxes=6"):
-        task.graph_inputs(too_many)
+    _, boxes, labels = task.graph_inputs(too_many)  # left as they are: this step runs eagerly
+    assert boxes.shape == (2, 7, 4) and labels.shape == (2, 7)
+
+
+@pytest.mark.slow
+def test_a_batch_the_graph_cannot_replay_runs_eagerly(tmp_path, eager_capture, caplog):
+    """Batches with more boxes than cuda_graph_max_boxes run the step eagerly (with one warning) and train as the
+    eager loop does; the others replay."""
+    common = ["trainer.accelerator=cpu", "trainer.max_steps=8"]  # synthetic images hold up to 4 objects
+    eager_ckpt, eager_losses = _run(tmp_path, "eager", [*common, "+task.module.optimizer.fused=true"])
+    with caplog.at_level("WARNING"):
+        graph_ckpt, graph_losses = _run(tmp_path, "graph", [*common, "task.module.cuda_graph=true",
+                                                            "task.module.cuda_graph_max_boxes=2"])
+    step = EagerSteps.last
+    assert step.eager_calls >= 1 and step.replays >= 1 and step.calls == 8
+    assert caplog.text.count("runs eagerly") == 1 and "cuda_graph_max_boxes" in caplog.text
+    assert graph_losses == eager_losses
+    _assert_same_state(eager_ckpt["state_dict"], graph_ckpt["state_dict"], rtol=0, atol=0)
 
 
 @pytest.mark.slow
