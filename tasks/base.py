@@ -382,7 +382,7 @@ class DenseTask(L.LightningModule):
             self._warned_shapes = True
         lightning_opt._on_before_step()  # Lightning's optimizer-step count (what opt.step() would do)
         try:
-            capturing = not eager and not captured.captured and captured.calls >= captured.warmup
+            capturing = not eager and captured.captures_next
             try:
                 values = (captured.run_eagerly(*inputs) if eager else captured(*inputs)).clone()
             except Exception as err:

@@ -81,9 +81,14 @@ class CapturedStep:
         """Whether the graph exists (the calls from now on replay it)."""
         return self.graph is not None
 
+    @property
+    def captures_next(self) -> bool:
+        """Whether the next call captures the graph (the warm-up calls are done, no graph yet)."""
+        return self.graph is None and self.calls >= self.warmup
+
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         _check_cuda_inputs(inputs, "inputs")
-        if self.graph is None and self.calls < self.warmup:
+        if self.graph is None and not self.captures_next:
             out: list[torch.Tensor] = []
             warm_up(lambda: out.append(self.fn(*inputs)), 1, inputs[0].device)
             self.calls += 1

@@ -41,6 +41,27 @@ def refused_kernel(monkeypatch):
     return check
 
 
+@pytest.fixture
+def nan_losses(monkeypatch):
+    """``make(calls)``: the detection loss's total becomes NaN at the given calls of it (counted from 1)."""
+    from heads.losses import DetectionLoss
+
+    def make(nan_calls: set[int]) -> None:
+        original = DetectionLoss.__call__
+        calls = {"n": 0}
+
+        def patched(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            calls["n"] += 1
+            if calls["n"] in nan_calls:
+                out = {**out, "loss": out["loss"] * float("nan")}
+            return out
+
+        monkeypatch.setattr(DetectionLoss, "__call__", patched)
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def synthetic_coco(tmp_path_factory):
     """A small synthetic COCO-format folder (train2017/val2017), shared by the tests of one session."""

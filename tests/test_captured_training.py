@@ -48,6 +48,10 @@ class EagerSteps:
     def captured(self) -> bool:
         return bool(self.static_inputs)
 
+    @property
+    def captures_next(self) -> bool:
+        return not self.captured and self.calls >= self.warmup
+
     def matches(self, inputs) -> bool:
         return not self.static_inputs or [t.shape for t in inputs] == [t.shape for t in self.static_inputs]
 
@@ -197,29 +201,13 @@ def test_captured_step_resumes_to_the_same_weights(tmp_path, eager_capture, monk
         _assert_same_state(full[key], resumed[key], rtol=0, atol=1e-5)
 
 
-def _nan_loss_at(monkeypatch, nan_calls: set[int]):
-    from heads.losses import DetectionLoss
-
-    original = DetectionLoss.__call__
-    calls = {"n": 0}
-
-    def patched(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] in nan_calls:
-            out = {**out, "loss": out["loss"] * float("nan")}
-        return out
-
-    monkeypatch.setattr(DetectionLoss, "__call__", patched)
-
-
 @pytest.mark.slow
-def test_nonfinite_steps_are_skipped_on_the_device_and_counted(tmp_path, eager_capture, monkeypatch, caplog):
+def test_nonfinite_steps_are_skipped_on_the_device_and_counted(tmp_path, eager_capture, nan_losses, caplog):
     # A constant learning rate and no EMA: the checkpoint's weights after 2 clean steps are comparable.
     common = ["trainer.accelerator=cpu", "task.module.cuda_graph=true", "trainer.max_steps=4", "ema.enabled=false",
               "task.module.warmup_steps=0", "task.module.min_lr_factor=1.0"]
     clean, _ = _run(tmp_path, "clean", [*common, "trainer.max_steps=2"])
-    _nan_loss_at(monkeypatch, {3, 4})  # the last two steps: the last one is counted when training ends
+    nan_losses({3, 4})  # the last two steps: the last one is counted when training ends
     with caplog.at_level("WARNING"):
         skipped, _ = _run(tmp_path, "skipped", common)
     assert "step skipped (1 skipped so far, 1 in a row)" in caplog.text
@@ -233,10 +221,10 @@ def test_nonfinite_steps_are_skipped_on_the_device_and_counted(tmp_path, eager_c
 
 
 @pytest.mark.slow
-def test_training_stops_when_the_captured_loss_stays_nonfinite(tmp_path, eager_capture, monkeypatch):
+def test_training_stops_when_the_captured_loss_stays_nonfinite(tmp_path, eager_capture, nan_losses):
     from tasks.base import NonFiniteLossError
 
-    _nan_loss_at(monkeypatch, set(range(1, 100)))
+    nan_losses(set(range(1, 100)))
     with pytest.raises(NonFiniteLossError, match="NaN/inf for 3 steps in a row"):
         _run(tmp_path, "run", ["trainer.accelerator=cpu", "task.module.cuda_graph=true", "trainer.max_steps=10",
                                "task.module.max_nonfinite_steps=3"])

@@ -112,24 +112,8 @@ def test_last_checkpoint_holds_the_final_step_mid_epoch(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- non-finite loss
-def _nan_loss_after(monkeypatch, nan_calls: set[int]):
-    from heads.losses import DetectionLoss
-
-    original = DetectionLoss.__call__
-    calls = {"n": 0}
-
-    def patched(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] in nan_calls:
-            out = {**out, "loss": out["loss"] * float("nan")}
-        return out
-
-    monkeypatch.setattr(DetectionLoss, "__call__", patched)
-
-
-def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch, caplog):
-    _nan_loss_after(monkeypatch, {2, 3})
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, nan_losses, caplog):
+    nan_losses({2, 3})
     cfg = compose("train", [*TINY_DET, f"cache_dir={tmp_path / 'cache'}", "trainer.max_steps=4",
                             "eval_after_train=false", "trainer.log_every_n_steps=1"])
     with caplog.at_level("WARNING"):
@@ -140,10 +124,10 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch, caplog):
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 
-def test_training_stops_when_the_loss_stays_nonfinite(tmp_path, monkeypatch):
+def test_training_stops_when_the_loss_stays_nonfinite(tmp_path, nan_losses):
     from tasks.base import NonFiniteLossError
 
-    _nan_loss_after(monkeypatch, set(range(1, 100)))
+    nan_losses(set(range(1, 100)))
     cfg = compose("train", [*TINY_DET, f"cache_dir={tmp_path / 'cache'}", "trainer.max_steps=10",
                             "eval_after_train=false", "task.module.max_nonfinite_steps=3"])
     with pytest.raises(NonFiniteLossError, match="NaN/inf for 3 steps in a row"):
