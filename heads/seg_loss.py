@@ -32,6 +32,8 @@ def ohem_cross_entropy(
     Nothing here waits for the device (no data-dependent Python branch), so a training step with it can be
     captured as a CUDA graph.
     """
+    if int(min_kept) < 1:
+        raise ValueError(f"min_kept must be >= 1, got {min_kept}")
     ce = F.cross_entropy(
         logits, target, weight=weight, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
     ).flatten()
@@ -76,6 +78,8 @@ class SegmentationLoss:
     ) -> None:
         if ohem_threshold is not None and not 0.0 < ohem_threshold <= 1.0:
             raise ValueError(f"ohem_threshold must be in (0, 1], got {ohem_threshold}")
+        if int(ohem_min_kept) < 1:
+            raise ValueError(f"ohem_min_kept must be >= 1, got {ohem_min_kept}")
         self.ignore_index = int(ignore_index)
         self.aux_weight = float(aux_weight)
         self.ohem_threshold = ohem_threshold
@@ -85,7 +89,9 @@ class SegmentationLoss:
 
     def _ce(self, logits: torch.Tensor, target: torch.Tensor, *, ohem: bool) -> torch.Tensor:
         logits = upsample_logits(logits.float(), target.shape[-2:])
-        weight = None if self.class_weights is None else self.class_weights.to(logits.device)
+        weight = self.class_weights
+        if weight is not None and weight.device != logits.device:  # moved once: a captured step copies nothing in
+            weight = self.class_weights = weight.to(logits.device)
         if ohem and self.ohem_threshold is not None:
             return ohem_cross_entropy(
                 logits,

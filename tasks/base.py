@@ -3,6 +3,7 @@ schedule, the self-describing checkpoint and the evaluation outputs written into
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -133,7 +134,10 @@ class DenseTask(L.LightningModule):
             ``gradient_clip_val`` (:attr:`gradient_clipping`, set by :func:`tasks.runner.build_task`). A step whose loss
             or gradient norm is not finite is skipped on the device (the optimizer's ``found_inf``); the host counts it
             one step later, without waiting for the device. Lightning's ``on_before_backward``,
-            ``on_after_backward`` and ``on_before_optimizer_step`` hooks do not run (the step is one graph).
+            ``on_after_backward`` and ``on_before_optimizer_step`` hooks do not run (the step is one graph). A run
+            resumes from a checkpoint written with or without the captured step, either way (the optimizer state,
+            the step count and the schedule carry over). The graph's memory (activations of one step) stays reserved
+            while validation runs.
     """
 
     def __init__(
@@ -368,18 +372,24 @@ class DenseTask(L.LightningModule):
 
         inputs = self.graph_inputs(batch)
         lightning_opt = self.optimizers()
+        opt = lightning_opt.optimizer
         if self._captured_step is None:
-            _device_learning_rates(lightning_opt.optimizer, inputs[0].device)
+            # Here, not in configure_optimizers: a resumed run's optimizer state is loaded by now.
+            _prepare_for_capture(opt, inputs[0].device)
             self._captured_step = CapturedStep(self._graph_step, warmup=3)
         step = self.global_step
         captured = self._captured_step
-        eager = not captured.matches(inputs)
+        # A batch of other shapes than the graph's runs eagerly; so does one that would be captured but does not have
+        # the shapes every later batch will have (more boxes than the padded count), so the graph never fixes them.
+        eager = not captured.matches(inputs) or (captured.captures_next and not self.graph_conforms(inputs))
         if eager and not self._warned_shapes:
             log.warning(
-                "a training batch with other shapes than the captured training step's (%s, captured %s) runs eagerly; "
-                "so will any other such batch (detection: raise task.module.cuda_graph_max_boxes when images have "
-                "more objects)", [tuple(t.shape) for t in inputs], [tuple(t.shape) for t in captured.static_inputs])
+                "a training batch with other shapes than the captured training step's (%s) runs eagerly; so will any "
+                "other such batch (detection: raise task.module.cuda_graph_max_boxes when images have more objects)",
+                [tuple(t.shape) for t in inputs])
             self._warned_shapes = True
+        # Parameters whose momentum buffers the fused SGD step creates now: uninitialised when the step is skipped.
+        fresh = [] if captured.captured else _without_momentum_buffers(opt)
         lightning_opt._on_before_step()  # Lightning's optimizer-step count (what opt.step() would do)
         try:
             capturing = not eager and captured.captures_next
@@ -390,6 +400,9 @@ class DenseTask(L.LightningModule):
                     raise RuntimeError(f"capturing the training step as a CUDA graph failed ({err}); train without it: "
                                        "task.module.cuda_graph=false") from err
                 raise
+            if fresh and not bool(values[-1]):  # an eager step (before the capture): waiting for it costs little
+                for p in fresh:  # the next step creates them again, as a first step
+                    opt.state[p].pop("momentum_buffer", None)
         finally:
             lightning_opt._on_after_step()
         scheduler = self.lr_schedulers()
@@ -401,6 +414,17 @@ class DenseTask(L.LightningModule):
         self._unread_step = step
         self.log_training({f"train/{n}": values[i] for i, n in enumerate(self.graph_loss_names)}, inputs[0].shape[0])
         return values[0]
+
+    def graph_conforms(self, inputs: Sequence[torch.Tensor]) -> bool:
+        """Whether :meth:`graph_inputs`' tensors have the shapes the captured graph should fix (a batch that does not
+        is trained eagerly rather than captured)."""
+        return True
+
+    def on_fit_start(self) -> None:
+        # A new fit has a new optimizer (and perhaps another device): the graph of an earlier fit must not replay.
+        self._captured_step = None
+        self._unread_step = -1
+        self._warned_shapes = False
 
     def _graph_step(self, *inputs: torch.Tensor) -> torch.Tensor:
         """The captured step: losses, backward, clipping, the fused optimizer step (skipped on the device when the
@@ -419,7 +443,7 @@ class DenseTask(L.LightningModule):
                 finite = finite & torch.isfinite(norm)
             else:
                 torch.nn.utils.clip_grad_value_(params, value, foreach=True)
-        opt.found_inf = (~finite).to(torch.float32).reshape(1)  # the fused kernels skip the update when it is 1
+        opt.found_inf = (~finite).to(torch.float32).reshape(())  # the fused kernels skip the update when it is 1
         try:
             opt.step()
         finally:
@@ -458,11 +482,13 @@ class DenseTask(L.LightningModule):
         # The random-number state of every process (stochastic depth draws from torch's global generator), so a
         # resumed run continues with the same draws. Plain lists and tensors: loadable with weights_only=True.
         checkpoint["effdense_rng"] = _gather_rng_states()
-        if self.cuda_graph:  # learning rates as plain numbers, as an eager run stores them (the tensor is a runtime form)
-            for state in checkpoint.get("optimizer_states", []):
+        if self.cuda_graph:  # learning rates as plain numbers and no capturable flag, as an eager run stores them
+            for state in checkpoint.get("optimizer_states", []):  # (the runtime form of a captured step)
                 for group in state.get("param_groups", []):
                     if isinstance(group.get("lr"), torch.Tensor):
                         group["lr"] = float(group["lr"])
+                    if group.get("capturable"):
+                        group["capturable"] = False
         if self.run_config is not None:
             checkpoint["effdense_config"] = self.run_config
         names = self.class_names()
@@ -470,6 +496,7 @@ class DenseTask(L.LightningModule):
             checkpoint["effdense_class_names"] = names
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        _carry_step_count(checkpoint, manual=not self.automatic_optimization)
         states = checkpoint.get("effdense_rng")
         if states:
             rank, _ = rank_and_world()
@@ -494,13 +521,50 @@ class DenseTask(L.LightningModule):
         atomic_write_json(Path(run_dir) / "metrics.json", _json_safe(self.last_metrics), indent=2)
 
 
-def _device_learning_rates(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    """Make each group's learning rate a float32 tensor on ``device`` (the value a captured step reads; the schedule
-    fills it in place)."""
+def _prepare_for_capture(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Settings of ``optimizer`` that a captured step needs, also when its state came from a run without one: each
+    group's learning rate a float32 tensor on ``device`` (the value the graph reads; the schedule fills it in place),
+    the fused implementation, ``capturable`` (Adam, AdamW) and the step counters on the parameters' device."""
     for group in optimizer.param_groups:
         lr = group["lr"]
         if not (isinstance(lr, torch.Tensor) and lr.device == device):
             group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
+        if "fused" in group:
+            group["fused"] = True
+            if "foreach" in group:
+                group["foreach"] = None
+        if "capturable" in group:
+            group["capturable"] = True
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if isinstance(step, torch.Tensor) and step.device != p.device:
+                optimizer.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
+
+
+def _carry_step_count(checkpoint: dict[str, Any], *, manual: bool) -> None:
+    """Make the optimizer-step count of a checkpoint that Lightning will restore for this run's kind of optimization
+    (manual: the captured step; automatic: the eager loop) that of the whole run, when earlier parts trained the other
+    way: Lightning keeps one count per kind, and its global step is the current kind's."""
+    loops = checkpoint.get("loops", {}).get("fit_loop", {})
+    auto = loops.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer")
+    hand = loops.get("epoch_loop.manual_optimization.optim_step_progress")
+    if not auto or not hand or "step" not in auto:
+        return
+    auto_steps, hand_steps = auto["step"]["total"]["completed"], hand["total"]["completed"]
+    if manual and hand_steps < auto_steps:
+        loops["epoch_loop.manual_optimization.optim_step_progress"] = copy.deepcopy(auto["step"])
+    elif not manual and auto_steps < hand_steps:
+        auto["step"] = copy.deepcopy(hand)
+        for part in ("total", "current"):  # zero_grad runs once per step in the automatic loop
+            zero_grad = auto.get("zero_grad", {}).get(part)
+            if zero_grad is not None:
+                zero_grad.update({key: hand[part]["completed"] for key in ("ready", "started", "completed")})
+
+
+def _without_momentum_buffers(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters of a momentum optimizer (SGD) that have no momentum buffer yet."""
+    return [p for group in optimizer.param_groups if group.get("momentum", 0) for p in group["params"]
+            if optimizer.state.get(p, {}).get("momentum_buffer") is None]
 
 
 def _plain(options: Any) -> dict[str, Any]:

@@ -90,6 +90,10 @@ class DetectionTask(DenseTask):
             labels = torch.nn.functional.pad(labels, (0, limit - count), value=-1)
         return batch["images"], boxes, labels
 
+    def graph_conforms(self, inputs) -> bool:
+        """Whether the boxes are padded to :attr:`cuda_graph_max_boxes` (a batch with more is not captured)."""
+        return inputs[1].shape[1] == self.cuda_graph_max_boxes
+
     def graph_losses(self, images: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         return self._losses({"images": images, "boxes": boxes, "labels": labels})[0]
 

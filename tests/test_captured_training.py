@@ -32,6 +32,12 @@ TINY_SEG = [
     "eval_after_train=false", "backbone.drop_path_rate=0.0",
 ]
 
+#: AdamW for comparisons of two runs. Adam scales every update to about the learning rate, also that of a weight
+#: whose gradient is rounding noise (a norm's bias followed by another norm: its true gradient is 0), so a rounding
+#: difference between two optimizer implementations becomes a learning-rate-sized difference there. A larger eps
+#: keeps such updates small and leaves those of real gradients as they are.
+ADAMW = ["optim=adamw", "+task.module.optimizer.eps=1e-3"]
+
 
 class EagerSteps:
     """Stands in for :class:`tasks.graphed.CapturedStep` on the CPU: calls the step function eagerly each time, and
@@ -92,7 +98,7 @@ def _assert_same_state(a: dict, b: dict, **tol) -> None:
     assert list(a) == list(b)
     for key, value in a.items():
         if value.is_floating_point():
-            torch.testing.assert_close(b[key], value, msg=key, **tol)
+            torch.testing.assert_close(b[key], value, msg=lambda m, key=key: f"{key}: {m}", **tol)
         else:
             assert torch.equal(b[key], value), key
 
@@ -169,36 +175,142 @@ def test_captured_step_logic_trains_like_the_eager_loop(tmp_path, eager_capture,
     assert graph_ckpt["lr_schedulers"][0]["last_epoch"] == eager_ckpt["lr_schedulers"][0]["last_epoch"] == 5
 
 
+@pytest.mark.slow
+def test_captured_step_logic_trains_adamw_like_the_eager_loop(tmp_path, eager_capture):
+    """AdamW's groups are made capturable for the capture (its step counters on the device), and train as the eager
+    loop's fused AdamW does; the checkpoint stores them as an eager run does (capturable off)."""
+    common = ["trainer.accelerator=cpu", "trainer.max_steps=5", *ADAMW]
+    eager_ckpt, eager_losses = _run(tmp_path, "eager", [*common, "+task.module.optimizer.fused=true"])
+    graph_ckpt, graph_losses = _run(tmp_path, "graph", [*common, "task.module.cuda_graph=true"])
+    # The same up to float32 rounding: the captured step's learning rate is a float32 tensor (eager: a Python float).
+    assert graph_losses == pytest.approx(eager_losses, rel=1e-5)
+    _assert_same_state(eager_ckpt["state_dict"], graph_ckpt["state_dict"], rtol=1e-4, atol=1e-6)
+    groups = graph_ckpt["optimizer_states"][0]["param_groups"]
+    assert all(g["fused"] is True and g["capturable"] is False and isinstance(g["lr"], float) for g in groups)
+
+
+def test_resumed_optimizer_state_is_prepared_for_the_capture():
+    """An optimizer whose state comes from a run without the captured step (fused off, counters on the host, a
+    float learning rate) gets what the capture needs."""
+    from tasks.base import _prepare_for_capture
+
+    w = torch.nn.Parameter(torch.ones(3))
+    plain = torch.optim.Adam([w], lr=0.1)
+    w.grad = torch.ones(3)
+    plain.step()
+    assert plain.state[w]["step"].device.type == "cpu" and plain.param_groups[0]["fused"] is None
+    resumed = torch.optim.Adam([w], lr=0.1, fused=True)
+    resumed.load_state_dict(plain.state_dict())  # the saved groups replace the new optimizer's settings
+    assert not resumed.param_groups[0]["fused"]
+    _prepare_for_capture(resumed, torch.device("cpu"))
+    group = resumed.param_groups[0]
+    assert group["fused"] is True and group["capturable"] is True and group["foreach"] is None
+    assert isinstance(group["lr"], torch.Tensor) and group["lr"].dtype == torch.float32 and float(group["lr"]) == pytest.approx(0.1)
+    assert resumed.state[w]["step"].dtype == torch.float32
+    sgd = torch.optim.SGD([w], lr=0.1, momentum=0.9, foreach=True)
+    _prepare_for_capture(sgd, torch.device("cpu"))
+    assert sgd.param_groups[0]["fused"] is True and sgd.param_groups[0]["foreach"] is None
+
+
+@pytest.mark.slow
+def test_a_skipped_first_step_leaves_no_momentum_buffers(tmp_path, eager_capture, nan_losses, monkeypatch):
+    """The fused SGD step creates its momentum buffers uninitialised and fills them in its kernel, which a
+    non-finite step skips: the task drops them, so the next step starts them again from its own gradient."""
+    import lightning as L
+
+    from tasks import runner
+
+    seen = []
+
+    class Buffers(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            opt = trainer.optimizers[0]
+            seen.append(sum(opt.state.get(p, {}).get("momentum_buffer") is not None
+                            for g in opt.param_groups for p in g["params"]))
+
+    original = runner._callbacks
+    monkeypatch.setattr(runner, "_callbacks", lambda cfg, ckpt_dir: [*original(cfg, ckpt_dir), Buffers()])
+    nan_losses({1})
+    ckpt, _ = _run(tmp_path, "run", ["trainer.accelerator=cpu", "task.module.cuda_graph=true", "trainer.max_steps=2"])
+    assert seen[0] == 0 and seen[1] > 0
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_a_new_fit_captures_a_new_graph():
+    cfg = compose("train", ["data=synthetic", "task.module.cuda_graph=true"])
+    task = build_task(cfg, build_model(cfg))
+    task._captured_step, task._unread_step, task._warned_shapes = object(), 7, True
+    task.on_fit_start()
+    assert task._captured_step is None and task._unread_step == -1 and not task._warned_shapes
+
+
+def test_only_a_padded_batch_is_captured():
+    cfg = compose("train", ["data=synthetic", "task.module.cuda_graph=true", "task.module.cuda_graph_max_boxes=3"])
+    task = build_task(cfg, build_model(cfg))
+    images = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+    assert task.graph_conforms(task.graph_inputs({"images": images, "boxes": torch.ones(1, 2, 4),
+                                                  "labels": torch.zeros(1, 2, dtype=torch.long)}))
+    assert not task.graph_conforms(task.graph_inputs({"images": images, "boxes": torch.ones(1, 4, 4),
+                                                      "labels": torch.zeros(1, 4, dtype=torch.long)}))
+
+
 class _Kill(Exception):
     pass
+
+
+def _run_killed_at(tmp_path: Path, monkeypatch, name: str, overrides: list[str], step: int) -> None:
+    """Train until ``step`` optimizer steps are done, then die (the schedule is that of the whole run)."""
+    import lightning as L
+
+    from tasks import runner
+
+    class KillAt(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == step:
+                raise _Kill(f"killed before step {step + 1}")
+
+    original = runner._callbacks
+    monkeypatch.setattr(runner, "_callbacks", lambda cfg, ckpt_dir: [*original(cfg, ckpt_dir), KillAt()])
+    try:
+        with pytest.raises(_Kill):
+            _run(tmp_path, name, overrides)
+    finally:
+        monkeypatch.setattr(runner, "_callbacks", original)
 
 
 @pytest.mark.slow
 def test_captured_step_resumes_to_the_same_weights(tmp_path, eager_capture, monkeypatch):
     """A 6-step run, and one killed before step 5 (last.ckpt every 2 steps) then resumed to 6 steps, end with the
     same weights and EMA weights: the resumed run's learning rates go back onto the device."""
-    import lightning as L
-
-    from tasks import runner
-
     base = ["trainer.accelerator=cpu", "task.module.cuda_graph=true", "trainer.max_steps=6",
             "checkpoint.every_n_train_steps=2"]
     full, _ = _run(tmp_path, "full", base)
-
-    class KillAt(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == 4:
-                raise _Kill("killed before step 5")
-
-    original = runner._callbacks
-    monkeypatch.setattr(runner, "_callbacks", lambda cfg, ckpt_dir: [*original(cfg, ckpt_dir), KillAt()])
-    with pytest.raises(_Kill):
-        _run(tmp_path, "part", base)
-    monkeypatch.setattr(runner, "_callbacks", original)
+    _run_killed_at(tmp_path, monkeypatch, "part", base, 4)
     resumed, _ = _run(tmp_path, "part", [*base, "ckpt_path=last"])
     assert full["global_step"] == resumed["global_step"] == 6
     for key in ("state_dict", "current_model_state"):  # EMA weights, raw weights
         _assert_same_state(full[key], resumed[key], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("captured_first", [False, True], ids=["eager-then-captured", "captured-then-eager"])
+def test_a_checkpoint_resumes_across_the_captured_step(tmp_path, eager_capture, monkeypatch, captured_first):
+    """A run trained without the captured step (plain AdamW) resumes with it, and the other way round: the step
+    count (Lightning keeps one per kind of optimization), the optimizer's counters and moments carry over, the
+    optimizer switches to (or keeps) the fused step, and the weights end as an uninterrupted eager run's do."""
+    base = ["trainer.accelerator=cpu", "checkpoint.every_n_train_steps=2", *ADAMW, "trainer.max_steps=6"]
+    graph = ["task.module.cuda_graph=true"]
+    full, _ = _run(tmp_path, "full", base)
+    _run_killed_at(tmp_path, monkeypatch, "part", [*base, *(graph if captured_first else [])], 4)
+    resumed, losses = _run(tmp_path, "part", [*base, "ckpt_path=last", *([] if captured_first else graph)])
+    assert resumed["global_step"] == 6
+    assert len(losses) == 2  # the resumed run's own steps (its metrics.csv starts again)
+    groups = resumed["optimizer_states"][0]["param_groups"]
+    assert all(g["fused"] is True and not g["capturable"] and isinstance(g["lr"], float) for g in groups)
+    steps = {float(s["step"]) for s in resumed["optimizer_states"][0]["state"].values()}
+    assert steps == {6.0}
+    for key in ("state_dict", "current_model_state"):  # fused and foreach AdamW round differently
+        _assert_same_state(full[key], resumed[key], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -260,6 +372,19 @@ def test_captured_training_equals_eager_training_on_the_gpu(tmp_path, monkeypatc
     assert graph_ckpt["global_step"] == 7
     assert graph_losses == pytest.approx(eager_losses, rel=1e-4, abs=1e-5)
     _assert_same_state(eager_ckpt["state_dict"], graph_ckpt["state_dict"], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_adamw_training_resumes_from_an_eager_checkpoint_on_the_gpu(tmp_path):
+    """AdamW captured for real (capturable groups, step counters on the device), resumed from a checkpoint of a run
+    without the captured step."""
+    base = ["trainer.accelerator=gpu", "trainer.devices=1", "trainer.precision=bf16-mixed", "optim=adamw",
+            "checkpoint.every_n_train_steps=3"]
+    _run(tmp_path, "run", [*base, "trainer.max_steps=3"])
+    ckpt, losses = _run(tmp_path, "run", [*base, "trainer.max_steps=9", "ckpt_path=last", "task.module.cuda_graph=true"])
+    assert ckpt["global_step"] == 9 and all(torch.isfinite(torch.tensor(losses)))
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 
 @pytest.mark.gpu

@@ -157,6 +157,22 @@ def test_ohem_keeps_pixels_below_threshold_or_the_hardest_min_kept():
     got = ohem_cross_entropy(logits, target, threshold=0.7, min_kept=10)
     assert torch.allclose(got, ce[[0, 1, 3]].mean())
 
+    with pytest.raises(ValueError, match="min_kept must be >= 1, got 0"):
+        ohem_cross_entropy(logits, target, threshold=0.7, min_kept=0)
+    with pytest.raises(ValueError, match="ohem_min_kept must be >= 1, got 0"):
+        SegmentationLoss(ohem_threshold=0.7, ohem_min_kept=0)
+
+
+def test_class_weights_move_to_the_logits_device_once():
+    """The weights are moved the first time and kept there (no copy from the host in every step)."""
+    loss = SegmentationLoss(class_weights=[1.0, 2.0, 0.5])
+    logits = torch.randn(1, 3, 4, 4, device="meta")
+    loss(SegmentationOutput(logits, None), torch.zeros(1, 4, 4, dtype=torch.long, device="meta"))
+    moved = loss.class_weights
+    assert moved.device.type == "meta"
+    loss(SegmentationOutput(logits, None), torch.zeros(1, 4, 4, dtype=torch.long, device="meta"))
+    assert loss.class_weights is moved
+
 
 # ---------------------------------------------------------------------------------------------- metrics
 def test_confusion_matrix_and_iou_hand_computed():
