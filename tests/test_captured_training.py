@@ -376,14 +376,15 @@ def test_captured_training_equals_eager_training_on_the_gpu(tmp_path, monkeypatc
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_captured_adamw_training_resumes_from_an_eager_checkpoint_on_the_gpu(tmp_path):
+def test_captured_adamw_training_resumes_from_an_eager_checkpoint_on_the_gpu(tmp_path, monkeypatch):
     """AdamW captured for real (capturable groups, step counters on the device), resumed from a checkpoint of a run
-    without the captured step."""
+    without the captured step: 3 eager warm-up steps, the capture, replays."""
     base = ["trainer.accelerator=gpu", "trainer.devices=1", "trainer.precision=bf16-mixed", "optim=adamw",
-            "checkpoint.every_n_train_steps=3"]
-    _run(tmp_path, "run", [*base, "trainer.max_steps=3"])
-    ckpt, losses = _run(tmp_path, "run", [*base, "trainer.max_steps=9", "ckpt_path=last", "task.module.cuda_graph=true"])
-    assert ckpt["global_step"] == 9 and all(torch.isfinite(torch.tensor(losses)))
+            "trainer.max_steps=9", "checkpoint.every_n_train_steps=2"]
+    _run_killed_at(tmp_path, monkeypatch, "run", base, 2)
+    ckpt, losses = _run(tmp_path, "run", [*base, "ckpt_path=last", "task.module.cuda_graph=true"])
+    assert ckpt["global_step"] == 9 and len(losses) == 7 and all(torch.isfinite(torch.tensor(losses)))
+    assert {float(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()} == {9.0}
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 
