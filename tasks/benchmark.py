@@ -48,7 +48,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -281,6 +281,17 @@ def _agreement(ours: dict, theirs: torch.Tensor, cls_diff: float) -> dict[str, A
 
 
 # ----------------------------------------------------------------------------------------------- main
+def _effdet_paths(cfg: DictConfig, paths: FastPaths) -> FastPaths:
+    """effdet's fast paths in the timed measures: this project's, with ``effdet_compile`` (when set) in place of
+    ``fast.compile`` (e.g. this project compiled against effdet eager, without minutes of compiling effdet)."""
+    choice = cfg.get("effdet_compile")
+    if choice is None:
+        return paths
+    if not isinstance(choice, bool):
+        raise BenchmarkError(f"effdet_compile must be null, true or false, got {choice!r}")
+    return replace(paths, compile=choice)
+
+
 def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: None) -> list[dict]:
     """Run the measurements of ``cfg`` (configs/benchmark.yaml); ``emit`` sees each row as it is made."""
     from .runner import build_model, build_task
@@ -306,6 +317,7 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
     task = build_task(cfg, build_model(cfg)).eval()
     ref = _Effdet(cfg, task, size) if compare else None
     paths = FastPaths(**OmegaConf.to_container(cfg.fast)).resolve(device)
+    theirs = _effdet_paths(cfg, paths)
     batch, train_batch = _batches(cfg, device, task_name)
 
     common = {
@@ -330,6 +342,8 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
             extra = {"ratio": ratio} if impl == "effdense" and ratio is not None else {}
             if impl == "effdense":
                 extra.update(ours)
+            else:
+                extra["compile"] = theirs.compile
             add(measure, impl, value=round(value, 2), unit=unit, ms_per_call=round(t["seconds"] * 1000, 3),
                 spread=round(t["spread"], 3), peak_memory_mb=t["peak_memory_mb"] or _rss_mb(device),
                 **fields, **extra)
@@ -403,7 +417,7 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
         x = images[:n]
         fns = {"effdense": partial(ours_pred, x)}
         if ref:
-            fns["effdet"] = partial(ref.predictor(paths, device, size), x)
+            fns["effdet"] = partial(ref.predictor(theirs, device, size), x)
         times = _time_rounds(fns, **timing)
         if cfg.profile:
             _profile(f"{measure} batch {n}", fns, device)
@@ -418,7 +432,7 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
             raise BenchmarkError("measure 'train_graph' (a CUDA-graph training step) needs task=detection and CUDA")
         fns = {"effdense": _our_train_step(task, paths, device, *train_inputs, graphed=graphed)}
         if ref:  # effdet's step cannot be captured (its labeller selects each image's boxes on the host): its 'train'
-            fns["effdet"] = _effdet_train_step(ref, paths, device, *train_inputs)
+            fns["effdet"] = _effdet_train_step(ref, theirs, device, *train_inputs)
         times = _time_rounds(fns, **timing)
         if cfg.profile:
             _profile(f"{'graphed ' * graphed}train batch {train_batch}", fns, device)

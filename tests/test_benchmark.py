@@ -71,6 +71,8 @@ def test_compare_effdet_on_cpu_prints_json_lines_table_and_ratios(tmp_path):
         (["measures=[speed]"], "unknown measures ['speed']"),
         (["image_size=100", "device=cpu"], "multiple of 128"),
         (["image_size=128", "device=cpu", "measures=[train_graph]"], "'train_graph' (a CUDA-graph training step) needs"),
+        (["image_size=128", "device=cpu", "compare=effdet", "measures=[latency]", "effdet_compile=sometimes"],
+         "effdet_compile must be null, true or false, got 'sometimes'"),
     ],
 )
 def test_bad_requests_exit_2_with_one_line(tmp_path, overrides, message):
@@ -78,6 +80,19 @@ def test_bad_requests_exit_2_with_one_line(tmp_path, overrides, message):
     assert res.returncode == 2, res.stderr[-2000:]
     assert message in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_effdet_compile_sets_effdets_compilation_alone():
+    from omegaconf import OmegaConf
+
+    from tasks.benchmark import _effdet_paths
+    from tasks.inference import FastPaths
+
+    ours = FastPaths(compile=True, cudagraphs=True)
+    assert _effdet_paths(OmegaConf.create({"effdet_compile": None}), ours) is ours
+    theirs = _effdet_paths(OmegaConf.create({"effdet_compile": False}), ours)
+    assert theirs == FastPaths(compile=False, cudagraphs=True)  # everything else as this project's
+    assert _effdet_paths(OmegaConf.create({}), ours) is ours  # configs without the key
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU measurements recorded in docs/benchmarks.md, one benchmark process per part, within a time budget.
-# Usage: OUT=outputs/bench_gpu BUDGET=545 [PARTS="d0 d0_train d0_fit graph_fit d0_fused d0_step d0_step_fused d3_step focal d3 d3_profile fit_profile seg d0_train_compiled d3_compiled d3_train_compiled"] bash tools/bench_gpu.sh
+# Usage: OUT=outputs/bench_gpu BUDGET=545 [PARTS="d0 d0_train d0_fit graph_fit d0_fused d0_step d0_step_fused d3_step focal d3 d3_profile fit_profile seg d0_train_compiled d3_compiled d3_train_compiled train_compiled"] bash tools/bench_gpu.sh
 # JSON lines go to $OUT/<part>.jsonl, logs to $OUT/<part>.log (parts of the same name append); a part that
 # would overrun the budget is cut short (the lines it printed so far are kept). FOCAL_IMPLS="torch" limits the
 # focal part to the PyTorch loss (the default, auto, is what the other parts measure), FOCAL_BACKBONES="b0" to D0;
-# GRAPH_BACKBONES="b0" limits graph_fit to D0.
+# GRAPH_BACKBONES="b0" limits graph_fit to D0, COMPILED_BACKBONES="b3" train_compiled to D3.
 set -u
 OUT=${OUT:-outputs/bench_gpu}
 PY=${PY:-python3}
@@ -75,6 +75,10 @@ for p in $PARTS; do
     run d0_train 300 backbone=b0 compare=effdet measures=[train] iters=5 ;;
   d3_compiled)
     run d3 300 backbone=b3 compare=effdet measures=[predict] ;;
+  train_compiled)  # this project's training step compiled against effdet's eager step (only ours is compiled), D3, D0
+    for b in ${COMPILED_BACKBONES:-b3 b0}; do
+      run train_compiled 300 backbone=$b compare=effdet effdet_compile=false measures=[train] iters=3
+    done ;;
   d3_train_compiled)  # the D3 training step, both eager, then both compiled (minutes of compilation)
     run d3_train_compiled 90 backbone=b3 compare=effdet fast.compile=false measures=[train] iters=3
     run d3_train_compiled 300 backbone=b3 compare=effdet measures=[train] iters=3 ;;
