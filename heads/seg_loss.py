@@ -78,7 +78,7 @@ class SegmentationLoss:
     ) -> None:
         if ohem_threshold is not None and not 0.0 < ohem_threshold <= 1.0:
             raise ValueError(f"ohem_threshold must be in (0, 1], got {ohem_threshold}")
-        if int(ohem_min_kept) < 1:
+        if ohem_threshold is not None and int(ohem_min_kept) < 1:
             raise ValueError(f"ohem_min_kept must be >= 1, got {ohem_min_kept}")
         self.ignore_index = int(ignore_index)
         self.aux_weight = float(aux_weight)

@@ -379,17 +379,20 @@ class DenseTask(L.LightningModule):
             self._captured_step = CapturedStep(self._graph_step, warmup=3)
         step = self.global_step
         captured = self._captured_step
-        # A batch of other shapes than the graph's runs eagerly; so does one that would be captured but does not have
-        # the shapes every later batch will have (more boxes than the padded count), so the graph never fixes them.
-        eager = not captured.matches(inputs) or (captured.captures_next and not self.graph_conforms(inputs))
-        if eager and not self._warned_shapes:
-            log.warning(
-                "a training batch with other shapes than the captured training step's (%s) runs eagerly; so will any "
-                "other such batch (detection: raise task.module.cuda_graph_max_boxes when images have more objects)",
-                [tuple(t.shape) for t in inputs])
-            self._warned_shapes = True
         # Parameters whose momentum buffers the fused SGD step creates now: uninitialised when the step is skipped.
         fresh = [] if captured.captured else _without_momentum_buffers(opt)
+        # A batch of other shapes than the graph's runs eagerly; so does one that would be captured but does not have
+        # the shapes every later batch will have (more boxes than the padded count), so the graph never fixes them.
+        odd_shapes = not captured.matches(inputs) or (captured.captures_next and not self.graph_conforms(inputs))
+        # Nor is a step captured while the momentum buffers of trained parameters are missing (the warm-up steps were
+        # skipped): the graph would fix the fused SGD's first-step rule (buffer = gradient) for every replay.
+        eager = odd_shapes or (captured.captures_next and any(p.grad is not None for p in fresh))
+        if odd_shapes and not self._warned_shapes:
+            log.warning(
+                "a training batch with other shapes than the captured training step takes (%s) runs eagerly; so will "
+                "any other such batch (detection: raise task.module.cuda_graph_max_boxes when images have more "
+                "objects)", [tuple(t.shape) for t in inputs])
+            self._warned_shapes = True
         lightning_opt._on_before_step()  # Lightning's optimizer-step count (what opt.step() would do)
         try:
             capturing = not eager and captured.captures_next
@@ -402,7 +405,7 @@ class DenseTask(L.LightningModule):
                 raise
             if fresh and not bool(values[-1]):  # an eager step (before the capture): waiting for it costs little
                 for p in fresh:  # the next step creates them again, as a first step
-                    opt.state[p].pop("momentum_buffer", None)
+                    opt.state.get(p, {}).pop("momentum_buffer", None)
         finally:
             lightning_opt._on_after_step()
         scheduler = self.lr_schedulers()
@@ -489,6 +492,9 @@ class DenseTask(L.LightningModule):
                         group["lr"] = float(group["lr"])
                     if group.get("capturable"):
                         group["capturable"] = False
+            for state in checkpoint.get("lr_schedulers", []):
+                if isinstance(state.get("_last_lr"), list):
+                    state["_last_lr"] = [float(v) if isinstance(v, torch.Tensor) else v for v in state["_last_lr"]]
         if self.run_config is not None:
             checkpoint["effdense_config"] = self.run_config
         names = self.class_names()

@@ -173,6 +173,8 @@ def test_captured_step_logic_trains_like_the_eager_loop(tmp_path, eager_capture,
     for a, b in zip(eager_ckpt["optimizer_states"][0]["param_groups"], graph_ckpt["optimizer_states"][0]["param_groups"]):
         assert isinstance(b["lr"], float) and b["lr"] == pytest.approx(a["lr"], abs=1e-7)
     assert graph_ckpt["lr_schedulers"][0]["last_epoch"] == eager_ckpt["lr_schedulers"][0]["last_epoch"] == 5
+    assert graph_ckpt["lr_schedulers"][0]["_last_lr"] == pytest.approx(eager_ckpt["lr_schedulers"][0]["_last_lr"])
+    assert all(isinstance(v, float) for v in graph_ckpt["lr_schedulers"][0]["_last_lr"])
 
 
 @pytest.mark.slow
@@ -190,8 +192,9 @@ def test_captured_step_logic_trains_adamw_like_the_eager_loop(tmp_path, eager_ca
 
 
 def test_resumed_optimizer_state_is_prepared_for_the_capture():
-    """An optimizer whose state comes from a run without the captured step (fused off, counters on the host, a
-    float learning rate) gets what the capture needs."""
+    """An optimizer whose state comes from a run without the captured step (fused off, a float learning rate) gets
+    what the capture needs. (Its step counters, on the host, move to the parameters' device: a CUDA-only case, run by
+    the GPU test that resumes captured AdamW from an eager checkpoint.)"""
     from tasks.base import _prepare_for_capture
 
     w = torch.nn.Parameter(torch.ones(3))
@@ -206,7 +209,6 @@ def test_resumed_optimizer_state_is_prepared_for_the_capture():
     group = resumed.param_groups[0]
     assert group["fused"] is True and group["capturable"] is True and group["foreach"] is None
     assert isinstance(group["lr"], torch.Tensor) and group["lr"].dtype == torch.float32 and float(group["lr"]) == pytest.approx(0.1)
-    assert resumed.state[w]["step"].dtype == torch.float32
     sgd = torch.optim.SGD([w], lr=0.1, momentum=0.9, foreach=True)
     _prepare_for_capture(sgd, torch.device("cpu"))
     assert sgd.param_groups[0]["fused"] is True and sgd.param_groups[0]["foreach"] is None
@@ -234,6 +236,31 @@ def test_a_skipped_first_step_leaves_no_momentum_buffers(tmp_path, eager_capture
     ckpt, _ = _run(tmp_path, "run", ["trainer.accelerator=cpu", "task.module.cuda_graph=true", "trainer.max_steps=2"])
     assert seen[0] == 0 and seen[1] > 0
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_no_capture_while_the_skipped_warm_up_left_no_momentum_buffers(tmp_path, eager_capture, nan_losses):
+    """All three warm-up steps skipped: the fourth step, the first to update, runs eagerly (it creates the buffers
+    as a first step), and the fifth is captured (a graph captured without buffers would apply the first-step rule,
+    buffer = gradient, at every replay)."""
+    nan_losses({1, 2, 3})
+    ckpt, _ = _run(tmp_path, "run", ["trainer.accelerator=cpu", "task.module.cuda_graph=true", "trainer.max_steps=6"])
+    step = EagerSteps.last
+    assert step.eager_calls == 1 and step.replays == 2 and step.calls == 6
+    state = ckpt["optimizer_states"][0]["state"]
+    assert sum("momentum_buffer" in s for s in state.values()) > 0
+
+
+@pytest.mark.slow
+def test_a_batch_wider_than_the_padding_is_never_captured(tmp_path, eager_capture, caplog):
+    """Every batch holds more boxes than cuda_graph_max_boxes: no batch is captured (a graph of one such batch would
+    fix its box count); after the three warm-up steps they run eagerly, with one warning."""
+    with caplog.at_level("WARNING"):
+        _run(tmp_path, "run", ["trainer.accelerator=cpu", "task.module.cuda_graph=true", "trainer.max_steps=5",
+                               "task.module.cuda_graph_max_boxes=1"])  # every synthetic batch has 2 or 3
+    step = EagerSteps.last
+    assert not step.captured and step.calls == 5 and step.eager_calls == 2
+    assert caplog.text.count("runs eagerly") == 1
 
 
 def test_a_new_fit_captures_a_new_graph():
@@ -293,18 +320,23 @@ def test_captured_step_resumes_to_the_same_weights(tmp_path, eager_capture, monk
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("captured_first", [False, True], ids=["eager-then-captured", "captured-then-eager"])
-def test_a_checkpoint_resumes_across_the_captured_step(tmp_path, eager_capture, monkeypatch, captured_first):
+@pytest.mark.parametrize("captured_first, killed_at", [(False, 2), (True, 4)],
+                         ids=["eager-then-captured-mid-epoch", "captured-then-eager-end-of-epoch"])
+def test_a_checkpoint_resumes_across_the_captured_step(tmp_path, eager_capture, monkeypatch, captured_first,
+                                                        killed_at):
     """A run trained without the captured step (plain AdamW) resumes with it, and the other way round: the step
     count (Lightning keeps one per kind of optimization), the optimizer's counters and moments carry over, the
-    optimizer switches to (or keeps) the fused step, and the weights end as an uninterrupted eager run's do."""
+    optimizer switches to (or keeps) the fused step, and the weights end as an uninterrupted eager run's do.
+    (An epoch has 4 steps: killed after 2, the run resumes mid-epoch, and its 4 steps reach the capture.)"""
     base = ["trainer.accelerator=cpu", "checkpoint.every_n_train_steps=2", *ADAMW, "trainer.max_steps=6"]
     graph = ["task.module.cuda_graph=true"]
     full, _ = _run(tmp_path, "full", base)
-    _run_killed_at(tmp_path, monkeypatch, "part", [*base, *(graph if captured_first else [])], 4)
+    _run_killed_at(tmp_path, monkeypatch, "part", [*base, *(graph if captured_first else [])], killed_at)
     resumed, losses = _run(tmp_path, "part", [*base, "ckpt_path=last", *([] if captured_first else graph)])
     assert resumed["global_step"] == 6
-    assert len(losses) == 2  # the resumed run's own steps (its metrics.csv starts again)
+    assert len(losses) == 6 - killed_at  # the resumed run's own steps (its metrics.csv starts again)
+    if not captured_first:
+        assert EagerSteps.last.replays >= 1
     groups = resumed["optimizer_states"][0]["param_groups"]
     assert all(g["fused"] is True and not g["capturable"] and isinstance(g["lr"], float) for g in groups)
     steps = {float(s["step"]) for s in resumed["optimizer_states"][0]["state"].values()}

@@ -161,6 +161,7 @@ def test_ohem_keeps_pixels_below_threshold_or_the_hardest_min_kept():
         ohem_cross_entropy(logits, target, threshold=0.7, min_kept=0)
     with pytest.raises(ValueError, match="ohem_min_kept must be >= 1, got 0"):
         SegmentationLoss(ohem_threshold=0.7, ohem_min_kept=0)
+    SegmentationLoss(ohem_threshold=None, ohem_min_kept=0)  # OHEM off: the count is not used
 
 
 def test_class_weights_move_to_the_logits_device_once():
