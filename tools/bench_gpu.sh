@@ -73,8 +73,8 @@ for p in $PARTS; do
     done ;;
   d0_train_compiled)  # training with both networks compiled (compilation of forward + backward takes minutes)
     run d0_train 300 backbone=b0 compare=effdet measures=[train] iters=5 ;;
-  d3_compiled)
-    run d3 300 backbone=b3 compare=effdet measures=[predict] ;;
+  d3_compiled)  # D3 predict, both compiled (the CUDA default), profiled: where the compiled call's time goes
+    run d3 300 backbone=b3 compare=effdet measures=[predict] profile=true ;;
   train_compiled)  # this project's training step compiled against effdet's eager step (only ours is compiled), D3, D0
     for b in ${COMPILED_BACKBONES:-b3 b0}; do
       run train_compiled 300 backbone=$b compare=effdet effdet_compile=false measures=[train] iters=3
