@@ -126,7 +126,7 @@ class DenseTask(L.LightningModule):
             thousands, for training steps that are bound by the host launching kernels (EfficientDet's small maps on a
             fast GPU). The first three steps run eagerly (warm-up: momentum buffers, cuDNN autotuning), the fourth is
             captured; each step still trains once on its own batch. Needs one CUDA device (no DDP), ``32-true`` or
-            ``bf16-mixed`` precision, no gradient accumulation, not ``compile``, and an optimizer with a fused CUDA
+            ``bf16-mixed`` precision, no gradient accumulation, and an optimizer with a fused CUDA
             implementation (``torch.optim.SGD``, ``Adam``, ``AdamW``: made with ``fused=True``, its learning rate a
             device tensor that the schedule updates in place). The graph replays one shape: training crops have
             one, and detection pads its boxes to a fixed count; a batch of another shape (more boxes, a smaller
@@ -137,7 +137,9 @@ class DenseTask(L.LightningModule):
             ``on_after_backward`` and ``on_before_optimizer_step`` hooks do not run (the step is one graph). A run
             resumes from a checkpoint written with or without the captured step, either way (the optimizer state,
             the step count and the schedule carry over). The graph's memory (activations of one step) stays reserved
-            while validation runs.
+            while validation runs. With ``compile`` as well, the compiled network (compiled in the warm-up steps)
+            is what the graph captures: fused kernels, launched once per step; not with the ``compile_options``
+            that make torch.compile take CUDA graphs itself (``reduce-overhead``, ``max-autotune``).
     """
 
     def __init__(
@@ -164,9 +166,6 @@ class DenseTask(L.LightningModule):
             raise ValueError(f"compile must be true or false, got {compile!r}")
         if not isinstance(cuda_graph, bool):
             raise TypeError(f"cuda_graph must be true or false, got {cuda_graph!r}")
-        if cuda_graph and compile:
-            raise ValueError("cuda_graph and compile are two ways to cut the training step's launches: choose one "
-                             "(task.module.cuda_graph=true or task.module.compile=true)")
         #: Whether the training step runs as one captured CUDA graph (see the class docstring).
         self.cuda_graph = cuda_graph
         if cuda_graph:  # the task steps the optimizer itself: the whole step is one graph
@@ -186,6 +185,11 @@ class DenseTask(L.LightningModule):
             )
         if options.get("mode") is not None and options.get("options") is not None:
             raise ValueError("compile_options: set mode or options, not both (torch.compile takes one of them)")
+        if cuda_graph and compile and _compiles_cuda_graphs(options):
+            raise ValueError(
+                f"task.module.cuda_graph=true captures the whole training step as one CUDA graph, and compile_options "
+                f"{options} make torch.compile take CUDA graphs of its own inside it: use the default mode or "
+                "max-autotune-no-cudagraphs (or task.module.cuda_graph=false)")
         #: ``torch.compile`` the model when fitting (see :meth:`setup`), with these keyword arguments.
         self.compile_model = compile
         self.compile_options = {"dynamic": False, **options}
@@ -525,6 +529,14 @@ class DenseTask(L.LightningModule):
         from .coco_eval import atomic_write_json
 
         atomic_write_json(Path(run_dir) / "metrics.json", _json_safe(self.last_metrics), indent=2)
+
+
+def _compiles_cuda_graphs(options: Mapping[str, Any]) -> bool:
+    """Whether ``torch.compile`` with these keyword arguments captures CUDA graphs itself (its ``reduce-overhead`` and
+    ``max-autotune`` modes, or the inductor option ``triton.cudagraphs``)."""
+    if options.get("mode") in ("reduce-overhead", "max-autotune"):
+        return True
+    return bool((options.get("options") or {}).get("triton.cudagraphs", False))
 
 
 def _prepare_for_capture(optimizer: torch.optim.Optimizer, device: torch.device) -> None:

@@ -25,7 +25,8 @@ prints one JSON line per measurement and a table. Measurements:
   loader), and the operations and host synchronisations of one whole step; ``vs_train`` is its time over the
   bare ``train`` step's when both are measured (the loop's overhead), and ``ratio`` its time over effdet's bare
   ``train`` step's (effdet has no trainer); ``task.module.compile`` follows ``fast.compile``, and
-  ``task.module.cuda_graph=true`` measures the loop with the captured training step (CUDA only);
+  ``task.module.cuda_graph=true`` measures the loop with the captured training step (CUDA only; with
+  ``fast.compile`` on, the step captures the compiled network);
 - ``train_graph`` (CUDA only): the same step captured whole as one CUDA graph (:class:`tasks.graphed.GraphedTrainStep`),
   which this project's sync-free target assignment allows; effdet's step cannot be captured (its anchor labeller
   selects each image's valid boxes with boolean indexing, a host synchronisation), so its row is its ``train`` step.
@@ -473,7 +474,7 @@ def _fit(cfg: DictConfig, task, paths: FastPaths, device: torch.device, batch: i
     steps = warmup + iters * rounds + 1 + (profile_steps + 1 if profile_steps else 0)
     precision = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}[paths.precision]
     fit_cfg = OmegaConf.merge(cfg, {"task": {"module": {"channels_last": paths.channels_last,
-                                                        "compile": bool(paths.compile) and not graph}}})
+                                                        "compile": bool(paths.compile)}}})
     fit_task = build_task(fit_cfg, copy.deepcopy(task.model).train())
     g = torch.Generator().manual_seed(int(cfg.seed))
     data: dict[str, torch.Tensor] = {"images": torch.randint(0, 256, (batch, 3, *size), dtype=torch.uint8, generator=g)}

@@ -104,9 +104,19 @@ def _assert_same_state(a: dict, b: dict, **tol) -> None:
 
 
 def test_options_are_checked():
-    with pytest.raises(Exception, match="choose one"):
-        cfg = compose("train", ["data=synthetic", "task.module.cuda_graph=true", "task.module.compile=true"])
+    for mode in ("reduce-overhead", "max-autotune"):  # torch.compile's own CUDA graphs inside the captured step
+        with pytest.raises(Exception, match="take CUDA graphs of its own inside it"):
+            cfg = compose("train", ["data=synthetic", "task.module.cuda_graph=true", "task.module.compile=true",
+                                    f"+task.module.compile_options.mode={mode}"])
+            build_task(cfg, build_model(cfg))
+    with pytest.raises(Exception, match="take CUDA graphs of its own inside it"):
+        cfg = compose("train", ["data=synthetic", "task.module.cuda_graph=true", "task.module.compile=true",
+                                "+task.module.compile_options.options={triton.cudagraphs: true}"])
         build_task(cfg, build_model(cfg))
+    for mode in ("default", "max-autotune-no-cudagraphs"):
+        cfg = compose("train", ["data=synthetic", "task.module.cuda_graph=true", "task.module.compile=true",
+                                f"+task.module.compile_options.mode={mode}"])
+        assert build_task(cfg, build_model(cfg)).cuda_graph
     with pytest.raises(Exception, match="cuda_graph_max_boxes must be >= 1"):
         cfg = compose("train", ["data=synthetic", "task.module.cuda_graph=true", "task.module.cuda_graph_max_boxes=0"])
         build_task(cfg, build_model(cfg))
@@ -175,6 +185,31 @@ def test_captured_step_logic_trains_like_the_eager_loop(tmp_path, eager_capture,
     assert graph_ckpt["lr_schedulers"][0]["last_epoch"] == eager_ckpt["lr_schedulers"][0]["last_epoch"] == 5
     assert graph_ckpt["lr_schedulers"][0]["_last_lr"] == pytest.approx(eager_ckpt["lr_schedulers"][0]["_last_lr"])
     assert all(isinstance(v, float) for v in graph_ckpt["lr_schedulers"][0]["_last_lr"])
+
+
+@pytest.mark.slow
+def test_captured_step_logic_with_compile_trains_like_the_compiled_eager_loop(tmp_path, eager_capture, monkeypatch):
+    """With task.module.compile too, the captured step runs the compiled network (here torch.compile's AOTAutograd
+    path without code generation, which the CPU runs in seconds) and trains as the compiled automatic loop does."""
+    compiled = []
+    original = DenseTask.run_model
+
+    def run_model(self, images):
+        if self.training:
+            compiled.append(self.model_compiled)
+        return original(self, images)
+
+    monkeypatch.setattr(DenseTask, "run_model", run_model)
+    common = ["trainer.accelerator=cpu", "trainer.max_steps=5", "task.module.compile=true",
+              "+task.module.compile_options.backend=aot_eager"]
+    eager_ckpt, eager_losses = _run(tmp_path, "eager", [*common, "+task.module.optimizer.fused=true"])
+    compiled.clear()
+    graph_ckpt, graph_losses = _run(tmp_path, "graph", [*common, "task.module.cuda_graph=true"])
+    assert compiled == [True] * 5  # every training step's network ran through torch.compile
+    assert EagerSteps.last.replays == 2
+    assert graph_losses == pytest.approx(eager_losses, rel=1e-5)
+    _assert_same_state(eager_ckpt["state_dict"], graph_ckpt["state_dict"], rtol=1e-4, atol=1e-6)
+    assert list(graph_ckpt["state_dict"]) == list(eager_ckpt["state_dict"])  # the plain model's keys
 
 
 @pytest.mark.slow
@@ -429,3 +464,29 @@ def test_captured_training_in_bf16_runs_on_the_gpu(tmp_path):
     assert ckpt["global_step"] == 6 and len(losses) == 6
     assert all(torch.isfinite(torch.tensor(losses)))
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_training_of_the_compiled_network_on_the_gpu(tmp_path, monkeypatch):
+    """task.module.cuda_graph with task.module.compile (inductor): the network is compiled in the warm-up steps, the
+    graph captures its kernels, and the replays train like eager training within bf16 rounding."""
+    import tasks.graphed
+
+    steps = {}
+    original = tasks.graphed.CapturedStep
+
+    class Recording(original):
+        def __init__(self, fn, **kwargs):
+            super().__init__(fn, **kwargs)
+            steps["step"] = self
+
+    monkeypatch.setattr(tasks.graphed, "CapturedStep", Recording)
+    common = ["trainer.accelerator=gpu", "trainer.devices=1", "trainer.precision=bf16-mixed", "trainer.max_steps=7",
+              "task.module.channels_last=true"]
+    _, eager_losses = _run(tmp_path, "eager", [*common, "+task.module.optimizer.fused=true"])
+    ckpt, losses = _run(tmp_path, "graph", [*common, "task.module.cuda_graph=true", "task.module.compile=true"])
+    assert steps["step"].captured and steps["step"].calls == 7 and ckpt["global_step"] == 7
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses == pytest.approx(eager_losses, rel=0.05)
+

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU measurements recorded in docs/benchmarks.md, one benchmark process per part, within a time budget.
-# Usage: OUT=outputs/bench_gpu BUDGET=545 [PARTS="d0 d0_train d0_fit graph_fit d0_fused d0_step d0_step_fused d3_step focal d3 d3_profile fit_profile seg d0_train_compiled d3_compiled d3_train_compiled train_compiled"] bash tools/bench_gpu.sh
+# Usage: OUT=outputs/bench_gpu BUDGET=545 [PARTS="d0 d0_train d0_fit graph_fit d0_fused d0_step d0_step_fused d3_step focal d3 d3_profile fit_profile seg d0_train_compiled d3_compiled d3_train_compiled train_compiled graph_fit_compiled"] bash tools/bench_gpu.sh
 # JSON lines go to $OUT/<part>.jsonl, logs to $OUT/<part>.log (parts of the same name append); a part that
 # would overrun the budget is cut short (the lines it printed so far are kept). FOCAL_IMPLS="torch" limits the
 # focal part to the PyTorch loss (the default, auto, is what the other parts measure), FOCAL_BACKBONES="b0" to D0;
-# GRAPH_BACKBONES="b0" limits graph_fit to D0, COMPILED_BACKBONES="b3" train_compiled to D3.
+# GRAPH_BACKBONES="b0" limits graph_fit and graph_fit_compiled to D0, COMPILED_BACKBONES="b3" train_compiled to D3.
 set -u
 OUT=${OUT:-outputs/bench_gpu}
 PY=${PY:-python3}
@@ -50,6 +50,12 @@ for p in $PARTS; do
     for b in ${GRAPH_BACKBONES:-b0 b3}; do
       if [[ $b == b0 ]]; then iters=5 limit=120; else iters=3 limit=150; fi
       run graph_fit $limit backbone=$b compare=effdet fast.compile=false measures=[train,fit] iters=$iters task.module.cuda_graph=true
+    done ;;
+  graph_fit_compiled)  # the Lightning loop with the captured step running the compiled network
+    # (task.module.cuda_graph=true task.module.compile=true), D3 then D0; this project's bare step compiled too, effdet's eager
+    for b in ${GRAPH_BACKBONES:-b3 b0}; do
+      run graph_fit_compiled 400 backbone=$b compare=effdet effdet_compile=false measures=[train,fit] iters=3 \
+        task.module.cuda_graph=true
     done ;;
   fit_profile)  # where the Lightning loop's time goes beyond the bare step: D3, profiled steps of both
     run fit_profile 150 backbone=b3 fast.compile=false measures=[train,fit] iters=3 profile=true ;;
