@@ -185,11 +185,13 @@ class DenseTask(L.LightningModule):
             )
         if options.get("mode") is not None and options.get("options") is not None:
             raise ValueError("compile_options: set mode or options, not both (torch.compile takes one of them)")
-        if cuda_graph and compile and _compiles_cuda_graphs(options):
-            raise ValueError(
-                f"task.module.cuda_graph=true captures the whole training step as one CUDA graph, and compile_options "
-                f"{options} make torch.compile take CUDA graphs of its own inside it: use the default mode or "
-                "max-autotune-no-cudagraphs (or task.module.cuda_graph=false)")
+        if cuda_graph and compile:
+            if _compiles_cuda_graphs(options):
+                raise ValueError(
+                    f"task.module.cuda_graph=true captures the whole training step as one CUDA graph, and "
+                    f"compile_options {options} make torch.compile take CUDA graphs of its own inside it: use the "
+                    "default mode or max-autotune-no-cudagraphs (or task.module.cuda_graph=false)")
+            options = _without_inductor_cuda_graphs(options)
         #: ``torch.compile`` the model when fitting (see :meth:`setup`), with these keyword arguments.
         self.compile_model = compile
         self.compile_options = {"dynamic": False, **options}
@@ -532,11 +534,29 @@ class DenseTask(L.LightningModule):
 
 
 def _compiles_cuda_graphs(options: Mapping[str, Any]) -> bool:
-    """Whether ``torch.compile`` with these keyword arguments captures CUDA graphs itself (its ``reduce-overhead`` and
-    ``max-autotune`` modes, or the inductor option ``triton.cudagraphs``)."""
-    if options.get("mode") in ("reduce-overhead", "max-autotune"):
+    """Whether ``torch.compile`` with these keyword arguments is asked to capture CUDA graphs itself (its
+    ``reduce-overhead`` and ``max-autotune`` modes, the inductor option ``triton.cudagraphs``, the ``cudagraphs``
+    backend)."""
+    if options.get("mode") in ("reduce-overhead", "max-autotune") or options.get("backend") == "cudagraphs":
         return True
-    return bool((options.get("options") or {}).get("triton.cudagraphs", False))
+    return (options.get("options") or {}).get("triton.cudagraphs") is True
+
+
+def _without_inductor_cuda_graphs(options: dict[str, Any]) -> dict[str, Any]:
+    """``torch.compile`` keyword arguments for a network that a captured training step replays: inductor's own CUDA
+    graphs off explicitly (``TORCHINDUCTOR_CUDAGRAPHS=1`` or its config would turn them on in any mode); a mode
+    becomes its inductor options (torch.compile takes a mode or options, not both)."""
+    if options.get("backend", "inductor") != "inductor":
+        return options
+    options = dict(options)
+    mode = options.pop("mode", None)
+    settings = dict(options.get("options") or {})
+    if mode not in (None, "default"):
+        from torch._inductor import list_mode_options
+
+        settings = {**list_mode_options(mode), **settings}
+    options["options"] = {**settings, "triton.cudagraphs": False}
+    return options
 
 
 def _prepare_for_capture(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
