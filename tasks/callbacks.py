@@ -11,14 +11,14 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, WeightAveraging
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from .distributed import broadcast_from_rank_zero
 
-__all__ = ["EMA", "AtomicCheckpointIO", "SaveLastOnTrainEnd", "SyncNormLayers"]
+__all__ = ["EMA", "AtomicCheckpointIO", "SaveLastAtMaxSteps", "SaveLastOnTrainEnd", "SyncNormLayers"]
 
 
 def ema_weight(decay: float, warmup: bool, num_averaged: int) -> float:
@@ -162,19 +162,47 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
 
+class SaveLastAtMaxSteps(Checkpoint):
+    """Writes ``last.ckpt`` at the end of the step that reaches ``max_steps``, as a step-interval checkpoint would.
+
+    Written there, the checkpoint's loop state says "this many batches of this epoch are done", so a run resumed
+    from it with a larger ``max_steps`` goes on with the next batch of the same epoch. Written after training ends
+    (Lightning then counts the interrupted epoch as finished), the resumed run would start the next epoch at the
+    batch index where the last one stopped, skipping batches. A :class:`~lightning.pytorch.callbacks.Checkpoint`,
+    so Lightning runs it after the other callbacks' ``on_train_batch_end`` (the EMA update of the step is in it).
+    """
+
+    def __init__(self, dirpath: str | Path) -> None:
+        self.dirpath = Path(dirpath)
+        #: The global step of the last checkpoint written (``None``: none yet).
+        self.saved_step: int | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.max_steps is None or trainer.max_steps < 0 or trainer.global_step < trainer.max_steps:
+            return
+        if trainer.sanity_checking or trainer.fast_dev_run or self.saved_step == trainer.global_step:
+            return
+        trainer.save_checkpoint(str(self.dirpath / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"))
+        self.saved_step = trainer.global_step
+
+
 class SaveLastOnTrainEnd(L.Callback):
-    """Writes ``last.ckpt`` when training ends between the :class:`ModelCheckpoint` saves (``max_steps`` reached
-    in the middle of an epoch), so it always holds the final weights, optimizer and EMA state.
+    """Writes ``last.ckpt`` when training ends between the checkpoint saves (stopped in the middle of an epoch by
+    something other than ``max_steps``, which :class:`SaveLastAtMaxSteps` covers), so it always holds the final
+    weights, optimizer and EMA state.
 
     Put it before the EMA callback: at ``on_train_end`` the EMA callback copies the averaged weights into the
     module, and the checkpoint must be written before that (it stores both, as during training).
     """
 
-    def __init__(self, checkpoint: ModelCheckpoint) -> None:
+    def __init__(self, checkpoint: ModelCheckpoint, *others: SaveLastAtMaxSteps) -> None:
         self.checkpoint = checkpoint
+        self.others = others
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step == getattr(self.checkpoint, "_last_global_step_saved", None):
+            return
+        if any(other.saved_step == trainer.global_step for other in self.others):
             return
         if trainer.sanity_checking or trainer.fast_dev_run:
             return

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from backbones.timm_backbone import state_dict_mismatches
 
-from .callbacks import EMA, AtomicCheckpointIO, SaveLastOnTrainEnd, SyncNormLayers
+from .callbacks import EMA, AtomicCheckpointIO, SaveLastAtMaxSteps, SaveLastOnTrainEnd, SyncNormLayers
 from .checkpoint import CheckpointError, merge_checkpoint_config, read_checkpoint
 
 __all__ = ["build_model", "build_task", "trainer_kwargs", "train", "evaluate", "load_checkpoint_weights", "CheckpointError"]
@@ -51,7 +51,9 @@ def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[L.Callback]:
         save_last=True,
         auto_insert_metric_name=False,
     )
-    callbacks: list[L.Callback] = [checkpoint, SaveLastOnTrainEnd(checkpoint)]  # before EMA: see its docstring
+    at_max_steps = SaveLastAtMaxSteps(ckpt_dir)
+    # SaveLastOnTrainEnd before EMA (see its docstring); Lightning runs the Checkpoint callbacks last.
+    callbacks: list[L.Callback] = [checkpoint, SaveLastOnTrainEnd(checkpoint, at_max_steps), at_max_steps]
     every = cfg.checkpoint.get("every_n_train_steps")
     if every:  # last.ckpt every N steps as well, so a killed run loses at most N steps
         callbacks.insert(1, ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=int(every), save_last=True,

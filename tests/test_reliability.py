@@ -111,6 +111,33 @@ def test_last_checkpoint_holds_the_final_step_mid_epoch(tmp_path):
     assert "current_model_state" in ckpt  # raw weights next to the EMA weights, for resuming
 
 
+@pytest.mark.slow
+def test_a_run_stopped_by_max_steps_mid_epoch_resumes_with_the_next_batch(tmp_path, monkeypatch):
+    """Stopped by max_steps after 3 of an epoch's 4 batches, then resumed with a larger max_steps: the resumed run
+    trains the epoch's 4th batch next and then whole epochs, up to the new max_steps (last.ckpt is written at the
+    end of the last step, where its loop state still says "3 batches of epoch 0 done")."""
+    import lightning as L
+
+    from tasks import runner
+
+    seen = []
+
+    class Batches(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((trainer.global_step, trainer.current_epoch, batch_idx))
+
+    original = runner._callbacks
+    monkeypatch.setattr(runner, "_callbacks", lambda cfg, ckpt_dir: [*original(cfg, ckpt_dir), Batches()])
+    base = [*TINY_DET, f"cache_dir={tmp_path / 'cache'}", "eval_after_train=false", "trainer.max_epochs=5"]
+    train(compose("train", [*base, "trainer.max_steps=3"]), tmp_path / "run")
+    assert seen == [(1, 0, 0), (2, 0, 1), (3, 0, 2)]
+    seen.clear()
+    train(compose("train", [*base, "trainer.max_steps=9", "ckpt_path=last"]), tmp_path / "run")
+    assert seen == [(4, 0, 3), (5, 1, 0), (6, 1, 1), (7, 1, 2), (8, 1, 3), (9, 2, 0)]
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 9 and "current_model_state" in ckpt
+
+
 # ---------------------------------------------------------------------------------------------- non-finite loss
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path, nan_losses, caplog):
     nan_losses({2, 3})
