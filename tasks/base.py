@@ -172,9 +172,7 @@ class DenseTask(L.LightningModule):
             self.automatic_optimization = False
         #: The captured step's gradient clipping, ``(max value, "norm" | "value")``, or ``None``.
         self.gradient_clipping: tuple[float, str] | None = None
-        self._captured_step = None
-        self._unread_step = -1  # the step whose finite flag is still to be read (captured steps)
-        self._warned_shapes = False
+        self._reset_captured_step()
         if compile_options is not None and not isinstance(compile_options, Mapping):
             raise ValueError(f"compile_options must be a mapping, got {compile_options!r}")
         options = _plain(compile_options or {})
@@ -431,8 +429,12 @@ class DenseTask(L.LightningModule):
 
     def on_fit_start(self) -> None:
         # A new fit has a new optimizer (and perhaps another device): the graph of an earlier fit must not replay.
+        self._reset_captured_step()
+
+    def _reset_captured_step(self) -> None:
+        """No captured step yet (made at the first training step of a fit), no flag to read, no shape warning."""
         self._captured_step = None
-        self._unread_step = -1
+        self._unread_step = -1  # the step whose finite flag is still to be read (captured steps)
         self._warned_shapes = False
 
     def _graph_step(self, *inputs: torch.Tensor) -> torch.Tensor:

@@ -162,6 +162,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
 
+def _last_checkpoint_path(dirpath: str | Path) -> Path:
+    """``<dirpath>/last.ckpt``, as :class:`ModelCheckpoint` names it."""
+    return Path(dirpath) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+
+
 class SaveLastAtMaxSteps(Checkpoint):
     """Writes ``last.ckpt`` at the end of the step that reaches ``max_steps``, as a step-interval checkpoint would.
 
@@ -182,7 +187,7 @@ class SaveLastAtMaxSteps(Checkpoint):
             return
         if trainer.sanity_checking or trainer.fast_dev_run or self.saved_step == trainer.global_step:
             return
-        trainer.save_checkpoint(str(self.dirpath / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"))
+        trainer.save_checkpoint(str(_last_checkpoint_path(self.dirpath)))
         self.saved_step = trainer.global_step
 
 
@@ -206,8 +211,7 @@ class SaveLastOnTrainEnd(L.Callback):
             return
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
-        path = Path(self.checkpoint.dirpath) / f"{self.checkpoint.CHECKPOINT_NAME_LAST}{self.checkpoint.FILE_EXTENSION}"
-        trainer.save_checkpoint(str(path))
+        trainer.save_checkpoint(str(_last_checkpoint_path(self.checkpoint.dirpath)))
 
 
 class SyncNormLayers(TorchSyncBatchNorm):

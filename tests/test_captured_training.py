@@ -84,6 +84,47 @@ def eager_capture(monkeypatch):
     monkeypatch.setattr(DenseTask, "_check_cuda_graph_setup", lambda self: None)
 
 
+@pytest.fixture
+def compiled_calls(monkeypatch):
+    """Whether the model was compiled, at each training forward pass of a DenseTask (a list, filled as they run)."""
+    calls: list[bool] = []
+    original = DenseTask.run_model
+
+    def run_model(self, images):
+        if self.training:
+            calls.append(self.model_compiled)
+        return original(self, images)
+
+    monkeypatch.setattr(DenseTask, "run_model", run_model)
+    return calls
+
+
+@pytest.fixture
+def recorded_step(monkeypatch):
+    """The real :class:`tasks.graphed.CapturedStep`, recording the last one made: ``recorded_step["step"]``."""
+    import tasks.graphed
+
+    steps = {}
+    original = tasks.graphed.CapturedStep
+
+    class Recording(original):
+        def __init__(self, fn, **kwargs):
+            super().__init__(fn, **kwargs)
+            steps["step"] = self
+
+    monkeypatch.setattr(tasks.graphed, "CapturedStep", Recording)
+    return steps
+
+
+@pytest.fixture
+def deterministic_cuda(monkeypatch):
+    """Deterministic cuDNN, no autotuning, no TF32: two CUDA runs comparable to float32 rounding."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
 def _run(tmp_path: Path, name: str, overrides: list[str], base=TINY):
     run_dir = tmp_path / name
     train(compose("train", [*base, f"cache_dir={tmp_path / 'cache'}", *overrides]), run_dir)
@@ -199,18 +240,11 @@ def test_captured_step_logic_trains_like_the_eager_loop(tmp_path, eager_capture,
 
 
 @pytest.mark.slow
-def test_captured_step_logic_with_compile_trains_like_the_compiled_eager_loop(tmp_path, eager_capture, monkeypatch):
+def test_captured_step_logic_with_compile_trains_like_the_compiled_eager_loop(tmp_path, eager_capture,
+                                                                              compiled_calls):
     """With task.module.compile too, the captured step runs the compiled network (here torch.compile's AOTAutograd
     path without code generation, which the CPU runs in seconds) and trains as the compiled automatic loop does."""
-    compiled = []
-    original = DenseTask.run_model
-
-    def run_model(self, images):
-        if self.training:
-            compiled.append(self.model_compiled)
-        return original(self, images)
-
-    monkeypatch.setattr(DenseTask, "run_model", run_model)
+    compiled = compiled_calls
     common = ["trainer.accelerator=cpu", "trainer.max_steps=5", "task.module.compile=true",
               "+task.module.compile_options.backend=aot_eager"]
     eager_ckpt, eager_losses = _run(tmp_path, "eager", [*common, "+task.module.optimizer.fused=true"])
@@ -424,24 +458,10 @@ def test_training_stops_when_the_captured_loss_stays_nonfinite(tmp_path, eager_c
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("base", [TINY, TINY_SEG], ids=["detection", "segmentation"])
-def test_captured_training_equals_eager_training_on_the_gpu(tmp_path, monkeypatch, base):
+def test_captured_training_equals_eager_training_on_the_gpu(tmp_path, deterministic_cuda, recorded_step, base):
     """Three eager warm-up steps, the capture, then replays: the losses and weights of eager training with the
     same fused optimizer (float32, deterministic cuDNN, no TF32), and the graph really replayed."""
-    import tasks.graphed
-
-    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    steps = {}
-    original = tasks.graphed.CapturedStep
-
-    class Recording(original):
-        def __init__(self, fn, **kwargs):
-            super().__init__(fn, **kwargs)
-            steps["step"] = self
-
-    monkeypatch.setattr(tasks.graphed, "CapturedStep", Recording)
+    steps = recorded_step
     common = ["trainer.accelerator=gpu", "trainer.devices=1", "trainer.precision=32-true", "trainer.max_steps=7",
               "trainer.gradient_clip_val=0.5", "trainer.benchmark=false", "task.module.channels_last=true"]
     eager_ckpt, eager_losses = _run(tmp_path, "eager", [*common, "+task.module.optimizer.fused=true"], base)
@@ -479,33 +499,12 @@ def test_captured_training_in_bf16_runs_on_the_gpu(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_captured_training_of_the_compiled_network_on_the_gpu(tmp_path, monkeypatch):
+def test_captured_training_of_the_compiled_network_on_the_gpu(tmp_path, deterministic_cuda, recorded_step,
+                                                              compiled_calls):
     """task.module.cuda_graph with task.module.compile (inductor): the network is compiled in the warm-up steps, the
     graph captures its kernels and replays them, and training matches the compiled automatic loop with the same fused
     optimizer (float32, deterministic cuDNN, no TF32; the same inductor kernels in both)."""
-    import tasks.graphed
-
-    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    steps, compiled = {}, []
-    original = tasks.graphed.CapturedStep
-
-    class Recording(original):
-        def __init__(self, fn, **kwargs):
-            super().__init__(fn, **kwargs)
-            steps["step"] = self
-
-    monkeypatch.setattr(tasks.graphed, "CapturedStep", Recording)
-    run_model = DenseTask.run_model
-
-    def recording_run_model(self, images):
-        if self.training:
-            compiled.append(self.model_compiled)
-        return run_model(self, images)
-
-    monkeypatch.setattr(DenseTask, "run_model", recording_run_model)
+    steps, compiled = recorded_step, compiled_calls
     common = ["trainer.accelerator=gpu", "trainer.devices=1", "trainer.precision=32-true", "trainer.max_steps=7",
               "trainer.gradient_clip_val=0.5", "trainer.benchmark=false", "task.module.channels_last=true",
               "task.module.compile=true"]
