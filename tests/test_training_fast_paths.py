@@ -209,6 +209,9 @@ def test_compiled_training_matches_eager_training(tmp_path):
         return ckpt["state_dict"], losses
 
     eager_state, eager_losses = run("eager", [])
+    # Another test of this process may have compiled the same network already: without a reset, torch.compile would
+    # reuse that code and count no new frame.
+    torch._dynamo.reset()
     frames = counters["frames"]["ok"]
     compiled_state, compiled_losses = run("compiled", ["task.module.compile=true",
                                                        "+task.module.compile_options.backend=aot_eager"])
