@@ -14,7 +14,11 @@ prints one JSON line per measurement and a table. Measurements:
   into uint8 batches; normalisation happens on the device) with each of ``data_workers`` loader workers, and
   per worker (use ``data=synthetic`` or your own data; no model is involved);
 - ``train``: images/s of a training step at ``train_batch_size`` (forward, target assignment, loss, backward,
-  SGD step), with bf16 autocast / channels-last / compilation as configured (norms are not folded in training);
+  SGD step; segmentation: forward, the task's loss on label-sized logits, backward, SGD step), with bf16 autocast /
+  channels-last / compilation as configured (norms are not folded in training). The training measures (``train``,
+  ``train_graph``, ``fit`` and the step of ``ops``) run at ``train_image_size``: by default the size training runs
+  at, the model's resolution for detection and the training crop (``data.crop_size``) for segmentation, or
+  ``image_size`` when that is given;
 - ``ops`` (any device, eager): tensor operations dispatched by one predict call (at ``batch_size``) and by one
   training step (at ``train_batch_size``), forward and backward, views and allocations not counted, and how many of
   them synchronise with the host. On a GPU each operation is at least one kernel launch, so where the CPU cannot
@@ -223,6 +227,24 @@ def _image_size(cfg: DictConfig, task_name: str) -> tuple[int, int]:
     return h, w
 
 
+def _train_image_size(cfg: DictConfig, task_name: str, size: tuple[int, int]) -> tuple[int, int]:
+    """The input size of the training measures: ``train_image_size``; else ``image_size`` when given; else what
+    training runs at: the model's resolution (detection, the same as predict) or the training crop
+    (segmentation: ``data.crop_size``, 512x1024 for Cityscapes, where prediction runs at 1024x2048)."""
+    chosen = cfg.get("train_image_size")
+    if chosen is None:
+        crop = cfg.get("data", {}).get("crop_size")
+        if cfg.image_size is not None or task_name != "segmentation" or crop is None:
+            return size
+        chosen = crop
+    if isinstance(chosen, int):
+        chosen = [chosen, chosen]
+    h, w = (int(s) for s in chosen)
+    if h % 128 or w % 128:
+        raise BenchmarkError(f"train_image_size must be a multiple of 128 (the coarsest stride), got {h}x{w}")
+    return h, w
+
+
 #: Batches used on a GPU when none is given: the sizes effdet's published measurements used.
 GPU_PREDICT_BATCH = {"d0": 32, "d1": 32, "d2": 16, "d3": 16, "d4": 8, "d5": 4, "d6": 4, "d7": 2, "d7x": 2}
 GPU_TRAIN_BATCH = {"d0": 32, "d1": 16, "d2": 16, "d3": 8, "d4": 4, "d5": 2, "d6": 2, "d7": 1, "d7x": 1}
@@ -364,9 +386,11 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
 
     g = torch.Generator().manual_seed(cfg.seed)
     images = torch.randn(batch, 3, *size, generator=g).to(device)
-    training_measures = {"ops", "train", "train_graph"} & set(measures)
-    if task_name == "detection" and training_measures:
-        train_inputs = _train_inputs(images, train_batch, task.num_classes, cfg.seed)  # (images, boxes, labels)
+    train_size = _train_image_size(cfg, task_name, size)
+    train_fields = {"image_size": list(train_size)}  # the training measures' rows say their input's size
+    if {"ops", "train", "train_graph"} & set(measures):
+        # (images, boxes, labels) for detection, (images, masks) for segmentation
+        train_inputs = _train_inputs(task_name, images, train_batch, train_size, task.num_classes, cfg.seed)
 
     if ref and "agreement" in measures:
         exact = FastPaths(channels_last=paths.channels_last, fold_bn=paths.fold_bn, precision="fp32", compile=False,
@@ -392,23 +416,19 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
                           compile=False, cudagraphs=False)
         ours_pred, _ = prepare_predictor(task, eager, device)
         x = images[:batch]
-        if task_name != "detection":  # no training step is measured for segmentation: the predict call only
-            pred = count_ops(partial(ours_pred, x))
-            add("ops", "effdense", value=pred.operations, unit="operations per predict call", batch=batch,
-                predict_host_syncs=pred.host_syncs)
-        else:
-            counts = {"effdense": (partial(ours_pred, x), _our_train_step(task, eager, device, *train_inputs))}
-            if ref:
-                counts["effdet"] = (partial(ref.predictor(eager.resolve(device), device, size), x),
-                                    _effdet_train_step(ref, eager, device, *train_inputs))
-            found = {impl: [count_ops(fn) for fn in fns] for impl, fns in counts.items()}
-            for impl, (pred, step) in found.items():
-                extra = {}
-                if impl == "effdense" and "effdet" in found:
-                    extra["ratio"] = round(step.operations / found["effdet"][1].operations, 3)
-                add("ops", impl, value=step.operations, unit="operations per training step", batch=train_batch,
-                    train_host_syncs=step.host_syncs, train_views=step.views, predict_operations=pred.operations,
-                    predict_batch=batch, predict_host_syncs=pred.host_syncs, **extra)
+        counts = {"effdense": (partial(ours_pred, x), _our_train_step(task, eager, device, *train_inputs))}
+        if ref:
+            counts["effdet"] = (partial(ref.predictor(eager.resolve(device), device, size), x),
+                                _effdet_train_step(ref, eager, device, *train_inputs))
+        found = {impl: [count_ops(fn) for fn in fns] for impl, fns in counts.items()}
+        for impl, (pred, step) in found.items():
+            extra = {}
+            if impl == "effdense" and "effdet" in found:
+                extra["ratio"] = round(step.operations / found["effdet"][1].operations, 3)
+            add("ops", impl, value=step.operations, unit="operations per training step", batch=train_batch,
+                train_host_syncs=step.host_syncs, train_views=step.views, predict_operations=pred.operations,
+                predict_batch=batch, predict_host_syncs=pred.host_syncs, predict_image_size=list(size),
+                **train_fields, **extra)
 
     timing = {"device": device, "warmup": int(cfg.warmup), "iters": int(cfg.iters), "rounds": int(cfg.rounds)}
     for measure, n in (("predict", batch), ("latency", 1)):
@@ -427,19 +447,18 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
     for measure, graphed in (("train", False), ("train_graph", True)):
         if measure not in measures:
             continue
-        if task_name != "detection":
-            raise BenchmarkError(f"measure '{measure}' is implemented for task=detection")
         if graphed and device.type != "cuda":
-            raise BenchmarkError("measure 'train_graph' (a CUDA-graph training step) needs task=detection and CUDA")
+            raise BenchmarkError("measure 'train_graph' (a CUDA-graph training step) needs device=cuda")
         fns = {"effdense": _our_train_step(task, paths, device, *train_inputs, graphed=graphed)}
         if ref:  # effdet's step cannot be captured (its labeller selects each image's boxes on the host): its 'train'
             fns["effdet"] = _effdet_train_step(ref, theirs, device, *train_inputs)
         times = _time_rounds(fns, **timing)
         if cfg.profile:
             _profile(f"{'graphed ' * graphed}train batch {train_batch}", fns, device)
-        add_pair(measure, times, train_batch, unit="images/s", batch=train_batch, ours=_loss_fields(task, device))
+        add_pair(measure, times, train_batch, unit="images/s", batch=train_batch, ours=_loss_fields(task, device),
+                 **train_fields)
     if "fit" in measures:
-        fit = _fit(cfg, task, paths, device, train_batch, size)
+        fit = _fit(cfg, task, paths, device, train_batch, train_size)
         train_row = next((r for r in rows if r["measure"] == "train" and r["impl"] == "effdense"), None)
         if train_row is not None:
             fit["vs_train"] = round(fit["ms_per_call"] / train_row["ms_per_call"], 3)
@@ -447,7 +466,7 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
         if effdet_row is not None:  # effdet has no training loop: its bare step is what the loop is held to
             fit["ratio"] = round(fit["ms_per_call"] / effdet_row["ms_per_call"], 3)
             fit["ratio_to"] = "effdet train step"
-        add("fit", "effdense", batch=train_batch, **fit, **_loss_fields(task, device))
+        add("fit", "effdense", batch=train_batch, **fit, **_loss_fields(task, device), **train_fields)
     if "data" in measures:
         rows += _data_rows(cfg, emit)
     return rows
@@ -482,8 +501,7 @@ def _fit(cfg: DictConfig, task, paths: FastPaths, device: torch.device, batch: i
         data["boxes"], data["labels"] = _random_targets(batch, size, fit_task.num_classes, per_image=8, device="cpu",
                                                         seed=int(cfg.seed))
     else:
-        masks = torch.randint(0, int(cfg.data.num_classes), (batch, *size), dtype=torch.uint8, generator=g)
-        data["masks"] = masks.masked_fill(torch.rand(batch, *size, generator=g) < 0.05, 255)
+        data["masks"] = _random_masks(batch, size, int(cfg.data.num_classes), int(cfg.seed))
     if device.type == "cuda":
         data = {k: v.pin_memory() for k, v in data.items()}
     # A replayed graph allocates nothing: its memory was taken while capturing, so the captured step's peak is
@@ -588,12 +606,26 @@ class _FitTimer(L.Callback):
         return statistics.median(blocks), (max(blocks) - min(blocks)) / min(blocks)
 
 
-def _train_inputs(images: torch.Tensor, train_batch: int, num_classes: int, seed: int):
-    """Images and targets of one training batch of ``train_batch``, on the images' device."""
-    size = tuple(images.shape[-2:])
-    x = images[:train_batch] if train_batch <= images.shape[0] else torch.randn(train_batch, 3, *size).to(images.device)
-    boxes, labels = _random_targets(train_batch, size, num_classes, per_image=8, device=images.device, seed=seed)
-    return x, boxes, labels
+def _train_inputs(task_name: str, images: torch.Tensor, train_batch: int, size: tuple[int, int], num_classes: int,
+                  seed: int) -> tuple[torch.Tensor, ...]:
+    """One training batch of ``train_batch`` at ``size`` on the images' device: ``(images, boxes, labels)`` for
+    detection (8 boxes per image), ``(images, masks)`` for segmentation (random classes, 5 % of the pixels
+    ignored, as a Cityscapes mask has unlabelled pixels)."""
+    device = images.device
+    if train_batch <= images.shape[0] and tuple(images.shape[-2:]) == tuple(size):
+        x = images[:train_batch]
+    else:
+        x = torch.randn(train_batch, 3, *size, generator=torch.Generator().manual_seed(seed)).to(device)
+    if task_name == "detection":
+        return (x, *_random_targets(train_batch, size, num_classes, per_image=8, device=device, seed=seed))
+    return x, _random_masks(train_batch, size, num_classes, seed).to(device)
+
+
+def _random_masks(batch: int, size: tuple[int, int], num_classes: int, seed: int) -> torch.Tensor:
+    """uint8 ``[batch, H, W]`` class maps: random classes, 5 % of the pixels 255 (ignored)."""
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.randint(0, num_classes, (batch, *size), dtype=torch.uint8, generator=g)
+    return masks.masked_fill(torch.rand(batch, *size, generator=g) < 0.05, 255)
 
 
 @dataclass(frozen=True)
@@ -731,41 +763,52 @@ def _print_profile(prof, device: torch.device, title: str) -> None:
     print(f"\n### profile: {title} (wall {wall_ms:.1f} ms, profiler included)\n{table}", file=sys.stderr, flush=True)
 
 
-def _our_train_step(task, paths: FastPaths, device, x, boxes, labels, *, graphed: bool = False) -> Callable[[], None]:
-    """This project's training step; ``graphed``: captured whole as one CUDA graph (:mod:`tasks.graphed`)."""
+def _our_train_step(task, paths: FastPaths, device, x, *targets, graphed: bool = False) -> Callable[[], None]:
+    """This project's training step on ``x`` and its ``targets`` (detection: boxes, labels; segmentation: masks):
+    forward, loss, backward, SGD step; ``graphed``: captured whole as one CUDA graph (:mod:`tasks.graphed`)."""
+    from .detection import DetectionTask
     from .inference import _anchors_for
 
     model = _working_copy(task.model, paths, device, train=True)
     if paths.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    net = FlatDetector(model, task.num_classes)
+    detection = isinstance(task, DetectionTask)
+    net = FlatDetector(model, task.num_classes) if detection else model
     if not graphed:
         net = compile_module(net, paths, training=True)
     opt = _sgd(model)
-    anchors = _anchors_for(task, model, tuple(x.shape[-2:]), device)
-    assigner, loss_fn = task.assigner, task.loss
+    if detection:
+        anchors = _anchors_for(task, model, tuple(x.shape[-2:]), device)
+        assigner, focal = task.assigner, task.loss
+
+        def criterion(out, gt_boxes: torch.Tensor, gt_labels: torch.Tensor) -> torch.Tensor:
+            cls_t, box_t, num_pos = assigner(anchors, gt_boxes, gt_labels)
+            return focal(*out, cls_t, box_t, num_pos)["loss"]
+    else:  # the task's loss (cross-entropy or OHEM, the auxiliary term) on the label-sized logits, as in training
+
+        def criterion(out, masks: torch.Tensor) -> torch.Tensor:
+            return task.loss(out, masks.long())["loss"]
 
     # As DenseTask.run_model: eager training goes through training_forward (the weights cast to the low precision in
     # one pass). The graph-captured step runs the network uncompiled, so it does too.
     fused = getattr(task, "fused_weight_casts", False)
 
-    def loss(images: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.Tensor) -> torch.Tensor:
+    def loss(images: torch.Tensor, *gt: torch.Tensor) -> torch.Tensor:
         with paths.autocast(device, cache_enabled=not graphed):
             if paths.compile and not graphed:
-                cls, box = net(images)
+                out = net(images)
             else:
-                cls, box = training_forward(net, images, fused_weight_casts=fused)
-        cls_t, box_t, num_pos = assigner(anchors, gt_boxes, gt_labels)
-        return loss_fn(cls, box, cls_t, box_t, num_pos)["loss"]
+                out = training_forward(net, images, fused_weight_casts=fused)
+        return criterion(out, *gt)
 
     if graphed:
         from .graphed import GraphedTrainStep
 
-        graph = GraphedTrainStep(loss, opt, (x, boxes, labels))
-        return partial(graph, x, boxes, labels)
+        graph = GraphedTrainStep(loss, opt, (x, *targets))
+        return partial(graph, x, *targets)
 
     def step() -> None:
-        loss(x, boxes, labels).backward()
+        loss(x, *targets).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -837,10 +880,6 @@ def format_table(rows: list[dict]) -> str:
             value = (f"logits {r['max_class_logit_diff']:.1e}, scores {r['max_sorted_score_diff']:.1e}, "
                      f"matched {r['detections_matched']:.3f}")
             lines.append([r["measure"], f"{r['impl']} vs {r['model']}", "", value, "", "", ""])
-            continue
-        if r["measure"] == "ops" and "train_host_syncs" not in r:
-            lines.append(["ops", r["impl"], str(r["batch"]), f"predict {r['value']:,} ({r['predict_host_syncs']} syncs)",
-                          "operations", "", ""])
             continue
         if r["measure"] == "ops":
             value = (f"train {r['value']:,} ({r['train_host_syncs']} syncs, {r.get('train_views', 0):,} views), "

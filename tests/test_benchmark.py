@@ -71,6 +71,8 @@ def test_compare_effdet_on_cpu_prints_json_lines_table_and_ratios(tmp_path):
         (["measures=[speed]"], "unknown measures ['speed']"),
         (["image_size=100", "device=cpu"], "multiple of 128"),
         (["image_size=128", "device=cpu", "measures=[train_graph]"], "'train_graph' (a CUDA-graph training step) needs"),
+        (["task=segmentation", "device=cpu", "measures=[train]", "train_image_size=[100,200]"],
+         "train_image_size must be a multiple of 128 (the coarsest stride), got 100x200"),
         (["image_size=128", "device=cpu", "compare=effdet", "measures=[latency]", "effdet_compile=sometimes"],
          "effdet_compile must be null, true or false, got 'sometimes'"),
     ],
@@ -105,14 +107,25 @@ def test_segmentation_and_data_measures(tmp_path, synthetic_coco):
     from tasks.benchmark import format_table, run_benchmark
     from tasks.config import compose
 
-    cfg = compose("benchmark", ["task=segmentation", "backbone=b0", "measures=[params,ops,predict]",
-                                "image_size=[128,256]", "batch_size=1", "warmup=1", "iters=1", "rounds=1", "device=cpu"])
+    cfg = compose("benchmark", ["task=segmentation", "backbone=b0", "measures=[params,ops,predict,train]",
+                                "image_size=[256,256]", "train_image_size=[128,256]", "batch_size=1",
+                                "train_batch_size=2", "warmup=1", "iters=1", "rounds=1", "device=cpu"])
     rows = run_benchmark(cfg)
     assert [(r["measure"], r["impl"]) for r in rows] == [("params", "effdense"), ("ops", "effdense"),
-                                                        ("predict", "effdense")]
-    assert rows[1]["unit"] == "operations per predict call" and rows[1]["value"] > 0
-    assert rows[2]["image_size"] == [128, 256] and rows[2]["value"] > 0 and "ratio" not in rows[2]
-    assert re.search(r"^ops\s+effdense\s+1\s+predict [\d,]+ \(\d+ syncs\)", format_table(rows), re.MULTILINE)
+                                                        ("predict", "effdense"), ("train", "effdense")]
+    ops, predict, train = rows[1:]
+    # The training step (forward, cross-entropy on label-sized logits, backward, SGD) at the training size, and the
+    # predict call at the predict size; neither waits for the device (both can be captured as CUDA graphs).
+    assert ops["unit"] == "operations per training step" and ops["value"] > ops["predict_operations"] > 0
+    assert ops["train_host_syncs"] == ops["predict_host_syncs"] == 0
+    assert (ops["batch"], ops["image_size"], ops["predict_batch"], ops["predict_image_size"]) == (
+        2, [128, 256], 1, [256, 256])
+    assert predict["image_size"] == [256, 256] and predict["value"] > 0 and "ratio" not in predict
+    assert (train["unit"], train["batch"], train["image_size"]) == ("images/s", 2, [128, 256])
+    assert train["value"] == pytest.approx(2 / (train["ms_per_call"] / 1000), rel=1e-2) and "focal_loss" not in train
+    table = format_table(rows)
+    assert re.search(r"^ops\s+effdense\s+2\s+train [\d,]+ \(0 syncs, [\d,]+ views\), predict", table, re.MULTILINE)
+    assert re.search(r"^train\s+effdense\s+2\s+[\d.,]+\s+images/s", table, re.MULTILINE)
 
     cfg = compose("benchmark", ["data=synthetic", f"data.root={synthetic_coco}", "~data.synthetic", "measures=[data]",
                                 "data_workers=[0,1]", "data.batch_size=4", "data_batches=2", "image_size=128",
@@ -123,6 +136,26 @@ def test_segmentation_and_data_measures(tmp_path, synthetic_coco):
         assert r["measure"] == "data" and r["unit"] == "images/s" and r["value"] > 0 and r["batch"] == 4
         assert r["per_worker"] == pytest.approx(r["value"] / max(r["workers"], 1), rel=1e-2)
     assert "images/s (" in format_table(rows)
+
+
+@pytest.mark.parametrize(
+    "task, overrides, expected",
+    [
+        ("segmentation", [], (512, 1024)),  # the Cityscapes training crop; prediction runs at 1024x2048
+        ("segmentation", ["data=folder"], (512, 512)),  # the folder layout's crop
+        ("segmentation", ["image_size=[256,512]"], (256, 512)),  # a given image_size is used for both
+        ("segmentation", ["image_size=[256,512]", "train_image_size=128"], (128, 128)),
+        ("detection", [], (512, 512)),  # D0's resolution, as prediction
+        ("detection", ["backbone=b3"], (896, 896)),
+        ("detection", ["train_image_size=[256,384]"], (256, 384)),
+    ],
+)
+def test_training_measures_run_at_the_training_size(task, overrides, expected):
+    from tasks.benchmark import _image_size, _train_image_size
+    from tasks.config import compose
+
+    cfg = compose("benchmark", [f"task={task}", *overrides])
+    assert _train_image_size(cfg, task, _image_size(cfg, task)) == expected
 
 
 def test_count_ops_counts_kernels_and_host_synchronisations():
@@ -212,3 +245,19 @@ def test_sync_rules_for_host_values_and_copies(monkeypatch):
     assert _is_sync("_local_scalar_dense", (device,), {})
     assert _is_sync("copy_", (torch.empty(()), device), {})
     assert _is_sync("copy_", (torch.empty(()), device, True), {})  # non-blocking into pageable memory: waits too
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_segmentation_training_step_and_its_cuda_graph_on_the_gpu():
+    """The segmentation training step, eager and captured as one CUDA graph (bf16, channels-last)."""
+    from tasks.benchmark import run_benchmark
+    from tasks.config import compose
+
+    rows = run_benchmark(compose("benchmark", [
+        "task=segmentation", "backbone=b0", "device=cuda", "measures=[ops,train,train_graph]", "fast.compile=false",
+        "image_size=[256,512]", "train_batch_size=2", "warmup=3", "iters=2", "rounds=2"]))
+    by = {r["measure"]: r for r in rows}
+    assert by["ops"]["train_host_syncs"] == 0
+    for measure in ("train", "train_graph"):
+        assert by[measure]["value"] > 0 and by[measure]["precision"] == "bf16" and by[measure]["batch"] == 2

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements recorded in docs/benchmarks.md, one benchmark process per part, within a time budget.
-# Usage: OUT=outputs/bench_gpu BUDGET=545 [PARTS="d0 d0_train d0_fit graph_fit d0_fused d0_step d0_step_fused d3_step focal d3 d3_profile fit_profile seg d0_train_compiled d3_compiled d3_train_compiled train_compiled graph_fit_compiled"] bash tools/bench_gpu.sh
+# Usage: OUT=outputs/bench_gpu BUDGET=545 [PARTS="d0 d0_train d0_fit graph_fit d0_fused d0_step d0_step_fused d3_step focal d3 d3_profile fit_profile seg seg_train d0_train_compiled d3_compiled d3_train_compiled train_compiled graph_fit_compiled"] bash tools/bench_gpu.sh
 # JSON lines go to $OUT/<part>.jsonl, logs to $OUT/<part>.log (parts of the same name append); a part that
 # would overrun the budget is cut short (the lines it printed so far are kept). FOCAL_IMPLS="torch" limits the
 # focal part to the PyTorch loss (the default, auto, is what the other parts measure), FOCAL_BACKBONES="b0" to D0;
@@ -75,9 +75,13 @@ for p in $PARTS; do
         run focal 90 backbone=$b compare=effdet fast.compile=false measures=[train] iters=5 task.module.loss.focal_impl=$impl
       done
     done ;;
-  seg)  # segmentation at 1024x2048 (batch 4), b0..b3, eager
+  seg)  # segmentation, b0..b3, eager: predict at 1024x2048 (batch 4), the training step at the 512x1024 crop (batch 4)
     for b in b0 b1 b2 b3; do
-      run seg 30 task=segmentation backbone=$b measures=[params,predict] fast.compile=false iters=5 rounds=2
+      run seg 60 task=segmentation backbone=$b measures=[params,predict,train] fast.compile=false iters=5 rounds=2
+    done ;;
+  seg_train)  # the segmentation training step at the 512x1024 crop, eager and captured as one CUDA graph, b0..b3
+    for b in b0 b1 b2 b3; do
+      run seg_train 60 task=segmentation backbone=$b measures=[ops,train,train_graph] fast.compile=false iters=5 rounds=2
     done ;;
   d0_train_compiled)  # training with both networks compiled (compilation of forward + backward takes minutes)
     run d0_train 300 backbone=b0 compare=effdet measures=[train] iters=5 ;;
