@@ -155,6 +155,8 @@ class CityscapesSegmentation(SegmentationDataset):
         skip_bad: skip bad input instead of raising :class:`DatasetError`: images without an annotation are
             dropped (one warning counts them); a sample whose image or mask turns out corrupt, truncated, of the
             wrong size or holding unknown label ids is replaced by the next usable one and named in a warning.
+        decoded_cache: a folder keeping every pair decoded (see :class:`datasets.SegmentationDataset`): the
+            loader then reads a frame in about a millisecond instead of decoding two PNGs.
 
     Images are sorted by path. ``output_name(i)`` is ``"<city>_<seq>_<frame>"``: write a prediction as
     ``<output_name>_leftImg8bit.png`` holding ``label_ids_for_output(pred)`` for the official evaluation.
@@ -169,6 +171,7 @@ class CityscapesSegmentation(SegmentationDataset):
         transform: Callable | None = None,
         check_labels: bool = True,
         skip_bad: bool = False,
+        decoded_cache: str | Path | None = None,
     ) -> None:
         self.root = Path(root).expanduser()
         self.split = str(split)
@@ -205,6 +208,7 @@ class CityscapesSegmentation(SegmentationDataset):
             label_hint="not label ids of the official Cityscapes table (0..33); is this a *_labelIds.png mask?",
             skip_bad=skip_bad,
             source=image_dir,
+            decoded_cache=decoded_cache,
         )
 
     def prediction_file_name(self, index: int) -> str:

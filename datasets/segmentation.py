@@ -109,6 +109,15 @@ class SegmentationDataset(Dataset):
     cannot be used (corrupt, truncated, wrong size, invalid values) is replaced by the next usable sample (index
     order, so the result does not depend on the loading order) and the file is named in a warning that also
     names ``source`` (the data folder).
+
+    ``decoded_cache`` (a folder) keeps each pair once decoded and checked, as raw uint8 arrays (``.npy``: the
+    image, and the mask as train ids), and memory-maps them on later reads: a Cityscapes frame is then read in
+    about a millisecond instead of decoding two 2048x1024 PNGs (tens of milliseconds), and the train transform
+    touches only the rows under its crop. An entry is keyed by both files' paths, sizes and modification times
+    and by the label mapping, so a changed file is decoded again; entries are written atomically (a temporary
+    file renamed into place), so loader workers and processes can share the folder. A Cityscapes frame takes
+    8.4 MB (6.3 MB image, 2.1 MB mask). An entry that cannot be read is decoded again, with a warning; one that
+    cannot be written (disk full, read-only folder) is skipped with a warning and the sample is used decoded.
     """
 
     def __init__(
@@ -126,6 +135,7 @@ class SegmentationDataset(Dataset):
         label_hint: str = "",
         skip_bad: bool = False,
         source: str | Path = "",
+        decoded_cache: str | Path | None = None,
     ) -> None:
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable or None, got {type(transform).__name__}")
@@ -153,6 +163,9 @@ class SegmentationDataset(Dataset):
         self.skip_bad = bool(skip_bad)
         self.source = str(source) or "segmentation dataset"  # what the skip warnings name
         self._bad: dict[int, str] = {}  # index -> why it cannot be used (skip_bad; per process)
+        #: Folder of decoded pairs (see the class docstring), or None.
+        self.decoded_cache = None if decoded_cache is None else Path(decoded_cache).expanduser()
+        self._cache_warned = False
 
     # ------------------------------------------------------------------ files
     def __len__(self) -> int:
@@ -219,10 +232,75 @@ class SegmentationDataset(Dataset):
             return first_readable(index, len(self), load, self._bad, source=self.source, log=log)
         return load(index)
 
-    def _sample(self, index: int, sample_key: int | None = None) -> dict:
+    def read_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(image HxWx3 uint8 RGB, mask HxW uint8 train ids)``, decoded and checked, or memory-mapped (read-only)
+        from :attr:`decoded_cache` when it holds them."""
+        if self.decoded_cache is None:
+            image = self.read_image(index)
+            return image, self.train_ids(self.read_mask(index, image.shape[:2]))
+        files = self._cache_files(index)
+        cached = self._load_cached(files)
+        if cached is not None:
+            return cached
         image = self.read_image(index)
+        mask = self.train_ids(self.read_mask(index, image.shape[:2]))
+        self._store_cached(files, (image, mask))
+        return image, mask
+
+    def _cache_files(self, index: int) -> tuple[Path, Path]:
+        import hashlib
+
+        digest = hashlib.blake2b(digest_size=16)
+        for path in (self._image_paths[index], self._mask_paths[index]):
+            try:
+                st = os.stat(path)
+            except OSError:  # missing or unreadable: decoding raises the error that names the file
+                st = None
+            digest.update(f"{os.path.abspath(path)}|{st and st.st_size}|{st and st.st_mtime_ns}|".encode())
+        digest.update(self._lut.tobytes() + self._valid.tobytes() + bytes([self.check_labels]))
+        key = digest.hexdigest()
+        folder = self.decoded_cache / key[:2]
+        return folder / f"{key}.image.npy", folder / f"{key}.mask.npy"
+
+    def _load_cached(self, files: tuple[Path, Path]) -> tuple[np.ndarray, np.ndarray] | None:
+        try:
+            image, mask = (np.load(f, mmap_mode="r", allow_pickle=False) for f in files)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:  # cut short or overwritten by something else: decode again
+            log.warning("%s: unreadable decoded copy (%s); decoding the files again", files[0].parent, err)
+            return None
+        if image.dtype != np.uint8 or mask.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or (
+                mask.shape != image.shape[:2]):
+            log.warning("%s: decoded copy of unexpected shape %s / %s; decoding the files again", files[0],
+                        image.shape, mask.shape)
+            return None
+        return image, mask
+
+    def _store_cached(self, files: tuple[Path, Path], arrays: tuple[np.ndarray, np.ndarray]) -> None:
+        import uuid
+
+        written = []
+        try:
+            files[0].parent.mkdir(parents=True, exist_ok=True)
+            # The mask last: a pair counts as cached once both exist, and a reader finding only the image decodes.
+            for path, array in zip(files, arrays):
+                tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+                written.append(tmp)
+                with open(tmp, "wb") as f:
+                    np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+                os.replace(tmp, path)
+        except OSError as err:
+            for tmp in written:
+                tmp.unlink(missing_ok=True)
+            if not self._cache_warned:  # once per process: the cause is the same for every sample
+                self._cache_warned = True
+                log.warning("data.decoded_cache %s: cannot write decoded copies (%s); samples are decoded each "
+                            "time they are read", self.decoded_cache, err)
+
+    def _sample(self, index: int, sample_key: int | None = None) -> dict:
+        image, mask = self.read_pair(index)
         h0, w0 = image.shape[:2]
-        mask = self.train_ids(self.read_mask(index, (h0, w0)))
         if self.transform is not None:
             out = self.transform(image, mask, sample_key=sample_key) if sample_key is not None else self.transform(
                 image, mask
@@ -231,9 +309,10 @@ class SegmentationDataset(Dataset):
             valid_size = tuple(int(v) for v in out.get("valid_size", image.shape[:2]))
         else:
             valid_size = (h0, w0)
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-            "mask": torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8)),
+        image, mask = np.ascontiguousarray(image.transpose(2, 0, 1)), np.ascontiguousarray(mask, dtype=np.uint8)
+        return {  # copies of what is still a read-only view of the decoded cache (eval: the whole pair)
+            "image": torch.from_numpy(image if image.flags.writeable else image.copy()),
+            "mask": torch.from_numpy(mask if mask.flags.writeable else mask.copy()),
             "index": int(index),
             "orig_size": (int(h0), int(w0)),
             "valid_size": valid_size,
@@ -251,7 +330,8 @@ class SegmentationFolder(SegmentationDataset):
 
     ``output_name(i)`` is the image's stem; ``label_ids_for_output`` is the identity (uint8, 255 kept).
     ``skip_bad``: images without a mask are dropped (one warning counts them) and unusable samples are replaced
-    (see :class:`SegmentationDataset`) instead of raising :class:`DatasetError`.
+    (see :class:`SegmentationDataset`) instead of raising :class:`DatasetError`. ``decoded_cache``: see
+    :class:`SegmentationDataset`.
     """
 
     def __init__(
@@ -265,6 +345,7 @@ class SegmentationFolder(SegmentationDataset):
         mask_suffix: str = ".png",
         palette: Sequence[Sequence[int]] | None = None,
         skip_bad: bool = False,
+        decoded_cache: str | Path | None = None,
     ) -> None:
         if isinstance(class_names, str):
             raise TypeError("class_names must be a sequence of names, not a single string")
@@ -303,6 +384,7 @@ class SegmentationFolder(SegmentationDataset):
             label_hint=f"expected class indices 0..{num_classes - 1} or the ignore value {ignore_index}",
             skip_bad=skip_bad,
             source=self.image_dir,
+            decoded_cache=decoded_cache,
         )
 
     def _scan(self) -> list[Path]:
@@ -337,7 +419,9 @@ class SegmentationTransform:
     Train: resize to ``base_size`` (H, W) when given, then by a factor drawn uniformly from ``scale_range``
     (image bilinear, mask nearest, one resize each), pad bottom/right to at least ``crop_size`` (image 0, mask
     255), take a random ``crop_size`` (H, W) crop, flip horizontally with probability ``hflip_prob`` and jitter
-    brightness, contrast and saturation of the image by up to ``color_jitter`` (0 disables it).
+    brightness, contrast and saturation of the image by up to ``color_jitter`` (0 disables it). Resize, pad and
+    crop are computed on the crop's window only (:func:`_scaled_crop`): the cost follows the crop size, not
+    the scaled image's.
 
     Eval: resize the image to ``eval_size`` (H, W) when given (bilinear); the mask is returned unchanged, at the
     original resolution.
@@ -378,19 +462,9 @@ class SegmentationTransform:
             return
         if crop_size is None:
             raise ValueError("a train transform needs crop_size")
-        self.crop_size = ch, cw = _pair(crop_size, "crop_size")
-        steps = [
-            A.PadIfNeeded(
-                min_height=ch,
-                min_width=cw,
-                position="top_left",
-                border_mode=cv2.BORDER_CONSTANT,
-                fill=0,
-                fill_mask=IGNORE_INDEX,
-            ),
-            A.RandomCrop(height=ch, width=cw, p=1.0),
-            A.HorizontalFlip(p=self.hflip_prob),
-        ]
+        self.crop_size = _pair(crop_size, "crop_size")
+        # Scale, pad and crop are one step (:meth:`_scaled_crop`, computed on the crop only); then these:
+        steps = [A.HorizontalFlip(p=self.hflip_prob)]
         if self.color_jitter > 0:
             j = self.color_jitter
             steps.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=0.0, p=1.0))
@@ -425,13 +499,57 @@ class SegmentationTransform:
         else:
             self._random.refresh()
         bh, bw = self.base_size if self.base_size is not None else (h, w)
-        factor = float(self._random.rng.uniform(*self.scale_range))
+        rng = self._random.rng
+        factor = float(rng.uniform(*self.scale_range))
         nh, nw = max(1, round(bh * factor)), max(1, round(bw * factor))
-        if (nh, nw) != (h, w):
-            image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
-            mask = cv2.resize(mask, (nw, nh), interpolation=cv2.INTER_NEAREST)
+        ch, cw = self.crop_size
+        # The crop's place in the scaled image (top-left when the scaled image is smaller than the crop).
+        y0, x0 = int(rng.integers(0, max(nh - ch, 0) + 1)), int(rng.integers(0, max(nw - cw, 0) + 1))
+        image, mask = _scaled_crop(image, mask, (nh, nw), (y0, x0), self.crop_size)
         out = self.pipeline(image=image, mask=mask)
         return {"image": np.ascontiguousarray(out["image"]), "mask": np.ascontiguousarray(out["mask"])}
+
+
+def _scaled_crop(image: np.ndarray, mask: np.ndarray, size: tuple[int, int], corner: tuple[int, int],
+                 crop: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The ``crop`` (H, W) window at ``corner`` (y, x) of the image and mask resized to ``size`` (H, W), padded at
+    the bottom and right (image 0, mask 255) where the resized image ends: what resizing the whole image (bilinear;
+    the mask nearest) and cropping it would give, computed from the source pixels under the window only (a 2x
+    scale of a 1024x2048 image resizes one 512x1024 window instead of 2048x4096 pixels).
+
+    The mask is exactly that of ``cv2.resize(..., INTER_NEAREST)`` and cropping; the image samples the same
+    source positions as ``cv2.resize(..., INTER_LINEAR)`` (pixel centres aligned, edges clamped), with OpenCV's
+    warping interpolation weights (1/32 pixel) instead of its resizing ones, so values may differ by a level or two.
+    """
+    h, w = mask.shape
+    (nh, nw), (y0, x0), (ch, cw) = size, corner, crop
+    wh, ww = min(ch, nh - y0), min(cw, nw - x0)  # the window's part inside the resized image
+    if (nh, nw) == (h, w):
+        img, msk = image[y0:y0 + wh, x0:x0 + ww], mask[y0:y0 + wh, x0:x0 + ww]
+    elif nh * nw <= 2 * wh * ww:  # the window is most of the resized image: resizing it all is as cheap
+        img = cv2.resize(np.asarray(image), (nw, nh), interpolation=cv2.INTER_LINEAR)[y0:y0 + wh, x0:x0 + ww]
+        msk = cv2.resize(np.asarray(mask), (nw, nh), interpolation=cv2.INTER_NEAREST)[y0:y0 + wh, x0:x0 + ww]
+    else:
+        # Nearest: OpenCV's resize takes source index floor(i * src / dst) (scale as a double, as it computes it).
+        ry, rx = 1.0 / (nh / h), 1.0 / (nw / w)
+        rows = np.minimum(np.floor(np.arange(y0, y0 + wh) * ry).astype(np.intp), h - 1)
+        cols = np.minimum(np.floor(np.arange(x0, x0 + ww) * rx).astype(np.intp), w - 1)
+        msk = mask.take(rows, axis=0).take(cols, axis=1)
+        # Bilinear with aligned pixel centres: output (i, j) samples source ((i + 0.5) * h / nh - 0.5, ...).
+        sy, sx = h / nh, w / nw
+        top, left = (y0 + 0.5) * sy - 0.5, (x0 + 0.5) * sx - 0.5
+        r0, c0 = max(0, int(np.floor(top))), max(0, int(np.floor(left)))
+        r1 = min(h, int(np.floor(top + (wh - 1) * sy)) + 2)
+        c1 = min(w, int(np.floor(left + (ww - 1) * sx)) + 2)
+        matrix = np.array([[sx, 0.0, left - c0], [0.0, sy, top - r0]])
+        img = cv2.warpAffine(image[r0:r1, c0:c1], matrix, (ww, wh), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                             borderMode=cv2.BORDER_REPLICATE)
+    if (wh, ww) == (ch, cw):
+        return np.ascontiguousarray(img), np.ascontiguousarray(msk)
+    out_img = np.zeros((ch, cw, 3), np.uint8)
+    out_msk = np.full((ch, cw), IGNORE_INDEX, np.uint8)
+    out_img[:wh, :ww], out_msk[:wh, :ww] = img, msk
+    return out_img, out_msk
 
 
 def build_segmentation_train_transform(

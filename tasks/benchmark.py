@@ -723,8 +723,10 @@ def _data_rows(cfg: DictConfig, emit: Callable[[dict], None]) -> list[dict]:
         for _ in range(batches):
             images += next(it)["images"].shape[0]
         rate = images / (time.perf_counter() - start)
+        size = cfg.data.get("image_size") or cfg.data.get("crop_size")  # segmentation: the [H, W] crop
         row = {"measure": "data", "impl": "effdense", "task": cfg.task.name, "data": str(cfg.data.root),
-               "image_size": cfg.data.get("image_size") or cfg.data.get("crop_size"), "batch": int(cfg.data.batch_size),
+               "image_size": OmegaConf.to_container(size) if OmegaConf.is_config(size) else size,
+               "batch": int(cfg.data.batch_size),
                "workers": int(workers), "value": round(rate, 1), "unit": "images/s",
                "per_worker": round(rate / max(int(workers), 1), 1), "cpu_count": os.cpu_count()}
         rows.append(row)

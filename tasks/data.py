@@ -304,6 +304,9 @@ class SegmentationDataModule(_FolderDataModule):
         overlays: with prediction writing, also write colour overlays.
         skip_bad: skip images without a mask and unreadable samples with a warning, instead of failing (see
             :class:`datasets.SegmentationDataset`).
+        decoded_cache: a folder where every image/mask pair is kept decoded (raw uint8 arrays, memory-mapped
+            when read; :class:`datasets.SegmentationDataset`): decoding PNGs is most of a loader worker's time.
+            ``None``: decode every time.
     """
 
     def __init__(
@@ -332,6 +335,7 @@ class SegmentationDataModule(_FolderDataModule):
         synthetic: dict[str, Any] | None = None,
         overlays: bool = False,
         skip_bad: bool = False,
+        decoded_cache: str | Path | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(
@@ -364,6 +368,7 @@ class SegmentationDataModule(_FolderDataModule):
         self.size_divisor = int(size_divisor)
         self.overlays = overlays
         self.skip_bad = bool(skip_bad)
+        self.decoded_cache = None if decoded_cache in (None, "") else Path(decoded_cache).expanduser()
         self.collate_fn = functools.partial(collate_segmentation, size_divisor=self.size_divisor)
 
     def _generate_synthetic(self, cache_dir: Path, params: dict[str, Any]) -> Path:
@@ -406,7 +411,8 @@ class SegmentationDataModule(_FolderDataModule):
             transform = build_segmentation_eval_transform(eval_size=self.eval_size)
         if self.format == "cityscapes":
             ds = CityscapesSegmentation(
-                root=self.data_dir, split=split, transform=transform, skip_bad=self.skip_bad
+                root=self.data_dir, split=split, transform=transform, skip_bad=self.skip_bad,
+                decoded_cache=self.decoded_cache,
             )
         else:
             image_dir, mask_dir = self.paths(split)
@@ -417,6 +423,7 @@ class SegmentationDataModule(_FolderDataModule):
                 ignore_index=self.ignore_index,
                 transform=transform,
                 skip_bad=self.skip_bad,
+                decoded_cache=self.decoded_cache,
             )
         if ds.num_classes != self.num_classes:
             raise DatasetError(

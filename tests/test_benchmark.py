@@ -137,6 +137,13 @@ def test_segmentation_and_data_measures(tmp_path, synthetic_coco):
         assert r["per_worker"] == pytest.approx(r["value"] / max(r["workers"], 1), rel=1e-2)
     assert "images/s (" in format_table(rows)
 
+    # Segmentation's loader: a Cityscapes-layout folder, random crops of data.crop_size ([H, W] in the row).
+    cfg = compose("benchmark", ["task=segmentation", "data=synthetic", f"cache_dir={tmp_path}", "measures=[data]",
+                                "data_workers=[0]", "data.batch_size=2", "data_batches=2", "data.crop_size=[128,128]"])
+    rows = run_benchmark(cfg)
+    assert [(r["task"], r["image_size"], r["batch"]) for r in rows] == [("segmentation", [128, 128], 2)]
+    assert rows[0]["value"] > 0 and json.loads(json.dumps(rows[0])) == rows[0]
+
 
 @pytest.mark.parametrize(
     "task, overrides, expected",

@@ -88,6 +88,21 @@ def test_segmentation_selects_p2_and_synthetic_cityscapes():
     assert det["data"]["label_mode"] == "contiguous"
 
 
+def test_decoded_cache_reaches_the_segmentation_datasets(tmp_path):
+    """data.decoded_cache from the command line: the loader's samples are kept decoded in that folder."""
+    cfg = compose("train", ["task=segmentation", "data=synthetic", f"cache_dir={tmp_path}", "data.num_workers=0",
+                            f"data.decoded_cache={tmp_path / 'decoded'}", "data.synthetic.num_train=2",
+                            "data.synthetic.num_val=1", "data.batch_size=2"])
+    assert compose("train", ["task=segmentation"]).data.decoded_cache is None  # off by default
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.train_dataset.decoded_cache == dm.val_dataset.decoded_cache == tmp_path / "decoded"
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["images"].shape[0] == 2
+    assert len(list((tmp_path / "decoded").rglob("*.npy"))) == 4  # image and mask of both training frames
+
+
 def test_wrong_dataset_for_the_task_is_a_config_error():
     from hydra.errors import MissingConfigException
 

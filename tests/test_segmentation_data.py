@@ -117,6 +117,35 @@ def test_flip_and_crop_keep_image_and_mask_aligned():
     assert flipped >= 5 and kept >= 5
 
 
+def test_scaled_crop_equals_resizing_the_whole_image_then_cropping():
+    """Resize, pad and crop computed on the crop's window only: the mask exactly as cv2.resize (nearest) and crop,
+    the image within one level of cv2.resize (bilinear), for up- and downscales, exact and odd factors, windows at
+    the edges and crops larger than the scaled image (padded)."""
+    from datasets.segmentation import _scaled_crop
+
+    rng = np.random.default_rng(0)
+    cases = [((64, 128), (128, 256), (40, 64)), ((64, 128), (32, 64), (40, 64)), ((50, 70), (50, 70), (20, 30))]
+    for _ in range(200):
+        cases.append((tuple(int(v) for v in rng.integers(5, 100, 2)), tuple(int(v) for v in rng.integers(1, 250, 2)),
+                      tuple(int(v) for v in rng.integers(1, 90, 2))))
+    for (h, w), (nh, nw), (ch, cw) in cases:
+        image = cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (3, 3), 0)
+        mask = rng.integers(0, 19, (h, w), dtype=np.uint8)
+        scaled = ((image, mask) if (nh, nw) == (h, w) else
+                  (cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR),
+                   cv2.resize(mask, (nw, nh), interpolation=cv2.INTER_NEAREST)))
+        padded_image = np.zeros((max(nh, ch), max(nw, cw), 3), np.uint8)
+        padded_mask = np.full(padded_image.shape[:2], 255, np.uint8)
+        padded_image[:nh, :nw], padded_mask[:nh, :nw] = scaled
+        for y0, x0 in {(0, 0), (max(nh - ch, 0), max(nw - cw, 0)),
+                       (int(rng.integers(0, max(nh - ch, 0) + 1)), int(rng.integers(0, max(nw - cw, 0) + 1)))}:
+            got_image, got_mask = _scaled_crop(image, mask, (nh, nw), (y0, x0), (ch, cw))
+            want_image, want_mask = padded_image[y0:y0 + ch, x0:x0 + cw], padded_mask[y0:y0 + ch, x0:x0 + cw]
+            np.testing.assert_array_equal(got_mask, want_mask)
+            assert got_image.shape == want_image.shape and got_image.dtype == np.uint8
+            assert np.abs(got_image.astype(int) - want_image.astype(int)).max() <= 1, ((h, w), (nh, nw), (y0, x0))
+
+
 def test_colour_jitter_changes_the_image_only():
     image, mask = _striped(64, 96)
     plain = build_segmentation_train_transform(crop_size=(48, 64), color_jitter=0, seed=3)(image, mask)
@@ -333,3 +362,85 @@ def test_cache_reuses_a_complete_folder(tmp_path):
     marker.unlink()
     with pytest.raises(DatasetError, match="not a synthetic dataset"):
         synthetic_cityscapes_root(tmp_path, **params)
+
+
+# ---------------------------------------------------------------------- decoded cache
+def _samples(ds, keys):
+    return [(ds[k]["image"].numpy(), ds[k]["mask"].numpy()) for k in keys]
+
+
+def test_decoded_cache_gives_the_same_samples_and_notices_changed_files(tmp_path, caplog):
+    root = write_synthetic_cityscapes(tmp_path / "cs", num_train=3, num_val=1, height=64, width=128, seed=2)
+    cache = tmp_path / "decoded"
+
+    def make(**kw):
+        return CityscapesSegmentation(root=root, split="train", **kw,
+                                      transform=build_segmentation_train_transform(crop_size=(48, 64), seed=0))
+
+    keys = [3, 4, 5, 7]  # sample keys (epoch 0 and 1): the same augmentation in every dataset below
+    plain = _samples(make(), keys)
+    first = _samples(make(decoded_cache=cache), keys)  # decodes and writes the entries
+    assert len(list(cache.rglob("*.npy"))) == 6 and not list(cache.rglob("*.tmp"))
+    cached = make(decoded_cache=cache)
+    image, mask = cached.read_pair(0)
+    assert isinstance(image, np.memmap) and isinstance(mask, np.memmap)  # read from the cache
+    for a, b, c in zip(plain, first, _samples(cached, keys)):
+        for x, y, z in zip(a, b, c):
+            np.testing.assert_array_equal(x, y)
+            np.testing.assert_array_equal(x, z)
+    # Eval samples (the whole image, the mask at full resolution) read through the cache are the decoded ones.
+    val = CityscapesSegmentation(root=root, split="val", transform=build_segmentation_eval_transform())
+    val_cached = CityscapesSegmentation(root=root, split="val", transform=build_segmentation_eval_transform(),
+                                        decoded_cache=cache)
+    for _ in range(2):
+        for x, y in zip(_samples(val, [0]), _samples(val_cached, [0])):
+            for u, v in zip(x, y):
+                np.testing.assert_array_equal(u, v)
+    whole = val_cached[0]  # a copy, not the read-only mapping of the cache's files
+    whole["image"] += 1
+    whole["mask"] += 1
+
+    # A changed mask file is decoded again (its size and modification time are in the key).
+    path = cached.mask_path(0)
+    stored = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(path), np.full_like(stored, 26))  # label id 26 = train id 13 (car)
+    _, mask = make(decoded_cache=cache).read_pair(0)
+    assert not isinstance(mask, np.memmap) and (mask == 13).all()
+    assert (make(decoded_cache=cache).read_pair(0)[1] == 13).all()
+
+    # A cut-short entry is decoded again, with a warning, and written anew.
+    entry = cached._cache_files(1)[0]
+    size = entry.stat().st_size
+    entry.write_bytes(entry.read_bytes()[:100])
+    with caplog.at_level("WARNING"):
+        again = _samples(make(decoded_cache=cache), [4])  # image 1
+    assert "unreadable decoded copy" in caplog.text
+    for x, y in zip(plain[1], again[0]):
+        np.testing.assert_array_equal(x, y)
+    assert entry.stat().st_size == size
+    # Samples own their memory (the cache's files are mapped read-only).
+    sample = make(decoded_cache=cache)[4]
+    sample["mask"] += 1
+    sample["image"] += 1
+
+
+def test_decoded_cache_keeps_bad_input_errors_and_survives_an_unwritable_folder(tmp_path, caplog):
+    root = write_synthetic_cityscapes(tmp_path / "cs", num_train=2, num_val=1, height=32, width=64, seed=1)
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    ds = CityscapesSegmentation(root=root, split="train", decoded_cache=blocked)
+    with caplog.at_level("WARNING"):
+        image, mask = ds.read_pair(0)
+        ds.read_pair(1)
+    assert image.shape == (32, 64, 3) and mask.shape == (32, 64)
+    assert caplog.text.count("cannot write decoded copies") == 1 and str(blocked) in caplog.text
+    # A bad mask still names its file with the cache on, and nothing is cached for it.
+    path = ds.mask_path(1)
+    bad = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    bad[0, 0] = 200
+    cv2.imwrite(str(path), bad)
+    cache = tmp_path / "decoded"
+    with pytest.raises(DatasetError) as err:
+        CityscapesSegmentation(root=root, split="train", decoded_cache=cache)[1]
+    assert str(path) in str(err.value) and "[200]" in str(err.value)
+    assert not list(cache.rglob("*.npy"))
