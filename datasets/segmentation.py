@@ -112,12 +112,15 @@ class SegmentationDataset(Dataset):
 
     ``decoded_cache`` (a folder) keeps each pair once decoded and checked, as raw uint8 arrays (``.npy``: the
     image, and the mask as train ids), and memory-maps them on later reads: a Cityscapes frame is then read in
-    about a millisecond instead of decoding two 2048x1024 PNGs (tens of milliseconds), and the train transform
-    touches only the rows under its crop. An entry is keyed by both files' paths, sizes and modification times
-    and by the label mapping, so a changed file is decoded again; entries are written atomically (a temporary
-    file renamed into place), so loader workers and processes can share the folder. A Cityscapes frame takes
-    8.4 MB (6.3 MB image, 2.1 MB mask). An entry that cannot be read is decoded again, with a warning; one that
-    cannot be written (disk full, read-only folder) is skipped with a warning and the sample is used decoded.
+    about a millisecond instead of decoding two 2048x1024 PNGs (tens of milliseconds), and at scales above about
+    0.7 the train transform reads only the rows under its crop. An entry is keyed by both files' paths, sizes and
+    modification times (not their content: a rewrite that keeps both, e.g. ``cp -p``, is not noticed) and by the
+    label mapping, so a changed file is decoded again. Entries are written to a temporary file, flushed to disk
+    and renamed into place, so loader workers and processes can share the folder and a crash leaves no partial
+    entry; temporary files of killed writers are removed after an hour. Nothing is evicted: entries of files
+    that changed stay until the folder is deleted. A Cityscapes frame takes 8.4 MB (6.3 MB image, 2.1 MB mask).
+    An entry that cannot be read is decoded again and rewritten, with a warning; when the folder cannot be read
+    or written (disk full, read-only), one warning says so and samples are decoded each time.
     """
 
     def __init__(
@@ -164,8 +167,10 @@ class SegmentationDataset(Dataset):
         self.source = str(source) or "segmentation dataset"  # what the skip warnings name
         self._bad: dict[int, str] = {}  # index -> why it cannot be used (skip_bad; per process)
         #: Folder of decoded pairs (see the class docstring), or None.
-        self.decoded_cache = None if decoded_cache is None else Path(decoded_cache).expanduser()
+        self.decoded_cache = None if decoded_cache in (None, "") else Path(decoded_cache).expanduser()
         self._cache_warned = False
+        if self.decoded_cache is not None:
+            _remove_stale_temporaries(self.decoded_cache)
 
     # ------------------------------------------------------------------ files
     def __len__(self) -> int:
@@ -257,7 +262,7 @@ class SegmentationDataset(Dataset):
             except OSError:  # missing or unreadable: decoding raises the error that names the file
                 st = None
             digest.update(f"{os.path.abspath(path)}|{st and st.st_size}|{st and st.st_mtime_ns}|".encode())
-        digest.update(self._lut.tobytes() + self._valid.tobytes() + bytes([self.check_labels]))
+        digest.update(self._lut.tobytes() + self._valid.tobytes() + bytes([self.check_labels, _CACHE_FORMAT]))
         key = digest.hexdigest()
         folder = self.decoded_cache / key[:2]
         return folder / f"{key}.image.npy", folder / f"{key}.mask.npy"
@@ -265,10 +270,14 @@ class SegmentationDataset(Dataset):
     def _load_cached(self, files: tuple[Path, Path]) -> tuple[np.ndarray, np.ndarray] | None:
         try:
             image, mask = (np.load(f, mmap_mode="r", allow_pickle=False) for f in files)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # not cached (yet), or the folder is not usable
             return None
-        except (OSError, ValueError) as err:  # cut short or overwritten by something else: decode again
-            log.warning("%s: unreadable decoded copy (%s); decoding the files again", files[0].parent, err)
+        except OSError as err:  # the folder cannot be read: the same for every sample, so warned about once
+            self._warn_cache_once(f"cannot read decoded copies ({err})")
+            return None
+        except Exception as err:  # noqa: BLE001 -- cut short, empty or not an array: decode again and rewrite
+            log.warning("%s: unreadable decoded copy (%s: %s); decoding the files again", files[0].parent,
+                        type(err).__name__, err)
             return None
         if image.dtype != np.uint8 or mask.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or (
                 mask.shape != image.shape[:2]):
@@ -289,14 +298,19 @@ class SegmentationDataset(Dataset):
                 written.append(tmp)
                 with open(tmp, "wb") as f:
                     np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+                    f.flush()
+                    os.fsync(f.fileno())  # on disk before it is renamed into place (a crash leaves no empty entry)
                 os.replace(tmp, path)
         except OSError as err:
             for tmp in written:
                 tmp.unlink(missing_ok=True)
-            if not self._cache_warned:  # once per process: the cause is the same for every sample
-                self._cache_warned = True
-                log.warning("data.decoded_cache %s: cannot write decoded copies (%s); samples are decoded each "
-                            "time they are read", self.decoded_cache, err)
+            self._warn_cache_once(f"cannot write decoded copies ({err})")
+
+    def _warn_cache_once(self, problem: str) -> None:
+        if not self._cache_warned:  # once per process: the cause is the same for every sample
+            self._cache_warned = True
+            log.warning("data.decoded_cache %s: %s; samples are decoded each time they are read",
+                        self.decoded_cache, problem)
 
     def _sample(self, index: int, sample_key: int | None = None) -> dict:
         image, mask = self.read_pair(index)
@@ -508,6 +522,26 @@ class SegmentationTransform:
         image, mask = _scaled_crop(image, mask, (nh, nw), (y0, x0), self.crop_size)
         out = self.pipeline(image=image, mask=mask)
         return {"image": np.ascontiguousarray(out["image"]), "mask": np.ascontiguousarray(out["mask"])}
+
+
+#: Part of every decoded-cache key: raised when what an entry holds changes, so older entries are not used.
+_CACHE_FORMAT = 1
+#: Temporary files older than this in a decoded cache are left over from a killed writer and removed.
+_STALE_TEMPORARY_S = 3600
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Remove the temporary files that writers killed mid-write left in a decoded cache (recent ones may belong
+    to a writer at work in another process and stay)."""
+    import time
+
+    now = time.time()
+    for tmp in folder.glob("*/.*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > _STALE_TEMPORARY_S:
+                tmp.unlink()
+        except OSError:
+            pass
 
 
 def _scaled_crop(image: np.ndarray, mask: np.ndarray, size: tuple[int, int], corner: tuple[int, int],

@@ -10,7 +10,8 @@ prints one JSON line per measurement and a table. Measurements:
   class-logit difference and how many detections agree;
 - ``predict``: images/s at ``batch_size``, model + decoding + NMS, with the fast paths (``fast.*``);
 - ``latency``: milliseconds for one image, the same pipeline;
-- ``data``: images/s of the training data pipeline (read, decode, augment at the model resolution, collate
+- ``data``: images/s of the training data pipeline (read, decode, augment at the model resolution or, for
+  segmentation, the training crop, collate
   into uint8 batches; normalisation happens on the device) with each of ``data_workers`` loader workers, and
   per worker (use ``data=synthetic`` or your own data; no model is involved);
 - ``train``: images/s of a training step at ``train_batch_size`` (forward, target assignment, loss, backward,
@@ -230,13 +231,16 @@ def _image_size(cfg: DictConfig, task_name: str) -> tuple[int, int]:
 def _train_image_size(cfg: DictConfig, task_name: str, size: tuple[int, int]) -> tuple[int, int]:
     """The input size of the training measures: ``train_image_size``; else ``image_size`` when given; else what
     training runs at: the model's resolution (detection, the same as predict) or the training crop
-    (segmentation: ``data.crop_size``, 512x1024 for Cityscapes, where prediction runs at 1024x2048)."""
+    (segmentation: ``data.crop_size``, 512x1024 for Cityscapes, where prediction runs at 1024x2048; padded up to
+    a multiple of ``data.size_divisor``, as the training batches are)."""
     chosen = cfg.get("train_image_size")
     if chosen is None:
         crop = cfg.get("data", {}).get("crop_size")
         if cfg.image_size is not None or task_name != "segmentation" or crop is None:
             return size
-        chosen = crop
+        divisor = int(cfg.data.get("size_divisor") or 128)
+        h, w = (crop, crop) if isinstance(crop, int) else (int(v) for v in crop)
+        return -(-h // divisor) * divisor, -(-w // divisor) * divisor
     if isinstance(chosen, int):
         chosen = [chosen, chosen]
     h, w = (int(s) for s in chosen)
@@ -335,9 +339,14 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
     if device.type == "cpu" and cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     size = _image_size(cfg, task_name)
+    train_size = _train_image_size(cfg, task_name, size)
     if list(cfg.measures) == ["data"]:
         return _data_rows(cfg, emit)
     task = build_task(cfg, build_model(cfg)).eval()
+    if compare and train_size != size and {"ops", "train", "train_graph", "fit"} & set(cfg.measures):
+        raise BenchmarkError(f"compare=effdet builds effdet's model for image_size {size[0]}x{size[1]}: its "
+                             f"training measures run at that size too, so train_image_size "
+                             f"{train_size[0]}x{train_size[1]} cannot be compared; leave it unset")
     ref = _Effdet(cfg, task, size) if compare else None
     paths = FastPaths(**OmegaConf.to_container(cfg.fast)).resolve(device)
     theirs = _effdet_paths(cfg, paths)
@@ -386,7 +395,6 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
 
     g = torch.Generator().manual_seed(cfg.seed)
     images = torch.randn(batch, 3, *size, generator=g).to(device)
-    train_size = _train_image_size(cfg, task_name, size)
     train_fields = {"image_size": list(train_size)}  # the training measures' rows say their input's size
     if {"ops", "train", "train_graph"} & set(measures):
         # (images, boxes, labels) for detection, (images, masks) for segmentation
@@ -871,33 +879,43 @@ def environment() -> dict[str, Any]:
 
 def format_table(rows: list[dict]) -> str:
     """A readable table of the rows (one line per measurement and implementation)."""
-    header = ["measure", "impl", "batch", "value", "unit", "ratio", "peak MB"]
+    header = ["measure", "impl", "batch", "value", "unit", "ratio", "peak MB", "input"]
     lines = [header]
     for r in rows:
         if r["measure"] == "data":
             lines.append(["data", f"{r['workers']} workers", str(r["batch"]), f"{r['value']:,.1f}",
-                          f"images/s ({r['per_worker']:,.1f} per worker)", "", ""])
+                          f"images/s ({r['per_worker']:,.1f} per worker)", "", "", _size_text(r.get("image_size"))])
             continue
         if r["measure"] == "agreement":
             value = (f"logits {r['max_class_logit_diff']:.1e}, scores {r['max_sorted_score_diff']:.1e}, "
                      f"matched {r['detections_matched']:.3f}")
-            lines.append([r["measure"], f"{r['impl']} vs {r['model']}", "", value, "", "", ""])
+            lines.append([r["measure"], f"{r['impl']} vs {r['model']}", "", value, "", "", "", ""])
             continue
         if r["measure"] == "ops":
             value = (f"train {r['value']:,} ({r['train_host_syncs']} syncs, {r.get('train_views', 0):,} views), "
                      f"predict {r['predict_operations']:,} "
                      f"({r['predict_host_syncs']} syncs, batch {r['predict_batch']})")
+            sizes = f"train {_size_text(r['image_size'])}, predict {_size_text(r['predict_image_size'])}"
             lines.append(["ops", r["impl"], str(r["batch"]), value, "operations", "" if r.get("ratio") is None
-                          else f"{r['ratio']:.3f}", ""])
+                          else f"{r['ratio']:.3f}", "", sizes])
             continue
         value = r["value"]
         value = f"{value:,}" if isinstance(value, int) else f"{value:,.2f}" if value >= 10 else f"{value:.3f}"
         ratio = r.get("ratio")
         lines.append([r["measure"], r["impl"], str(r.get("batch", "")), value, r["unit"],
                       "" if ratio is None else f"{ratio:.3f}",
-                      "" if r.get("peak_memory_mb") is None else f"{r['peak_memory_mb']:,.0f}"])
+                      "" if r.get("peak_memory_mb") is None else f"{r['peak_memory_mb']:,.0f}",
+                      "" if r["measure"] == "params" else _size_text(r.get("image_size"))])
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def _size_text(size) -> str:
+    """``[H, W]`` (or a side) as ``HxW``; empty when unknown."""
+    if size is None:
+        return ""
+    h, w = (size, size) if isinstance(size, int) else size
+    return f"{h}x{w}"
 
 
 def write_rows(rows: list[dict], path: str | Path) -> None:

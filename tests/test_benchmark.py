@@ -73,6 +73,8 @@ def test_compare_effdet_on_cpu_prints_json_lines_table_and_ratios(tmp_path):
         (["image_size=128", "device=cpu", "measures=[train_graph]"], "'train_graph' (a CUDA-graph training step) needs"),
         (["task=segmentation", "device=cpu", "measures=[train]", "train_image_size=[100,200]"],
          "train_image_size must be a multiple of 128 (the coarsest stride), got 100x200"),
+        (["compare=effdet", "device=cpu", "measures=[train]", "image_size=256", "train_image_size=128"],
+         "train_image_size 128x128 cannot be compared"),
         (["image_size=128", "device=cpu", "compare=effdet", "measures=[latency]", "effdet_compile=sometimes"],
          "effdet_compile must be null, true or false, got 'sometimes'"),
     ],
@@ -125,7 +127,9 @@ def test_segmentation_and_data_measures(tmp_path, synthetic_coco):
     assert train["value"] == pytest.approx(2 / (train["ms_per_call"] / 1000), rel=1e-2) and "focal_loss" not in train
     table = format_table(rows)
     assert re.search(r"^ops\s+effdense\s+2\s+train [\d,]+ \(0 syncs, [\d,]+ views\), predict", table, re.MULTILINE)
-    assert re.search(r"^train\s+effdense\s+2\s+[\d.,]+\s+images/s", table, re.MULTILINE)
+    assert re.search(r"^train\s+effdense\s+2\s+[\d.,]+\s+images/s\s+[\d,]+\s+128x256$", table, re.MULTILINE)
+    assert re.search(r"^predict\s+effdense\s+1\s+.*256x256$", table, re.MULTILINE)
+    assert re.search(r"operations\s+train 128x256, predict 256x256$", table, re.MULTILINE)
 
     cfg = compose("benchmark", ["data=synthetic", f"data.root={synthetic_coco}", "~data.synthetic", "measures=[data]",
                                 "data_workers=[0,1]", "data.batch_size=4", "data_batches=2", "image_size=128",
@@ -150,6 +154,7 @@ def test_segmentation_and_data_measures(tmp_path, synthetic_coco):
     [
         ("segmentation", [], (512, 1024)),  # the Cityscapes training crop; prediction runs at 1024x2048
         ("segmentation", ["data=folder"], (512, 512)),  # the folder layout's crop
+        ("segmentation", ["data.crop_size=[769,769]"], (896, 896)),  # padded to the size divisor, as in training
         ("segmentation", ["image_size=[256,512]"], (256, 512)),  # a given image_size is used for both
         ("segmentation", ["image_size=[256,512]", "train_image_size=128"], (128, 128)),
         ("detection", [], (512, 512)),  # D0's resolution, as prediction
@@ -268,3 +273,4 @@ def test_segmentation_training_step_and_its_cuda_graph_on_the_gpu():
     assert by["ops"]["train_host_syncs"] == 0
     for measure in ("train", "train_graph"):
         assert by[measure]["value"] > 0 and by[measure]["precision"] == "bf16" and by[measure]["batch"] == 2
+        assert by[measure]["image_size"] == [256, 512]

@@ -418,6 +418,19 @@ def test_decoded_cache_gives_the_same_samples_and_notices_changed_files(tmp_path
     for x, y in zip(plain[1], again[0]):
         np.testing.assert_array_equal(x, y)
     assert entry.stat().st_size == size
+    # An empty entry (what a crash between write and rename could leave without the flush) and an image entry
+    # without its mask are decoded again and rewritten.
+    entry.write_bytes(b"")
+    cached._cache_files(2)[1].unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        again = _samples(make(decoded_cache=cache), [4, 5])  # images 1 and 2
+    assert caplog.text.count("unreadable decoded copy") == 1 and "EOFError" in caplog.text
+    for want, got in zip(plain[1:3], again):
+        for x, y in zip(want, got):
+            np.testing.assert_array_equal(x, y)
+    assert entry.stat().st_size == size and cached._cache_files(2)[1].is_file()
+    assert all(isinstance(a, np.memmap) for i in range(3) for a in make(decoded_cache=cache).read_pair(i))
     # Samples own their memory (the cache's files are mapped read-only).
     sample = make(decoded_cache=cache)[4]
     sample["mask"] += 1
@@ -434,6 +447,8 @@ def test_decoded_cache_keeps_bad_input_errors_and_survives_an_unwritable_folder(
         ds.read_pair(1)
     assert image.shape == (32, 64, 3) and mask.shape == (32, 64)
     assert caplog.text.count("cannot write decoded copies") == 1 and str(blocked) in caplog.text
+    assert "unreadable" not in caplog.text and "cannot read" not in caplog.text  # a missing folder: no entries
+    assert CityscapesSegmentation(root=root, split="train", decoded_cache="").decoded_cache is None
     # A bad mask still names its file with the cache on, and nothing is cached for it.
     path = ds.mask_path(1)
     bad = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
@@ -444,3 +459,18 @@ def test_decoded_cache_keeps_bad_input_errors_and_survives_an_unwritable_folder(
         CityscapesSegmentation(root=root, split="train", decoded_cache=cache)[1]
     assert str(path) in str(err.value) and "[200]" in str(err.value)
     assert not list(cache.rglob("*.npy"))
+
+
+def test_decoded_cache_removes_temporaries_of_killed_writers_only_when_old(tmp_path):
+    import os
+    import time
+
+    root = write_synthetic_cityscapes(tmp_path / "cs", num_train=1, num_val=1, height=32, width=64, seed=1)
+    cache = tmp_path / "decoded"
+    (cache / "ab").mkdir(parents=True)
+    old, recent = cache / "ab" / ".x.image.npy.1.tmp", cache / "ab" / ".y.image.npy.2.tmp"
+    old.write_bytes(b"partial")
+    recent.write_bytes(b"being written by another process")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    CityscapesSegmentation(root=root, split="train", decoded_cache=cache)
+    assert not old.exists() and recent.exists()
