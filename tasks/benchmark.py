@@ -220,11 +220,14 @@ def _image_size(cfg: DictConfig, task_name: str) -> tuple[int, int]:
     size = cfg.image_size
     if size is None:
         size = [1024, 2048] if task_name == "segmentation" else cfg.model.image_size
-    if isinstance(size, int):
-        size = [size, size]
-    h, w = (int(s) for s in size)
+    return _side_pair(size, "image_size")
+
+
+def _side_pair(size, name: str) -> tuple[int, int]:
+    """``size`` (a side or ``[H, W]``) as ``(H, W)``, each a multiple of the coarsest stride, 128."""
+    h, w = (size, size) if isinstance(size, int) else (int(s) for s in size)
     if h % 128 or w % 128:
-        raise BenchmarkError(f"image_size must be a multiple of 128 (the coarsest stride), got {h}x{w}")
+        raise BenchmarkError(f"{name} must be a multiple of 128 (the coarsest stride), got {h}x{w}")
     return h, w
 
 
@@ -241,12 +244,7 @@ def _train_image_size(cfg: DictConfig, task_name: str, size: tuple[int, int]) ->
         divisor = int(cfg.data.get("size_divisor") or 128)
         h, w = (crop, crop) if isinstance(crop, int) else (int(v) for v in crop)
         return -(-h // divisor) * divisor, -(-w // divisor) * divisor
-    if isinstance(chosen, int):
-        chosen = [chosen, chosen]
-    h, w = (int(s) for s in chosen)
-    if h % 128 or w % 128:
-        raise BenchmarkError(f"train_image_size must be a multiple of 128 (the coarsest stride), got {h}x{w}")
-    return h, w
+    return _side_pair(chosen, "train_image_size")
 
 
 #: Batches used on a GPU when none is given: the sizes effdet's published measurements used.
