@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FeatureSpec", "level_name", "level_of", "check_features"]
+__all__ = ["FeatureSpec", "check_features", "level_name", "level_of"]
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,13 @@ from torch import nn
 from .contract import FeatureSpec, level_name
 
 __all__ = [
-    "TimmBackbone",
     "EFFICIENTNET_VARIANTS",
-    "load_backbone_weights",
+    "TimmBackbone",
     "WeightsMismatchError",
-    "state_dict_mismatches",
-    "out_of_place_activations",
     "inplace_activations_for_inference",
+    "load_backbone_weights",
+    "out_of_place_activations",
+    "state_dict_mismatches",
 ]
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file name
+    except Exception as err:
         raise WeightsMismatchError(f"{path}: cannot be read as a PyTorch weights file ({err})") from err
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):

@@ -16,8 +16,8 @@ from .cityscapes import (
     CityscapesSegmentation,
     train_ids_to_label_ids,
 )
-from .coco_names import COCO_CATEGORIES, coco_label_names
 from .coco import LABEL_MODES, CocoDetection, collate_detection, load_coco_annotations
+from .coco_names import COCO_CATEGORIES, coco_label_names
 from .errors import DatasetError, DatasetNotFoundError
 from .segmentation import (
     IGNORE_INDEX,
@@ -59,10 +59,10 @@ __all__ = [
     "SegmentationFolder",
     "SegmentationTransform",
     "build_eval_transform",
-    "coco_label_names",
     "build_segmentation_eval_transform",
     "build_segmentation_train_transform",
     "build_train_transform",
+    "coco_label_names",
     "collate_detection",
     "collate_segmentation",
     "default_palette",

@@ -124,7 +124,7 @@ class EfficientDetHead(nn.Module):
             raise ValueError(f"prior_prob must be in (0, 1), got {prior_prob}")
         self.num_classes = num_classes
         self.num_anchors = num_anchors
-        common = dict(depth=depth, norm_layer=norm_layer, act_layer=act_layer)
+        common = {"depth": depth, "norm_layer": norm_layer, "act_layer": act_layer}
         self.class_net = HeadNet(
             in_specs,
             out_channels=num_anchors * num_classes,

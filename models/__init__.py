@@ -3,4 +3,4 @@
 from .detector import DenseModel, Detector, Segmenter, efficientdet
 from .scaling import EFFICIENTDET_SCALES, EfficientDetScale, get_scale, scale_for_backbone
 
-__all__ = ["DenseModel", "Detector", "Segmenter", "efficientdet", "EFFICIENTDET_SCALES", "EfficientDetScale", "get_scale", "scale_for_backbone"]
+__all__ = ["EFFICIENTDET_SCALES", "DenseModel", "Detector", "EfficientDetScale", "Segmenter", "efficientdet", "get_scale", "scale_for_backbone"]

@@ -21,12 +21,13 @@ Norms anywhere else are left as they are and counted in the report.
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["FoldReport", "TIMM_FOLD_PAIRS", "fold_batchnorm", "fold_conv_norm", "fused_norm_replacement"]
+__all__ = ["TIMM_FOLD_PAIRS", "FoldReport", "fold_batchnorm", "fold_conv_norm", "fused_norm_replacement"]
 
 #: ``(conv, norm)`` attribute pairs of timm's EfficientNet building blocks, by class name.
 TIMM_FOLD_PAIRS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -105,7 +106,7 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, FoldReport]:
             folded += _fold_pair(module, conv_name, norm_name)
         if isinstance(module, nn.Sequential):
             names = list(module._modules)
-            for first, second in zip(names, names[1:]):
+            for first, second in itertools.pairwise(names):
                 folded += _fold_pair(module, first, second)
     remaining = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     return model, FoldReport(folded=folded, remaining=remaining)

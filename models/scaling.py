@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-__all__ = ["EfficientDetScale", "EFFICIENTDET_SCALES", "get_scale", "scale_for_backbone"]
+__all__ = ["EFFICIENTDET_SCALES", "EfficientDetScale", "get_scale", "scale_for_backbone"]
 
 
 @dataclass(frozen=True)

@@ -4,14 +4,14 @@ from .bifpn import FUSION_KINDS, BiFPN, BiFPNLayer, FusionNode, bifpn_topology
 from .layers import PAD_MODES, ConvNorm, MaxPoolDown, SeparableConv2d, default_norm_layer
 
 __all__ = [
-    "BiFPN",
-    "BiFPNLayer",
-    "FusionNode",
-    "bifpn_topology",
     "FUSION_KINDS",
     "PAD_MODES",
+    "BiFPN",
+    "BiFPNLayer",
     "ConvNorm",
+    "FusionNode",
     "MaxPoolDown",
     "SeparableConv2d",
+    "bifpn_topology",
     "default_norm_layer",
 ]

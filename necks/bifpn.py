@@ -18,7 +18,7 @@ from backbones.contract import FeatureSpec, level_name, level_of
 
 from .layers import PAD_MODES, ActLayer, ConvNorm, MaxPoolDown, NormLayer, SeparableConv2d, default_norm_layer
 
-__all__ = ["FusionNode", "bifpn_topology", "FUSION_KINDS", "BiFPNLayer", "BiFPN"]
+__all__ = ["FUSION_KINDS", "BiFPN", "BiFPNLayer", "FusionNode", "bifpn_topology"]
 
 #: "fast": ReLU weights normalised by their sum; "softmax": softmax-normalised weights; "sum": plain sum.
 FUSION_KINDS = ("fast", "softmax", "sum")

@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "NormLayer",
+    "PAD_MODES",
     "ActLayer",
-    "default_norm_layer",
-    "SeparableConv2d",
     "ConvNorm",
     "MaxPoolDown",
-    "PAD_MODES",
+    "NormLayer",
+    "SeparableConv2d",
+    "default_norm_layer",
 ]
 
 NormLayer = Callable[[int], nn.Module]

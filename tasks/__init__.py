@@ -18,7 +18,7 @@ _EXPORTS = {
     "Predictor": ".predictor",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 -- the lazily imported names below
 
 
 def __getattr__(name: str):

@@ -163,7 +163,7 @@ class DenseTask(L.LightningModule):
         super().__init__()
         self.fused_weight_casts = bool(fused_weight_casts)
         if not isinstance(compile, bool):
-            raise ValueError(f"compile must be true or false, got {compile!r}")
+            raise TypeError(f"compile must be true or false, got {compile!r}")
         if not isinstance(cuda_graph, bool):
             raise TypeError(f"cuda_graph must be true or false, got {cuda_graph!r}")
         #: Whether the training step runs as one captured CUDA graph (see the class docstring).

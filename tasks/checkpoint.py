@@ -27,8 +27,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 __all__ = [
-    "CheckpointError",
     "STRUCTURE_KEYS",
+    "CheckpointError",
     "apply_overrides",
     "merge_checkpoint_config",
     "read_checkpoint",
@@ -55,7 +55,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file name
+    except Exception as err:
         raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"{path}: has no 'state_dict' (not a checkpoint of this project)")

@@ -14,7 +14,7 @@ from heads import AnchorGenerator, DetectionLoss, DetectionPostProcess, TargetAs
 
 from .base import IMAGENET_MEAN, IMAGENET_STD, DenseTask
 
-__all__ = ["DetectionTask", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DetectionTask"]
 
 log = logging.getLogger(__name__)
 

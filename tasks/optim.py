@@ -6,7 +6,7 @@ import math
 
 from torch import nn
 
-__all__ = ["param_groups", "WarmupCosine"]
+__all__ = ["WarmupCosine", "param_groups"]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -20,7 +20,7 @@ from backbones.timm_backbone import state_dict_mismatches
 from .callbacks import EMA, AtomicCheckpointIO, SaveLastAtMaxSteps, SaveLastOnTrainEnd, SyncNormLayers
 from .checkpoint import CheckpointError, merge_checkpoint_config, read_checkpoint
 
-__all__ = ["build_model", "build_task", "trainer_kwargs", "train", "evaluate", "load_checkpoint_weights", "CheckpointError"]
+__all__ = ["CheckpointError", "build_model", "build_task", "evaluate", "load_checkpoint_weights", "train", "trainer_kwargs"]
 
 log = logging.getLogger(__name__)
 

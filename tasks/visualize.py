@@ -35,7 +35,7 @@ def draw_detections(
     font_scale = max(0.35, min(h, w) / 1000)
     for box, score, label in zip(boxes, scores, labels):
         colour = tuple(int(c) for c in palette[int(label) % len(palette)])
-        x1, y1, x2, y2 = (int(round(v)) for v in box)
+        x1, y1, x2, y2 = (int(round(v)) for v in box)  # noqa: RUF046 -- v may be a 0-d tensor
         cv2.rectangle(out, (x1, y1), (x2, y2), colour, thickness)
         text = f"{class_names[int(label)]} {score:.2f}"
         (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)

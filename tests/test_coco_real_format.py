@@ -8,10 +8,10 @@ import os
 from pathlib import Path
 
 import pytest
+from coco_categories import COCO_CATEGORIES
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from coco_categories import COCO_CATEGORIES
 from tasks.config import compose
 from tasks.runner import evaluate, train
 

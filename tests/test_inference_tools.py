@@ -40,7 +40,7 @@ def _distinctive(path: Path, out: Path, key_part: str) -> Path:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     g = torch.Generator().manual_seed(0)
     for key, value in ckpt["state_dict"].items():
-        if key_part in key and (key.endswith("bias") or key.endswith("weight")):
+        if key_part in key and (key.endswith(("bias", "weight"))):
             ckpt["state_dict"][key] = torch.randn(value.shape, generator=g) * (3.0 if key.endswith("bias") else 1.0)
     torch.save(ckpt, out)
     return out

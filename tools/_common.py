@@ -13,7 +13,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from tasks.config import register_resolvers  # noqa: E402
+from tasks.config import register_resolvers
 
 register_resolvers()
 

@@ -9,9 +9,8 @@ See configs/benchmark.yaml for the options and docs/benchmarks.md for results.
 import json
 import sys
 
-from _common import CONFIG_PATH, user_errors
-
 import hydra
+from _common import CONFIG_PATH, user_errors
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 

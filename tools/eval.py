@@ -5,9 +5,8 @@ Prints the 12 COCO numbers and writes ``metrics.json`` and ``predictions.json`` 
 original image ids and category ids, xywh boxes in original pixels) into the run directory.
 """
 
-from _common import CONFIG_PATH, user_errors
-
 import hydra
+from _common import CONFIG_PATH, user_errors
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 

@@ -5,9 +5,8 @@ Writes ``model.onnx`` (and ``model.pt``, TorchScript, where tracing works) into 
 against PyTorch (onnxruntime for ONNX) on the same input and writes the max differences to ``export.json``.
 """
 
-from _common import CONFIG_PATH, user_errors
-
 import hydra
+from _common import CONFIG_PATH, user_errors
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 

@@ -7,9 +7,8 @@ segmentation ``mask``, the class-index PNG under ``masks/``) and, unless ``visua
 picture per image under ``visualizations/``.
 """
 
-from _common import CONFIG_PATH, user_errors
-
 import hydra
+from _common import CONFIG_PATH, user_errors
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 

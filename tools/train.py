@@ -6,9 +6,8 @@ monitored metric), ``logs/metrics.csv`` and, after training, ``metrics.json`` an
 its run directory (``hydra.run.dir=...``). Resume with ``ckpt_path=<run dir>/checkpoints/last.ckpt``.
 """
 
-from _common import CONFIG_PATH, user_errors
-
 import hydra
+from _common import CONFIG_PATH, user_errors
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
