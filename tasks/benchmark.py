@@ -735,6 +735,9 @@ def _data_rows(cfg: DictConfig, emit: Callable[[dict], None]) -> list[dict]:
                "batch": int(cfg.data.batch_size),
                "workers": int(workers), "value": round(rate, 1), "unit": "images/s",
                "per_worker": round(rate / max(int(workers), 1), 1), "cpu_count": os.cpu_count()}
+        cache = cfg.data.get("decoded_cache")
+        if cache:  # segmentation: the decoded frames' folder (a first run fills it while it is measured)
+            row["decoded_cache"] = str(cache)
         rows.append(row)
         emit(row)
         del it, loader

@@ -142,11 +142,14 @@ def test_segmentation_and_data_measures(tmp_path, synthetic_coco):
     assert "images/s (" in format_table(rows)
 
     # Segmentation's loader: a Cityscapes-layout folder, random crops of data.crop_size ([H, W] in the row).
-    cfg = compose("benchmark", ["task=segmentation", "data=synthetic", f"cache_dir={tmp_path}", "measures=[data]",
-                                "data_workers=[0]", "data.batch_size=2", "data_batches=2", "data.crop_size=[128,128]"])
-    rows = run_benchmark(cfg)
+    cfg_overrides = ["task=segmentation", "data=synthetic", f"cache_dir={tmp_path}", "measures=[data]",
+                     "data_workers=[0]", "data.batch_size=2", "data_batches=2", "data.crop_size=[128,128]"]
+    rows = run_benchmark(compose("benchmark", cfg_overrides))
     assert [(r["task"], r["image_size"], r["batch"]) for r in rows] == [("segmentation", [128, 128], 2)]
-    assert rows[0]["value"] > 0 and json.loads(json.dumps(rows[0])) == rows[0]
+    assert rows[0]["value"] > 0 and json.loads(json.dumps(rows[0])) == rows[0] and "decoded_cache" not in rows[0]
+    rows = run_benchmark(compose("benchmark", [*cfg_overrides, f"data.decoded_cache={tmp_path / 'decoded'}"]))
+    assert rows[0]["decoded_cache"] == str(tmp_path / "decoded") and rows[0]["value"] > 0
+    assert list((tmp_path / "decoded").rglob("*.npy"))  # the frames the measure read were kept decoded
 
 
 @pytest.mark.parametrize(
