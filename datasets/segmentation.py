@@ -240,16 +240,14 @@ class SegmentationDataset(Dataset):
     def read_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """``(image HxWx3 uint8 RGB, mask HxW uint8 train ids)``, decoded and checked, or memory-mapped (read-only)
         from :attr:`decoded_cache` when it holds them."""
-        if self.decoded_cache is None:
-            image = self.read_image(index)
-            return image, self.train_ids(self.read_mask(index, image.shape[:2]))
-        files = self._cache_files(index)
-        cached = self._load_cached(files)
+        files = None if self.decoded_cache is None else self._cache_files(index)
+        cached = None if files is None else self._load_cached(files)
         if cached is not None:
             return cached
         image = self.read_image(index)
         mask = self.train_ids(self.read_mask(index, image.shape[:2]))
-        self._store_cached(files, (image, mask))
+        if files is not None:
+            self._store_cached(files, (image, mask))
         return image, mask
 
     def _cache_files(self, index: int) -> tuple[Path, Path]:
@@ -434,8 +432,8 @@ class SegmentationTransform:
     (image bilinear, mask nearest, one resize each), pad bottom/right to at least ``crop_size`` (image 0, mask
     255), take a random ``crop_size`` (H, W) crop, flip horizontally with probability ``hflip_prob`` and jitter
     brightness, contrast and saturation of the image by up to ``color_jitter`` (0 disables it). Resize, pad and
-    crop are computed on the crop's window only (:func:`_scaled_crop`): the cost follows the crop size, not
-    the scaled image's.
+    crop are one step (:func:`_scaled_crop`), computed on the crop's window when the resized image is more than
+    twice the window's size: then the cost follows the crop size, not the resized image's.
 
     Eval: resize the image to ``eval_size`` (H, W) when given (bilinear); the mask is returned unchanged, at the
     original resolution.
@@ -548,8 +546,9 @@ def _scaled_crop(image: np.ndarray, mask: np.ndarray, size: tuple[int, int], cor
                  crop: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """The ``crop`` (H, W) window at ``corner`` (y, x) of the image and mask resized to ``size`` (H, W), padded at
     the bottom and right (image 0, mask 255) where the resized image ends: what resizing the whole image (bilinear;
-    the mask nearest) and cropping it would give, computed from the source pixels under the window only (a 2x
-    scale of a 1024x2048 image resizes one 512x1024 window instead of 2048x4096 pixels).
+    the mask nearest) and cropping it would give. When the resized image is more than twice the window's size, it
+    is computed from the source pixels under the window only (a 2x scale of a 1024x2048 image resizes one
+    512x1024 window instead of 2048x4096 pixels); otherwise the whole image is resized and cropped.
 
     The mask is exactly that of ``cv2.resize(..., INTER_NEAREST)`` and cropping; the image samples the same
     source positions as ``cv2.resize(..., INTER_LINEAR)`` (pixel centres aligned, edges clamped), with OpenCV's
@@ -612,6 +611,12 @@ def build_segmentation_eval_transform(*, eval_size: tuple[int, int] | None = Non
     return SegmentationTransform(train=False, eval_size=eval_size)
 
 
+def padded_size(size: tuple[int, int], size_divisor: int) -> tuple[int, int]:
+    """``(H, W)`` rounded up to multiples of ``size_divisor``: the size :func:`collate_segmentation` pads images to."""
+    h, w = size
+    return -(-h // size_divisor) * size_divisor, -(-w // size_divisor) * size_divisor
+
+
 def collate_segmentation(samples: Sequence[dict], *, size_divisor: int = 128) -> dict[str, torch.Tensor]:
     """Stack segmentation samples into batch tensors.
 
@@ -628,7 +633,7 @@ def collate_segmentation(samples: Sequence[dict], *, size_divisor: int = 128) ->
         raise ValueError(f"size_divisor must be >= 1, got {size_divisor}")
     hi = max(int(s["image"].shape[1]) for s in samples)
     wi = max(int(s["image"].shape[2]) for s in samples)
-    hp, wp = -(-hi // size_divisor) * size_divisor, -(-wi // size_divisor) * size_divisor
+    hp, wp = padded_size((hi, wi), size_divisor)
     hm = max(int(s["mask"].shape[0]) for s in samples)
     wm = max(int(s["mask"].shape[1]) for s in samples)
     images = torch.zeros((len(samples), 3, hp, wp), dtype=torch.uint8)

@@ -241,9 +241,10 @@ def _train_image_size(cfg: DictConfig, task_name: str, size: tuple[int, int]) ->
         crop = cfg.get("data", {}).get("crop_size")
         if cfg.image_size is not None or task_name != "segmentation" or crop is None:
             return size
-        divisor = int(cfg.data.get("size_divisor") or 128)
-        h, w = (crop, crop) if isinstance(crop, int) else (int(v) for v in crop)
-        return -(-h // divisor) * divisor, -(-w // divisor) * divisor
+        from datasets.segmentation import padded_size
+
+        crop = (crop, crop) if isinstance(crop, int) else tuple(int(v) for v in crop)
+        return padded_size(crop, int(cfg.data.get("size_divisor") or 128))
     return _side_pair(chosen, "train_image_size")
 
 
@@ -340,11 +341,11 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
     train_size = _train_image_size(cfg, task_name, size)
     if list(cfg.measures) == ["data"]:
         return _data_rows(cfg, emit)
-    task = build_task(cfg, build_model(cfg)).eval()
     if compare and train_size != size and {"ops", "train", "train_graph", "fit"} & set(cfg.measures):
         raise BenchmarkError(f"compare=effdet builds effdet's model for image_size {size[0]}x{size[1]}: its "
                              f"training measures run at that size too, so train_image_size "
                              f"{train_size[0]}x{train_size[1]} cannot be compared; leave it unset")
+    task = build_task(cfg, build_model(cfg)).eval()
     ref = _Effdet(cfg, task, size) if compare else None
     paths = FastPaths(**OmegaConf.to_container(cfg.fast)).resolve(device)
     theirs = _effdet_paths(cfg, paths)

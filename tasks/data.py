@@ -368,7 +368,7 @@ class SegmentationDataModule(_FolderDataModule):
         self.size_divisor = int(size_divisor)
         self.overlays = overlays
         self.skip_bad = bool(skip_bad)
-        self.decoded_cache = None if decoded_cache in (None, "") else Path(decoded_cache).expanduser()
+        self.decoded_cache = decoded_cache  # the datasets take it as given (None or "": off)
         self.collate_fn = functools.partial(collate_segmentation, size_divisor=self.size_divisor)
 
     def _generate_synthetic(self, cache_dir: Path, params: dict[str, Any]) -> Path:
