@@ -268,47 +268,33 @@ def dense_greedy_nms(
     return keep
 
 
-#: The CPU pre-selection ranks at most this many candidates per wanted one; beyond it a plain top-k is cheaper.
-_PRESELECT_LIMIT = 16
-
-
 def _topk(cls_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` largest (anchor, class) logits per image, sorted, and their flat indices ``anchor * C + class``.
+    """The ``k`` largest (anchor, class) logits per image and their flat indices ``anchor * C + class``, best
+    first; equal logits in the order of their indices (NaN counts as the largest, as :func:`torch.topk` has it).
 
-    On the CPU a full ``topk`` over millions of logits is slow, so candidates are pre-selected: every anchor's
-    best logit is itself a candidate, so the ``k``-th largest of the per-anchor maxima is a lower bound of the
-    ``k``-th largest logit, and only logits at or above it (usually about ``k`` of them) need ranking. The
-    result is the same ``k`` values (equal logits may come in another order). An image where far more than ``k``
-    logits reach the bound (ties) takes a plain top-k.
+    Ranked in two small steps instead of one top-k over all ``A * C`` logits (millions per image): every logit
+    among the ``k`` largest belongs to one of the ``k`` anchors with the largest best-class logit (an anchor
+    outside them is preceded by ``k`` anchors, each holding a logit at least as large), so ranking the ``k * C``
+    logits of those anchors gives the same ``k`` values. One pass reads the whole map (the per-anchor maxima);
+    the rest is small and of fixed shape: no host synchronisation, so it can be captured in a CUDA graph, and
+    ties (an untrained head's logits all equal its bias) cost nothing extra. Which of several logits equal to the
+    ``k``-th value are taken is left to :func:`torch.topk`. Traced or exported graphs get one plain top-k.
     """
-    b, a, _ = cls_logits.shape
+    b, a, c = cls_logits.shape
     flat = cls_logits.reshape(b, -1)
-    if cls_logits.device.type != "cpu" or k > a or _tracing():
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return flat.topk(k, dim=1)
-    bound = cls_logits.amax(-1).topk(k, dim=1).values[:, -1:]  # [B, 1]
-    image, index = torch.nonzero(flat >= bound, as_tuple=True)  # at least k per image
-    top_values = torch.empty(b, k, dtype=flat.dtype)
-    top_index = torch.empty(b, k, dtype=torch.long)
-    # Where far more than k logits reach the bound (ties, e.g. an untrained head whose logits all equal its bias),
-    # ranking them all would cost far more than one top-k: such an image takes the plain top-k. Decided image by
-    # image, so an image's candidates never depend on the rest of the batch.
-    tied = torch.bincount(image, minlength=b) > _PRESELECT_LIMIT * k
-    if bool(tied.any()):
-        rows = tied.nonzero().squeeze(1)
-        top_values[rows], top_index[rows] = flat[rows].topk(k, dim=1)
-        light = ~tied[image]
-        image, index = image[light], index[light]
-    values = flat[image, index]
-    # Group by image, best first within each image.
-    order = torch.sort(values, descending=True, stable=True).indices
-    order = order[torch.sort(image[order], stable=True).indices]
-    image, index, values = image[order], index[order], values[order]
-    counts = torch.bincount(image, minlength=b)
-    rank = torch.arange(image.numel()) - (torch.cumsum(counts, 0) - counts)[image]
-    sel = rank < k
-    top_values[image[sel], rank[sel]] = values[sel]
-    top_index[image[sel], rank[sel]] = index[sel]
-    return top_values, top_index
+    if k >= a:
+        values, index = flat.topk(k, dim=1)
+    else:
+        anchors = cls_logits.amax(-1).topk(k, dim=1).indices  # [B, k], the anchors that hold every candidate
+        values, at = torch.gather(cls_logits, 1, anchors[..., None].expand(-1, -1, c)).reshape(b, -1).topk(k, dim=1)
+        index = torch.gather(anchors, 1, at // c) * c + at % c
+    # Equal values by index: sort by index, then stably by value (top-k's own order of ties is unspecified).
+    by_index = index.sort(dim=1).indices
+    values, index = values.gather(1, by_index), index.gather(1, by_index)
+    by_value = values.sort(dim=1, descending=True, stable=True).indices
+    return values.gather(1, by_value), index.gather(1, by_value)
 
 
 def _grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float) -> torch.Tensor:

@@ -300,18 +300,56 @@ def test_bf16_logits_rank_like_their_float32_values():
     assert a["num_detections"].tolist() == b["num_detections"].tolist() == [50, 50]
 
 
-@pytest.mark.parametrize("b, a, c, k", [(1, 3000, 90, 500), (3, 2000, 7, 2000), (2, 100, 4, 300)])
-def test_cpu_candidate_preselection_equals_full_topk(b, a, c, k):
+def _ranked(cls: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference ranking: all logits of each image sorted, best first, equal ones by index (NaN first)."""
+    flat = cls.reshape(cls.shape[0], -1)
+    values, index = flat.sort(dim=1, descending=True, stable=True)
+    return values[:, :k], index[:, :k]
+
+
+def _assert_ranked(cls: torch.Tensor, k: int, values: torch.Tensor, index: torch.Tensor) -> None:
+    """``(values, index)`` is the top ``k`` of each image, best first, ties by index; of the logits equal to the
+    ``k``-th value any may be taken (top-k's choice), everything above it must be exactly the reference."""
+    ref_values, ref_index = _ranked(cls, k)
+    assert torch.equal(values, ref_values)
+    flat = cls.reshape(cls.shape[0], -1)
+    assert torch.equal(torch.gather(flat, 1, index), values)  # the indices point at the values
+    assert all(len(set(row.tolist())) == k for row in index)  # no candidate twice
+    above = values > values[:, -1:]
+    assert torch.equal(index[above], ref_index[above])
+    same = values[:, 1:] == values[:, :-1]
+    assert bool((index[:, 1:] > index[:, :-1])[same].all())  # equal values by index
+
+
+@pytest.mark.parametrize(
+    "b, a, c, k, dtype",
+    [(1, 3000, 90, 500, torch.float32), (3, 2000, 7, 2000, torch.float32), (2, 100, 4, 300, torch.float32),
+     (2, 3000, 90, 5000, torch.bfloat16), (2, 400, 20, 400, torch.float32), (1, 50, 3, 150, torch.float32)],
+)
+def test_topk_ranks_like_a_full_sort(b, a, c, k, dtype):
+    """The two-step ranking (per-anchor maxima, then the logits of the best k anchors) gives the k largest
+    logits of a full sort, ties by index; bf16 logits have many ties; k >= A and k = A * C take the plain path."""
     from heads.postprocess import _topk
 
     g = torch.Generator().manual_seed(5)
-    cls = torch.randn(b, a, c, generator=g) * 2 - 4
+    cls = (torch.randn(b, a, c, generator=g) * 2 - 4).to(dtype)
     cls[0, :10] += 8.0  # a few confident anchors
     values, index = _topk(cls, k)
-    ref_values, _ = cls.reshape(b, -1).topk(k, dim=1)
-    assert torch.equal(values, ref_values)
-    assert torch.equal(torch.gather(cls.reshape(b, -1), 1, index), values)  # the indices point at the values
-    assert all(len(set(row.tolist())) == k for row in index)  # no candidate twice
+    assert values.dtype == dtype and index.dtype == torch.long
+    _assert_ranked(cls, k, values, index)
+
+
+def test_topk_with_nan_logits_ranks_them_first_like_topk():
+    from heads.postprocess import _topk
+
+    g = torch.Generator().manual_seed(7)
+    cls = torch.randn(2, 500, 6, generator=g)
+    cls[0, 123, 4] = cls[0, 7, 1] = cls[1, 499, 0] = float("nan")
+    values, index = _topk(cls, 50)
+    ref_values, ref_index = _ranked(cls, 50)
+    assert index[0, :2].tolist() == [7 * 6 + 1, 123 * 6 + 4] and index[1, 0].item() == 499 * 6
+    torch.testing.assert_close(values, ref_values, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(index, ref_index)
 
 
 def test_dense_nms_equals_torchvision_nms_and_settles_long_chains():
@@ -348,47 +386,46 @@ def test_dense_nms_equals_torchvision_nms_and_settles_long_chains():
             assert torch.equal(keep[i], ref)
 
 
-def test_cpu_preselection_falls_back_to_topk_when_logits_tie():
-    """An untrained head's class logits are all its bias: every logit reaches the pre-selection bound, and ranking
-    millions of ties would be far slower than one top-k, so the plain top-k is used (the candidates are not ranked)."""
+def test_topk_of_tied_logits_ranks_no_more_than_k_anchors():
+    """An untrained head's class logits all equal its bias: every logit ties. The ranking still reads the whole
+    map only once (the per-anchor maxima) and ranks no more than the best k anchors' logits, and makes no host
+    synchronisation (so the predict call can be captured in a CUDA graph)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from heads.postprocess import _topk
 
-    class Sorted(TorchDispatchMode):
+    class Sizes(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.sizes, self.topk = [], 0
+            self.ranked, self.names = [], set()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.overloadpacket.__name__
-            if name == "sort":
-                self.sizes.append(args[0].numel())
-            self.topk += name == "topk"
+            self.names.add(name)
+            if name in ("sort", "topk"):
+                self.ranked.append(args[0].numel())
             return func(*args, **(kwargs or {}))
 
-    cls = torch.full((2, 5000, 90), -4.6)
+    b, a, c, k = 2, 5000, 90, 500
+    cls = torch.full((b, a, c), -4.6)
     cls[1, 7, 3] = 1.0
-    with Sorted() as ops:
-        values, index = _topk(cls, 500)
-    assert ops.topk >= 2 and all(n == 0 for n in ops.sizes)  # nothing left to rank
-    ref_values, _ = cls.reshape(2, -1).topk(500, dim=1)
-    assert torch.equal(values, ref_values)
+    with Sizes() as ops:
+        values, index = _topk(cls, k)
+    assert max(ops.ranked) == b * k * c  # the k best anchors' logits, not the b * a * c of the map
+    assert not ops.names & {"nonzero", "_local_scalar_dense", "item", "masked_select"}
+    _assert_ranked(cls, k, values, index)
     assert index[1, 0].item() == 7 * 90 + 3
-    assert all(len(set(row.tolist())) == 500 for row in index)
 
 
-def test_cpu_preselection_of_an_image_does_not_depend_on_its_batch():
-    """Whether an image's ties send it to the plain top-k is decided per image: the same rows alone and batched
-    (here 9,000 tied logits: above the limit for one image, below it for a batch of two counted together)."""
-    from heads.postprocess import _PRESELECT_LIMIT, _topk
+def test_topk_of_an_image_does_not_depend_on_its_batch():
+    """Each image is ranked on its own: the same rows alone and batched (one with 9,000 equal top logits)."""
+    from heads.postprocess import _topk
 
     k = 512
     g = torch.Generator().manual_seed(3)
     tied = torch.randn(1, 3000, 90, generator=g) - 10.0
     tied.view(1, -1)[0, torch.randperm(3000 * 90, generator=g)[:9000]] = 5.0  # 9,000 equal top logits
     plain = torch.randn(1, 3000, 90, generator=g)
-    assert _PRESELECT_LIMIT * k < 9000 < 2 * _PRESELECT_LIMIT * k
     alone = [_topk(x, k) for x in (tied, plain)]
     batched = _topk(torch.cat([tied, plain]), k)
     for i, (values, index) in enumerate(alone):
