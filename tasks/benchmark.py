@@ -29,7 +29,8 @@ prints one JSON line per measurement and a table. Measurements:
   ``train_batch_size``, on one in-memory batch moved to the device every step (the ``data`` measure covers the
   loader), and the operations and host synchronisations of one whole step; ``vs_train`` is its time over the
   bare ``train`` step's when both are measured (the loop's overhead), and ``ratio`` its time over effdet's bare
-  ``train`` step's (effdet has no trainer); ``task.module.compile`` follows ``fast.compile``, and
+  ``train`` step's (effdet has no trainer; with ``compare=effdet`` and ``fit`` but not ``train``, effdet's step is
+  measured alone for it, so this project's network is not compiled a second time for a bare step); ``task.module.compile`` follows ``fast.compile``, and
   ``task.module.cuda_graph=true`` measures the loop with the captured training step (CUDA only; with
   ``fast.compile`` on, the step captures the compiled network);
 - ``train_graph`` (CUDA only): the same step captured whole as one CUDA graph (:class:`tasks.graphed.GraphedTrainStep`),
@@ -366,8 +367,8 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
     def add_pair(measure: str, times: dict, per_call_images: int, *, unit: str, ours: dict | None = None,
                  **fields) -> None:
         ours = ours or {}
-        ours_s = times["effdense"]["seconds"]
-        ratio = round(ours_s / times["effdet"]["seconds"], 3) if "effdet" in times else None
+        both = "effdet" in times and "effdense" in times
+        ratio = round(times["effdense"]["seconds"] / times["effdet"]["seconds"], 3) if both else None
         for impl, t in times.items():
             value = per_call_images / t["seconds"] if unit == "images/s" else t["seconds"] * 1000
             extra = {"ratio": ratio} if impl == "effdense" and ratio is not None else {}
@@ -395,7 +396,8 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
     g = torch.Generator().manual_seed(cfg.seed)
     images = torch.randn(batch, 3, *size, generator=g).to(device)
     train_fields = {"image_size": list(train_size)}  # the training measures' rows say their input's size
-    if {"ops", "train", "train_graph"} & set(measures):
+    effdet_step_for_fit = bool(ref) and "fit" in measures and "train" not in measures
+    if {"ops", "train", "train_graph"} & set(measures) or effdet_step_for_fit:
         # (images, boxes, labels) for detection, (images, masks) for segmentation
         train_inputs = _train_inputs(task_name, images, train_batch, train_size, task.num_classes, cfg.seed)
 
@@ -464,6 +466,12 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
             _profile(f"{'graphed ' * graphed}train batch {train_batch}", fns, device)
         add_pair(measure, times, train_batch, unit="images/s", batch=train_batch, ours=_loss_fields(task, device),
                  **train_fields)
+    if effdet_step_for_fit:  # the loop's ratio is to effdet's bare step: that alone, not this project's too
+        fns = {"effdet": _effdet_train_step(ref, theirs, device, *train_inputs)}
+        times = _time_rounds(fns, **timing)
+        if cfg.profile:
+            _profile(f"train batch {train_batch}", fns, device)
+        add_pair("train", times, train_batch, unit="images/s", batch=train_batch, **train_fields)
     if "fit" in measures:
         fit = _fit(cfg, task, paths, device, train_batch, train_size)
         train_row = next((r for r in rows if r["measure"] == "train" and r["impl"] == "effdense"), None)

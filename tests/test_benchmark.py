@@ -218,6 +218,23 @@ def test_fit_measures_the_lightning_loop(task):
     assert re.search(r"^fit\s+effdense\s+2\s+[\d.,]+\s+images/s", format_table(rows), re.MULTILINE)
 
 
+@pytest.mark.slow
+def test_fit_against_effdet_measures_effdets_step_alone_for_the_ratio():
+    """`measures=[fit] compare=effdet`: effdet's bare training step is timed alone (this project's bare step is not,
+    so its network is not compiled twice), and the loop's ratio is to it."""
+    from tasks.benchmark import format_table, run_benchmark
+    from tasks.config import compose
+
+    rows = run_benchmark(compose("benchmark", ["compare=effdet", "measures=[fit]", "device=cpu", "image_size=128",
+                                               "train_batch_size=2", "warmup=1", "iters=1", "rounds=2"]))
+    assert [(r["measure"], r["impl"]) for r in rows] == [("train", "effdet"), ("fit", "effdense")]
+    step, fit = rows
+    assert step["value"] > 0 and step["batch"] == 2 and step["image_size"] == [128, 128] and "ratio" not in step
+    assert fit["ratio"] == pytest.approx(fit["ms_per_call"] / step["ms_per_call"], abs=1e-3)
+    assert fit["ratio_to"] == "effdet train step" and "vs_train" not in fit
+    assert re.search(r"^train\s+effdet\s+2\s+[\d.,]+\s+images/s", format_table(rows), re.MULTILINE)
+
+
 def test_fit_profile_prints_three_lightning_steps(capsys):
     from tasks.benchmark import run_benchmark
     from tasks.config import compose
