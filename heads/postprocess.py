@@ -25,7 +25,8 @@ class DetectionPostProcess:
     ``nms_prefix``: NMS first runs on the best ``nms_prefix`` candidates of each image only, and on 4x more
     until every image has ``max_detections`` survivors or no candidates left. Greedy NMS decides each box
     from higher-scoring boxes alone, so the output is the same as NMS over all ``topk`` candidates, at a
-    fraction of the cost (``None``: always all ``topk``; exported graphs always use all of them).
+    fraction of the cost (``None``: always all ``topk``; exported graphs always use all of them). The same up to
+    candidates with equal scores: which of several logits equal to the ``n``-th are ranked is top-k's choice.
 
     ``nms_impl``: ``"torchvision"`` runs one :func:`torchvision.ops.nms` over the batch (every (image, class)
     pair moved to its own region of the plane); ``"dense"`` runs :func:`dense_greedy_nms`, pairwise IoUs per
@@ -270,7 +271,8 @@ def dense_greedy_nms(
 
 def _topk(cls_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest (anchor, class) logits per image and their flat indices ``anchor * C + class``, best
-    first; equal logits in the order of their indices (NaN counts as the largest, as :func:`torch.topk` has it).
+    first; equal logits in the order of their indices (NaN counts as the largest, as :func:`torch.topk` has it;
+    traced and exported graphs keep top-k's own order).
 
     Ranked in two small steps instead of one top-k over all ``A * C`` logits (millions per image): every logit
     among the ``k`` largest belongs to one of the ``k`` anchors with the largest best-class logit (an anchor

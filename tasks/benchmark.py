@@ -29,8 +29,9 @@ prints one JSON line per measurement and a table. Measurements:
   ``train_batch_size``, on one in-memory batch moved to the device every step (the ``data`` measure covers the
   loader), and the operations and host synchronisations of one whole step; ``vs_train`` is its time over the
   bare ``train`` step's when both are measured (the loop's overhead), and ``ratio`` its time over effdet's bare
-  ``train`` step's (effdet has no trainer; with ``compare=effdet`` and ``fit`` but not ``train``, effdet's step is
-  measured alone for it, so this project's network is not compiled a second time for a bare step); ``task.module.compile`` follows ``fast.compile``, and
+  ``train`` step's (effdet has no trainer; with ``compare=effdet`` and ``fit`` but neither ``train`` nor
+  ``train_graph``, effdet's step is measured alone for it, so this project's network is not compiled a second
+  time for a bare step); ``task.module.compile`` follows ``fast.compile``, and
   ``task.module.cuda_graph=true`` measures the loop with the captured training step (CUDA only; with
   ``fast.compile`` on, the step captures the compiled network);
 - ``train_graph`` (CUDA only): the same step captured whole as one CUDA graph (:class:`tasks.graphed.GraphedTrainStep`),
@@ -70,7 +71,7 @@ from heads import flatten_levels
 from .base import training_forward
 from .inference import CapturedCall, FastPaths, FlatDetector, compile_module, prepare_predictor
 
-__all__ = ["BenchmarkError", "format_table", "run_benchmark"]
+__all__ = ["BenchmarkError", "calibrate_bn", "format_table", "run_benchmark"]
 
 
 class BenchmarkError(ValueError):
@@ -132,7 +133,8 @@ def effdet_variant_for(cfg: DictConfig) -> str:
 class _Effdet:
     """effdet's model for the configured detector, with this project's model loaded with the same weights."""
 
-    def __init__(self, cfg: DictConfig, task, size: tuple[int, int]) -> None:
+    def __init__(self, cfg: DictConfig, task, size: tuple[int, int], calibrate: Callable[[torch.nn.Module], None]
+                 ) -> None:
         try:
             import effdet
         except ImportError as err:
@@ -149,6 +151,8 @@ class _Effdet:
         if cfg.effdet_checkpoint:
             state = torch.load(cfg.effdet_checkpoint, map_location="cpu", weights_only=True)
             self.model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        else:
+            calibrate(self.model)  # before the conversion: both models get the same statistics
         try:
             converted = convert_effdet_state_dict(self.model.state_dict(), variant=self.name, num_classes=num_classes)
             task.model.load_state_dict(converted)
@@ -206,6 +210,40 @@ def _working_copy(model: torch.nn.Module, paths: FastPaths, device: torch.device
     """A copy of ``model`` on ``device`` in train or eval mode, channels-last when asked (norms not folded)."""
     model = copy.deepcopy(model).to(device).train(train)
     return model.to(memory_format=torch.channels_last) if paths.channels_last else model
+
+
+@torch.no_grad()
+def calibrate_bn(model: torch.nn.Module, x: torch.Tensor, device: torch.device | str = "cpu") -> None:
+    """Sets every BatchNorm's running statistics to those of one training-mode forward pass over ``x`` (on
+    ``device``, in float32; the model is left where it was, in the mode it was in).
+
+    A randomly initialised network normalises with identity statistics (mean 0, variance 1), and its activations
+    shrink layer by layer: at D0 and D3 the class logits come out constant or nearly so, every score ties, and
+    detections, their agreement between two implementations and the work of post-processing (NMS over tied
+    boxes) are all untypical. With the statistics of real activations the logits spread as a trained model's do.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    training = model.training
+    place = next(model.parameters()).device
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average: after one pass, that pass's statistics
+        model.to(device).train()
+        model(x.to(device))
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.train(training).to(place)
+
+
+def _calibration_images(size: tuple[int, int], values: int = 64) -> int:
+    """How many images :func:`calibrate_bn` needs for ``values`` positions per channel on the coarsest level (P7,
+    1/128 of the input): 2 from 896 px (D3) up, 4 at 512 px, 64 at 128 px (a 1x1 map: with 2 images every
+    normalised value there would be +-1, and the logits grow to +-40, where scores saturate and tie)."""
+    coarsest = -(-size[0] // 128) * -(-size[1] // 128)
+    return max(2, -(-values // coarsest))
 
 
 def _device(name: str) -> torch.device:
@@ -347,7 +385,14 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
                              f"training measures run at that size too, so train_image_size "
                              f"{train_size[0]}x{train_size[1]} cannot be compared; leave it unset")
     task = build_task(cfg, build_model(cfg)).eval()
-    ref = _Effdet(cfg, task, size) if compare else None
+    calibrate = bool(cfg.calibrate_bn) and not (compare and cfg.effdet_checkpoint)
+    calibration = torch.randn(_calibration_images(size), 3, *size, generator=torch.Generator().manual_seed(cfg.seed))
+    calibrate_on_device = partial(calibrate_bn, x=calibration, device=device) if calibrate else lambda model: None
+    if compare:
+        ref = _Effdet(cfg, task, size, calibrate_on_device)
+    else:
+        ref = None
+        calibrate_on_device(task.model)
     paths = FastPaths(**OmegaConf.to_container(cfg.fast)).resolve(device)
     theirs = _effdet_paths(cfg, paths)
     batch, train_batch = _batches(cfg, device, task_name)
@@ -356,6 +401,7 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
         "task": task_name, "backbone": cfg.backbone.name, "scale": cfg.scale, "device": _device_name(device),
         "image_size": list(size), "precision": paths.precision, "channels_last": paths.channels_last,
         "compile": paths.compile, "cudagraphs": paths.cudagraphs, "fold_bn": paths.fold_bn,
+        "calibrated_bn": calibrate,
     }
     rows: list[dict] = []
 
@@ -396,7 +442,8 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
     g = torch.Generator().manual_seed(cfg.seed)
     images = torch.randn(batch, 3, *size, generator=g).to(device)
     train_fields = {"image_size": list(train_size)}  # the training measures' rows say their input's size
-    effdet_step_for_fit = bool(ref) and "fit" in measures and "train" not in measures
+    # effdet's bare step, for the loop's ratio, unless 'train' or 'train_graph' (effdet's row: the same step) times it
+    effdet_step_for_fit = bool(ref) and "fit" in measures and not {"train", "train_graph"} & set(measures)
     if {"ops", "train", "train_graph"} & set(measures) or effdet_step_for_fit:
         # (images, boxes, labels) for detection, (images, masks) for segmentation
         train_inputs = _train_inputs(task_name, images, train_batch, train_size, task.num_classes, cfg.seed)
@@ -472,12 +519,13 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
         if cfg.profile:
             _profile(f"train batch {train_batch}", fns, device)
         add_pair("train", times, train_batch, unit="images/s", batch=train_batch, **train_fields)
+    fns = None  # the timed closures hold model copies and optimizer state: not through the loop's peak memory
     if "fit" in measures:
         fit = _fit(cfg, task, paths, device, train_batch, train_size)
         train_row = next((r for r in rows if r["measure"] == "train" and r["impl"] == "effdense"), None)
         if train_row is not None:
             fit["vs_train"] = round(fit["ms_per_call"] / train_row["ms_per_call"], 3)
-        effdet_row = next((r for r in rows if r["measure"] == "train" and r["impl"] == "effdet"), None)
+        effdet_row = next((r for r in rows if r["measure"] in ("train", "train_graph") and r["impl"] == "effdet"), None)
         if effdet_row is not None:  # effdet has no training loop: its bare step is what the loop is held to
             fit["ratio"] = round(fit["ms_per_call"] / effdet_row["ms_per_call"], 3)
             fit["ratio_to"] = "effdet train step"

@@ -41,6 +41,7 @@ def test_compare_effdet_on_cpu_prints_json_lines_table_and_ratios(tmp_path):
     assert agree["max_class_logit_diff"] < 1e-4
     assert agree["max_sorted_score_diff"] < 1e-5
     assert agree["detections_matched"] > 0.9 and agree["detections"] == 200  # near-ties may swap at the cut
+    assert all(r["calibrated_bn"] for r in rows)  # random weights: both models share calibrated statistics
     for measure, unit, batch in (("predict", "images/s", 2), ("latency", "ms", 1), ("train", "images/s", 2)):
         ours, theirs = by[measure, "effdense"], by[measure, "effdet"]
         assert ours["unit"] == theirs["unit"] == unit and ours["batch"] == theirs["batch"] == batch
@@ -171,6 +172,52 @@ def test_training_measures_run_at_the_training_size(task, overrides, expected):
 
     cfg = compose("benchmark", [f"task={task}", *overrides])
     assert _train_image_size(cfg, task, _image_size(cfg, task)) == expected
+
+
+def test_calibrate_bn_sets_the_statistics_of_one_training_pass_and_restores_the_module():
+    from tasks.benchmark import _calibration_images, calibrate_bn
+
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8, momentum=0.01), torch.nn.SiLU(),
+                                torch.nn.Conv2d(8, 4, 1), torch.nn.BatchNorm2d(4)).eval()
+    x = torch.randn(5, 3, 9, 9, generator=g)
+    with torch.no_grad():
+        h = model[0](x)
+    calibrate_bn(model, x)
+    torch.testing.assert_close(model[1].running_mean, h.mean((0, 2, 3)))
+    torch.testing.assert_close(model[1].running_var, h.var((0, 2, 3), unbiased=True))
+    with torch.no_grad():  # the second norm saw the first one's batch-normalised output, as in training
+        h2 = model[3](model[2](torch.nn.functional.batch_norm(h, None, None, model[1].weight, model[1].bias, True)))
+    torch.testing.assert_close(model[4].running_mean, h2.mean((0, 2, 3)))
+    assert model[1].momentum == 0.01 and model[4].momentum == 0.1 and not model.training
+    model.train()
+    calibrate_bn(model, x)
+    assert model.training
+    assert [_calibration_images(s) for s in ((128, 128), (256, 256), (512, 512), (896, 896), (1024, 2048))] == \
+        [64, 16, 4, 2, 2]
+
+
+def test_calibrated_statistics_give_the_random_detector_spread_logits():
+    """A randomly initialised detector's activations shrink through its identity-statistics norms: its class logits
+    are all its bias (every score ties). After calibration they spread, and no two top scores tie."""
+    from tasks.benchmark import _calibration_images, calibrate_bn
+    from tasks.config import compose
+    from tasks.inference import FlatDetector
+    from tasks.runner import build_model, build_task
+
+    torch.manual_seed(0)
+    cfg = compose("benchmark", ["image_size=128", "model.image_size=128"])
+    task = build_task(cfg, build_model(cfg)).eval()
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    detector = FlatDetector(task.model, task.num_classes)
+    with torch.no_grad():
+        before = detector(x)[0]
+        calibrate_bn(task.model, torch.randn(_calibration_images((128, 128)), 3, 128, 128))
+        after = detector(x)[0]
+    assert before.std() < 1e-4
+    assert after.std() > 0.05 and after.abs().max() < 20  # spread, and not saturated
+    top = after.reshape(2, -1).topk(100, dim=1).values
+    assert all(row.unique().numel() == 100 for row in top)
 
 
 def test_count_ops_counts_kernels_and_host_synchronisations():

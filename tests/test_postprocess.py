@@ -323,12 +323,14 @@ def _assert_ranked(cls: torch.Tensor, k: int, values: torch.Tensor, index: torch
 
 @pytest.mark.parametrize(
     "b, a, c, k, dtype",
-    [(1, 3000, 90, 500, torch.float32), (3, 2000, 7, 2000, torch.float32), (2, 100, 4, 300, torch.float32),
+    [(1, 3000, 90, 500, torch.float32), (3, 2000, 7, 500, torch.float32), (2, 3000, 90, 500, torch.bfloat16),
+     (2, 3000, 90, 1000, torch.float16), (3, 2000, 7, 2000, torch.float32), (2, 100, 4, 300, torch.float32),
      (2, 3000, 90, 5000, torch.bfloat16), (2, 400, 20, 400, torch.float32), (1, 50, 3, 150, torch.float32)],
 )
 def test_topk_ranks_like_a_full_sort(b, a, c, k, dtype):
-    """The two-step ranking (per-anchor maxima, then the logits of the best k anchors) gives the k largest
-    logits of a full sort, ties by index; bf16 logits have many ties; k >= A and k = A * C take the plain path."""
+    """The two-step ranking (per-anchor maxima, then the logits of the best k anchors; k < A) gives the k largest
+    logits of a full sort, ties by index; bf16 and fp16 logits have many ties; k >= A (down to k = A * C) takes
+    one plain top-k, re-ordered the same way."""
     from heads.postprocess import _topk
 
     g = torch.Generator().manual_seed(5)
