@@ -25,8 +25,9 @@ class DetectionPostProcess:
     ``nms_prefix``: NMS first runs on the best ``nms_prefix`` candidates of each image only, and on 4x more
     until every image has ``max_detections`` survivors or no candidates left. Greedy NMS decides each box
     from higher-scoring boxes alone, so the output is the same as NMS over all ``topk`` candidates, at a
-    fraction of the cost (``None``: always all ``topk``; exported graphs always use all of them). The same up to
-    candidates with equal scores: which of several logits equal to the ``n``-th are ranked is top-k's choice.
+    fraction of the cost (``None``: always all ``topk``; exported graphs always use all of them). Equal scores
+    too: candidates are ranked as a stable sort would rank them (equal logits by index), so a prefix is always
+    the beginning of the full ranking.
 
     ``nms_impl``: ``"torchvision"`` runs one :func:`torchvision.ops.nms` over the batch (every (image, class)
     pair moved to its own region of the plane); ``"dense"`` runs :func:`dense_greedy_nms`, pairwise IoUs per
@@ -270,33 +271,47 @@ def dense_greedy_nms(
 
 
 def _topk(cls_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` largest (anchor, class) logits per image and their flat indices ``anchor * C + class``, best
-    first; equal logits in the order of their indices (NaN counts as the largest, as :func:`torch.topk` has it;
-    traced and exported graphs keep top-k's own order).
+    """The ``k`` largest (anchor, class) logits per image and their flat indices ``anchor * C + class``: exactly
+    the first ``k`` of a stable descending sort of all ``A * C`` logits (equal logits by index, NaN first), on
+    every device, whatever the batch. Traced and exported graphs get one plain top-k (its own order of ties).
 
     Ranked in two small steps instead of one top-k over all ``A * C`` logits (millions per image): every logit
-    among the ``k`` largest belongs to one of the ``k`` anchors with the largest best-class logit (an anchor
-    outside them is preceded by ``k`` anchors, each holding a logit at least as large), so ranking the ``k * C``
-    logits of those anchors gives the same ``k`` values. One pass reads the whole map (the per-anchor maxima);
-    the rest is small and of fixed shape: no host synchronisation, so it can be captured in a CUDA graph, and
-    ties (an untrained head's logits all equal its bias) cost nothing extra. Which of several logits equal to the
-    ``k``-th value are taken is left to :func:`torch.topk`. Traced or exported graphs get one plain top-k.
+    among the first ``k`` belongs to one of the first ``k`` anchors ranked by their best-class logit, equal ones
+    by index (an anchor after them is preceded by ``k`` anchors, each holding a logit that comes first), so
+    ranking the ``k * C`` logits of those anchors gives the same ``k``. One pass reads the whole map (the
+    per-anchor maxima); the rest is small and of fixed shape: no host synchronisation, so it can be captured in
+    a CUDA graph, and ties (an untrained head's logits all equal its bias) cost nothing extra.
     """
     b, a, c = cls_logits.shape
     flat = cls_logits.reshape(b, -1)
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return flat.topk(k, dim=1)
     if k >= a:
-        values, index = flat.topk(k, dim=1)
+        index = _first_k(flat, k)
     else:
-        anchors = cls_logits.amax(-1).topk(k, dim=1).indices  # [B, k], the anchors that hold every candidate
-        values, at = torch.gather(cls_logits, 1, anchors[..., None].expand(-1, -1, c)).reshape(b, -1).topk(k, dim=1)
+        anchors = _first_k(cls_logits.amax(-1), k)  # [B, k], ascending: the anchors that hold every candidate
+        candidates = torch.gather(cls_logits, 1, anchors[..., None].expand(-1, -1, c)).reshape(b, -1)
+        at = _first_k(candidates, k)  # candidates are in flat-index order, so `at` is too
         index = torch.gather(anchors, 1, at // c) * c + at % c
-    # Equal values by index: sort by index, then stably by value (top-k's own order of ties is unspecified).
-    by_index = index.sort(dim=1).indices
-    values, index = values.gather(1, by_index), index.gather(1, by_index)
-    by_value = values.sort(dim=1, descending=True, stable=True).indices
+    values = flat.gather(1, index)
+    by_value = values.sort(dim=1, descending=True, stable=True).indices  # index order kept among equal values
     return values.gather(1, by_value), index.gather(1, by_value)
+
+
+def _first_k(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions ``[B, k]``, ascending, of the first ``k`` entries of each row of ``values [B, N]`` in a stable
+    descending sort: everything above the ``k``-th value, then the lowest positions among the entries equal to
+    it. Fixed shapes, no host synchronisation; NaN ranks above everything (as in :func:`torch.sort`)."""
+    n = values.shape[1]
+    key = values.nan_to_num(nan=torch.inf, posinf=torch.inf, neginf=-torch.inf)  # NaN and +inf: by position
+    kth = key.topk(k, dim=1).values[:, -1:]  # the k-th value (which of its equals top-k took does not matter)
+    above = key > kth
+    tied = key == kth
+    take = above | (tied & (torch.cumsum(tied, 1) <= k - above.sum(1, keepdim=True)))  # exactly k per row
+    slot = torch.where(take, torch.cumsum(take, 1) - 1, k)  # column k: a spare for the rest, cut off below
+    out = torch.zeros(values.shape[0], k + 1, dtype=torch.long, device=values.device)
+    out.scatter_(1, slot, torch.arange(n, device=values.device).expand_as(slot))
+    return out[:, :k]
 
 
 def _grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float) -> torch.Tensor:
