@@ -303,11 +303,17 @@ def _first_k(values: torch.Tensor, k: int) -> torch.Tensor:
     descending sort: everything above the ``k``-th value, then the lowest positions among the entries equal to
     it. Fixed shapes, no host synchronisation; NaN ranks above everything (as in :func:`torch.sort`)."""
     n = values.shape[1]
-    key = values.nan_to_num(nan=torch.inf, posinf=torch.inf, neginf=-torch.inf)  # NaN and +inf: by position
+    key = values.nan_to_num(nan=torch.inf, posinf=torch.inf, neginf=-torch.inf)  # comparable; NaN: below
     kth = key.topk(k, dim=1).values[:, -1:]  # the k-th value (which of its equals top-k took does not matter)
     above = key > kth
     tied = key == kth
-    take = above | (tied & (torch.cumsum(tied, 1) <= k - above.sum(1, keepdim=True)))  # exactly k per row
+    places = k - above.sum(1, keepdim=True)  # left for entries equal to the k-th value, lowest positions first
+    # NaN comes before +inf: where the k-th value is +inf, NaNs take those places first, then the +infs.
+    nan = tied & torch.isnan(values)
+    take_nan = nan & (torch.cumsum(nan, 1) <= places)
+    rest = tied & ~nan
+    take_rest = rest & (torch.cumsum(rest, 1) <= places - take_nan.sum(1, keepdim=True))
+    take = above | take_nan | take_rest  # exactly k per row
     slot = torch.where(take, torch.cumsum(take, 1) - 1, k)  # column k: a spare for the rest, cut off below
     out = torch.zeros(values.shape[0], k + 1, dtype=torch.long, device=values.device)
     out.scatter_(1, slot, torch.arange(n, device=values.device).expand_as(slot))

@@ -335,6 +335,30 @@ def test_topk_ranks_like_a_full_sort(b, a, c, k, dtype):
     _assert_ranked(cls, k, values, index)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_topk_with_special_values_ranks_like_a_full_sort(seed):
+    """Small maps of NaN, +-inf, +-0 and a few repeated values, every k (both paths: k < A and k >= A): the first k
+    of a stable descending sort, NaN before +inf also at the cut, and each k's ranking begins the next one's."""
+    from heads.postprocess import _topk
+
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1.0, 2.0, -1.0])
+    for _ in range(40):
+        b, a, c = (int(v) for v in torch.randint(1, 6, (3,), generator=g))
+        cls = pool[torch.randint(0, len(pool), (b, a, c), generator=g)]
+        if seed % 2:
+            cls = cls.bfloat16()
+        ref_values, ref_index = _ranked(cls, a * c)
+        previous = None
+        for k in range(1, a * c + 1):
+            values, index = _topk(cls, k)
+            torch.testing.assert_close(values, ref_values[:, :k], rtol=0, atol=0, equal_nan=True)
+            assert torch.equal(index, ref_index[:, :k]), (cls, k)
+            if previous is not None:
+                assert torch.equal(index[:, :-1], previous)
+            previous = index
+
+
 def test_topk_with_nan_logits_ranks_them_first_like_topk():
     from heads.postprocess import _topk
 
