@@ -4,7 +4,8 @@
 # JSON lines go to $OUT/<part>.jsonl, logs to $OUT/<part>.log (parts of the same name append); a part that
 # would overrun the budget is cut short (the lines it printed so far are kept). FOCAL_IMPLS="torch" limits the
 # focal part to the PyTorch loss (the default, auto, is what the other parts measure), FOCAL_BACKBONES="b0" to D0;
-# GRAPH_BACKBONES="b0" limits graph_fit and graph_fit_compiled to D0, COMPILED_BACKBONES="b3" train_compiled to D3.
+# GRAPH_BACKBONES="b0" limits graph_fit and graph_fit_compiled to D0, COMPILED_BACKBONES="b3" train_compiled to D3;
+# EXTRA="calibrate_bn=false ..." appends overrides to every benchmark call (e.g. the benchmark's earlier conditions).
 set -u
 OUT=${OUT:-outputs/bench_gpu}
 PY=${PY:-python3}
@@ -19,7 +20,8 @@ run() {  # run PART TIMEOUT OVERRIDES...
   local left=$((BUDGET - (SECONDS - start)))
   if ((left < 15)); then echo "== $part skipped: budget spent"; return 1; fi
   ((limit > left)) && limit=$left
-  timeout "$limit" $PY tools/benchmark.py device=cuda "$@" hydra.run.dir="/tmp/effdense_bench/$part" \
+  # shellcheck disable=SC2086  # EXTRA: overrides split on spaces
+  timeout "$limit" $PY tools/benchmark.py device=cuda "$@" ${EXTRA:-} hydra.run.dir="/tmp/effdense_bench/$part" \
     >>"$OUT/$part.jsonl" 2>>"$OUT/$part.log"
   local rc=$?
   echo "== $part rc=$rc after $((SECONDS - start)) s"
