@@ -385,14 +385,16 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
                              f"training measures run at that size too, so train_image_size "
                              f"{train_size[0]}x{train_size[1]} cannot be compared; leave it unset")
     task = build_task(cfg, build_model(cfg)).eval()
-    calibrate = bool(cfg.calibrate_bn) and not (compare and cfg.effdet_checkpoint)
-    calibration = torch.randn(_calibration_images(size), 3, *size, generator=torch.Generator().manual_seed(cfg.seed))
-    calibrate_on_device = partial(calibrate_bn, x=calibration, device=device) if calibrate else lambda model: None
-    if compare:
-        ref = _Effdet(cfg, task, size, calibrate_on_device)
-    else:
-        ref = None
-        calibrate_on_device(task.model)
+    calibrate = bool(cfg.calibrate_bn) and not (compare and cfg.effdet_checkpoint)  # a checkpoint's are kept
+
+    def calibrated(model: torch.nn.Module) -> None:  # random weights: BatchNorm statistics of one training pass
+        if calibrate:
+            g = torch.Generator().manual_seed(cfg.seed)
+            calibrate_bn(model, torch.randn(_calibration_images(size), 3, *size, generator=g), device)
+
+    ref = _Effdet(cfg, task, size, calibrated) if compare else None
+    if ref is None:
+        calibrated(task.model)
     paths = FastPaths(**OmegaConf.to_container(cfg.fast)).resolve(device)
     theirs = _effdet_paths(cfg, paths)
     batch, train_batch = _batches(cfg, device, task_name)
