@@ -51,10 +51,17 @@ class IoUMatcher:
        the one with the LOWEST ground-truth index wins (the others keep only what rule 1 gives them).
 
     Padded ground truths (``gt_valid`` False) never match; an image without valid ones is all background.
+
+    ``impl`` chooses how :meth:`match` finds the best IoUs from the boxes: ``"torch"`` builds the ``[B, G, A]`` IoU
+    matrix (:func:`box_iou`) and reduces it; ``"triton"`` computes them in one kernel without the matrix
+    (:func:`heads.match_kernel.iou_reductions`, the same values); ``"auto"`` (the default) uses the kernel on CUDA once
+    a first run there matched PyTorch's answer, and PyTorch elsewhere and while tracing or compiling. Calling the
+    matcher on a ready IoU matrix (``matcher(iou, gt_valid)``) always uses PyTorch.
     """
 
     def __init__(
-        self, *, threshold: float = 0.5, low_threshold: float | None = None, allow_low_quality: bool = True
+        self, *, threshold: float = 0.5, low_threshold: float | None = None, allow_low_quality: bool = True,
+        impl: str = "auto",
     ) -> None:
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
@@ -65,6 +72,38 @@ class IoUMatcher:
         self.threshold = float(threshold)
         self.low_threshold = None if low_threshold is None else float(low_threshold)
         self.allow_low_quality = bool(allow_low_quality)
+        if impl not in ("auto", "torch", "triton"):
+            raise ValueError(f"impl must be auto, torch or triton, got {impl!r}")
+        self.impl = impl
+
+    def backend(self, device: torch.device) -> str:
+        """How :meth:`match` finds the best IoUs for boxes on ``device``: ``"triton"``
+        (:func:`heads.match_kernel.iou_reductions`, no IoU matrix) or ``"torch"`` (:func:`box_iou`'s ``[B, G, A]``
+        matrix and its reductions); see ``impl``."""
+        from . import match_kernel
+        from ._triton import tracing
+
+        if self.impl == "torch" or tracing():
+            return "torch"
+        if self.impl == "triton":
+            if not match_kernel.available(device):
+                raise RuntimeError(f"impl='triton' needs a CUDA device and Triton installed, got {device}; use "
+                                   "impl='auto' or 'torch'")
+            return "triton"
+        return "triton" if torch.device(device).type == "cuda" and match_kernel.usable(device) else "torch"
+
+    def match(self, gt_boxes: torch.Tensor, anchors: torch.Tensor, gt_valid: torch.Tensor) -> torch.Tensor:
+        """``gt_boxes [B, G, 4]`` (xyxy), ``anchors [A, 4]`` (xyxy), ``gt_valid [B, G]`` (bool) -> ``[B, A]``
+        int64: gt index, -1 or -2; the same as ``self(box_iou(gt_boxes, anchors[None]), gt_valid)``."""
+        from . import match_kernel
+
+        b, g = gt_valid.shape
+        a = anchors.shape[0]
+        if g == 0 or a == 0:
+            return torch.full((b, a), BACKGROUND, dtype=torch.long, device=anchors.device)
+        valid = gt_valid.to(device=anchors.device, dtype=torch.bool)
+        reduce = match_kernel.iou_reductions if self.backend(anchors.device) == "triton" else match_kernel.reference
+        return self._decide(*reduce(gt_boxes, anchors, valid, per_gt=self.allow_low_quality), valid)
 
     def __call__(self, iou: torch.Tensor, gt_valid: torch.Tensor) -> torch.Tensor:
         """``iou [B, G, A]``, ``gt_valid [B, G]`` (bool) -> ``[B, A]`` int64: gt index, -1 or -2."""
@@ -80,18 +119,24 @@ class IoUMatcher:
         # Invalid ground truths get IoU -1: below every threshold, and never an anchor's best.
         iou = iou.float().masked_fill(~valid[..., None], -1.0)
         best_iou, best_gt = iou.max(dim=1)  # [B, A]
+        gt_best_iou, gt_best_anchor = iou.max(dim=2) if self.allow_low_quality else (None, None)  # [B, G]
+        return self._decide(best_iou, best_gt, gt_best_iou, gt_best_anchor, valid)
+
+    def _decide(self, best_iou: torch.Tensor, best_gt: torch.Tensor, gt_best_iou: torch.Tensor | None,
+                gt_best_anchor: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
+        """The rules, from each anchor's best IoU and gt ``[B, A]`` and each gt's best IoU and anchor ``[B, G]``."""
+        (b, a), g = best_iou.shape, valid.shape[1]
         matches = torch.where(best_iou >= self.threshold, best_gt, torch.full_like(best_gt, BACKGROUND))
         if self.low_threshold is not None:
             between = (best_iou >= self.low_threshold) & (best_iou < self.threshold)
             matches = torch.where(between, torch.full_like(matches, IGNORE), matches)
         if self.allow_low_quality:
-            gt_best_iou, gt_best_anchor = iou.max(dim=2)  # [B, G]
             claims = valid & (gt_best_iou > 0)
             # Each claiming gt writes its index at its best anchor; "amin" makes the lowest index win (and
             # is order-independent, so deterministic on every device). Non-claimers write the sentinel g.
-            gt_ids = torch.arange(g, device=iou.device).expand(b, g)
+            gt_ids = torch.arange(g, device=best_iou.device).expand(b, g)
             src = torch.where(claims, gt_ids, torch.full_like(gt_ids, g))
-            forced_gt = torch.full((b, a), g, dtype=torch.long, device=iou.device)
+            forced_gt = torch.full((b, a), g, dtype=torch.long, device=best_iou.device)
             forced_gt = forced_gt.scatter_reduce(1, gt_best_anchor, src, reduce="amin")
             matches = torch.where(forced_gt < g, forced_gt, matches)
         return matches
@@ -99,7 +144,7 @@ class IoUMatcher:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(threshold={self.threshold}, low_threshold={self.low_threshold}, "
-            f"allow_low_quality={self.allow_low_quality})"
+            f"allow_low_quality={self.allow_low_quality}, impl={self.impl!r})"
         )
 
 
@@ -136,7 +181,8 @@ class TargetAssigner:
         gt_boxes = gt_boxes.to(device=device, dtype=torch.float32)
         gt_labels = gt_labels.to(device=device, dtype=torch.long)
         valid = gt_labels >= 0
-        matches = self.matcher(box_iou(gt_boxes, anchors[None]), valid)  # [B, A]
+        match = getattr(self.matcher, "match", None)  # from the boxes (IoUMatcher: without the IoU matrix on CUDA)
+        matches = match(gt_boxes, anchors, valid) if match else self.matcher(box_iou(gt_boxes, anchors[None]), valid)
         positive = matches >= 0
         idx = matches.clamp(min=0)
         matched_boxes = torch.gather(gt_boxes, 1, idx[..., None].expand(-1, -1, 4))  # [B, A, 4]
