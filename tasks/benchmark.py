@@ -15,7 +15,7 @@ prints one JSON line per measurement and a table. Measurements:
   into uint8 batches; normalisation happens on the device) with each of ``data_workers`` loader workers, and
   per worker (use ``data=synthetic`` or your own data; no model is involved);
 - ``train``: images/s of a training step at ``train_batch_size`` (forward, target assignment, loss, backward,
-  SGD step; segmentation: forward, the task's loss on label-sized logits, backward, SGD step), with bf16 autocast /
+  SGD step; detection with ``train_boxes`` random boxes per image; segmentation: forward, the task's loss on label-sized logits, backward, SGD step), with bf16 autocast /
   channels-last / compilation as configured (norms are not folded in training). The training measures (``train``,
   ``train_graph``, ``fit`` and the step of ``ops``) run at ``train_image_size``: by default the size training runs
   at, the model's resolution for detection and the training crop (``data.crop_size``) for segmentation, or
@@ -368,6 +368,8 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
     if compare not in (None, "effdet"):
         raise BenchmarkError(f"compare must be null or effdet, got {compare!r}")
     task_name = cfg.task.name
+    if task_name == "detection":
+        _train_boxes(cfg)  # a bad value is reported before anything is built
     if compare and task_name != "detection":
         raise BenchmarkError("compare=effdet is for task=detection (effdet has no segmentation model)")
     device = _device(cfg.device)
@@ -448,7 +450,8 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
     effdet_step_for_fit = bool(ref) and "fit" in measures and not {"train", "train_graph"} & set(measures)
     if {"ops", "train", "train_graph"} & set(measures) or effdet_step_for_fit:
         # (images, boxes, labels) for detection, (images, masks) for segmentation
-        train_inputs = _train_inputs(task_name, images, train_batch, train_size, task.num_classes, cfg.seed)
+        train_inputs = _train_inputs(task_name, images, train_batch, train_size, task.num_classes, cfg.seed,
+                                     _train_boxes(cfg))
 
     if ref and "agreement" in measures:
         exact = FastPaths(channels_last=paths.channels_last, fold_bn=paths.fold_bn, precision="fp32", compile=False,
@@ -563,8 +566,8 @@ def _fit(cfg: DictConfig, task, paths: FastPaths, device: torch.device, batch: i
     g = torch.Generator().manual_seed(int(cfg.seed))
     data: dict[str, torch.Tensor] = {"images": torch.randint(0, 256, (batch, 3, *size), dtype=torch.uint8, generator=g)}
     if cfg.task.name == "detection":
-        data["boxes"], data["labels"] = _random_targets(batch, size, fit_task.num_classes, per_image=8, device="cpu",
-                                                        seed=int(cfg.seed))
+        data["boxes"], data["labels"] = _random_targets(batch, size, fit_task.num_classes, per_image=_train_boxes(cfg),
+                                                        device="cpu", seed=int(cfg.seed))
     else:
         data["masks"] = _random_masks(batch, size, int(cfg.data.num_classes), int(cfg.seed))
     if device.type == "cuda":
@@ -609,9 +612,23 @@ def _fit(cfg: DictConfig, task, paths: FastPaths, device: torch.device, batch: i
 
 
 def _loss_fields(task, device: torch.device) -> dict[str, str]:
-    """Which focal-loss implementation this project's training step uses on ``device`` (detection only)."""
+    """Which focal-loss and matching implementations this project's training step uses on ``device`` (detection
+    only)."""
+    fields = {}
     backend = getattr(getattr(task, "loss", None), "focal_backend", None)
-    return {"focal_loss": backend(device)} if backend is not None else {}
+    if backend is not None:
+        fields["focal_loss"] = backend(device)
+    backend = getattr(getattr(getattr(task, "assigner", None), "matcher", None), "backend", None)
+    if backend is not None:
+        fields["matching"] = backend(device)
+    return fields
+
+
+def _train_boxes(cfg: DictConfig) -> int:
+    boxes = cfg.get("train_boxes", 8)
+    if isinstance(boxes, bool) or not isinstance(boxes, int) or boxes < 1:
+        raise BenchmarkError(f"train_boxes must be an integer >= 1, got {boxes!r}")
+    return boxes
 
 
 def _peak_mb(device: torch.device) -> float | None:
@@ -672,9 +689,9 @@ class _FitTimer(L.Callback):
 
 
 def _train_inputs(task_name: str, images: torch.Tensor, train_batch: int, size: tuple[int, int], num_classes: int,
-                  seed: int) -> tuple[torch.Tensor, ...]:
+                  seed: int, boxes: int = 8) -> tuple[torch.Tensor, ...]:
     """One training batch of ``train_batch`` at ``size`` on the images' device: ``(images, boxes, labels)`` for
-    detection (8 boxes per image), ``(images, masks)`` for segmentation (random classes, 5 % of the pixels
+    detection (``boxes`` per image), ``(images, masks)`` for segmentation (random classes, 5 % of the pixels
     ignored, as a Cityscapes mask has unlabelled pixels)."""
     device = images.device
     if train_batch <= images.shape[0] and tuple(images.shape[-2:]) == tuple(size):
@@ -682,7 +699,7 @@ def _train_inputs(task_name: str, images: torch.Tensor, train_batch: int, size: 
     else:
         x = torch.randn(train_batch, 3, *size, generator=torch.Generator().manual_seed(seed)).to(device)
     if task_name == "detection":
-        return (x, *_random_targets(train_batch, size, num_classes, per_image=8, device=device, seed=seed))
+        return (x, *_random_targets(train_batch, size, num_classes, per_image=boxes, device=device, seed=seed))
     return x, _random_masks(train_batch, size, num_classes, seed).to(device)
 
 

@@ -78,6 +78,8 @@ def test_compare_effdet_on_cpu_prints_json_lines_table_and_ratios(tmp_path):
          "train_image_size 128x128 cannot be compared"),
         (["image_size=128", "device=cpu", "compare=effdet", "measures=[latency]", "effdet_compile=sometimes"],
          "effdet_compile must be null, true or false, got 'sometimes'"),
+        (["image_size=128", "device=cpu", "measures=[train]", "train_boxes=0"],
+         "train_boxes must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_requests_exit_2_with_one_line(tmp_path, overrides, message):
@@ -174,6 +176,16 @@ def test_training_measures_run_at_the_training_size(task, overrides, expected):
     assert _train_image_size(cfg, task, _image_size(cfg, task)) == expected
 
 
+def test_train_boxes_sets_the_boxes_per_training_image():
+    from tasks.benchmark import _train_inputs
+
+    images = torch.zeros(2, 3, 128, 128)
+    x, boxes, labels = _train_inputs("detection", images, 2, (128, 128), 90, 0, 100)
+    assert x.shape == (2, 3, 128, 128) and boxes.shape == (2, 100, 4) and labels.shape == (2, 100)
+    assert (boxes[..., 2:] > boxes[..., :2]).all() and ((labels >= 0) & (labels < 90)).all()
+    assert _train_inputs("detection", images, 2, (128, 128), 90, 0)[1].shape == (2, 8, 4)  # the default
+
+
 def test_calibrate_bn_sets_the_statistics_of_one_training_pass_and_restores_the_module():
     from tasks.benchmark import _calibration_images, calibrate_bn
 
@@ -256,8 +268,9 @@ def test_fit_measures_the_lightning_loop(task):
     if task == "detection":
         assert fit["vs_train"] == pytest.approx(fit["ms_per_call"] / rows[0]["ms_per_call"], abs=1e-3)
         assert fit["focal_loss"] == rows[0]["focal_loss"] == "torch"  # auto: the kernel only on CUDA
+        assert fit["matching"] == rows[0]["matching"] == "torch"
     else:
-        assert "focal_loss" not in fit
+        assert "focal_loss" not in fit and "matching" not in fit
     without_ema = run_benchmark(compose("benchmark", [f"task={task}", "measures=[fit]", "ema.enabled=false", *small]))[-1]
     assert without_ema["ema"] is False
     assert fit["operations"] - without_ema["operations"] == 5  # sub, mul, add (all floats), copy (ints), count
