@@ -38,8 +38,8 @@ def _build(triton, tl):
     def match_kernel(anchors_ptr, gt_ptr, valid_ptr, best_iou_ptr, best_gt_ptr, part_iou_ptr, part_idx_ptr, A, G,
                      blocks, NO_INDEX: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_G: tl.constexpr,
                      PER_GT: tl.constexpr):
-        image = tl.program_id(0).to(tl.int64)
-        block = tl.program_id(1)
+        block = tl.program_id(0)  # the long axis first: CUDA allows 2**31 - 1 programs there, 65,535 on the others
+        image = tl.program_id(1).to(tl.int64)
         a_idx = block * BLOCK_A + tl.arange(0, BLOCK_A)
         a_in = a_idx < A
         anchor = anchors_ptr + a_idx.to(tl.int64) * 4
@@ -101,7 +101,11 @@ def iou_reductions(
       highest IoU over the anchors and that anchor's index (the lowest on ties; -1 for an invalid one); else None.
 
     The same values as ``iou = box_iou(gt_boxes, anchors[None]).masked_fill(~gt_valid[..., None], -1)`` followed
-    by ``iou.max(dim=1)`` and ``iou.max(dim=2)``, without the ``[B, G, A]`` tensor. ``G >= 1`` and ``A >= 1``.
+    by ``iou.max(dim=1)`` and ``iou.max(dim=2)``, without the ``[B, G, A]`` tensor (:func:`reference`), with the same
+    indices and dtypes. One difference is of sign only: where zero IoUs tie, PyTorch returns the first one, which can
+    be -0.0, and the kernel 0.0 (equal numbers, so every comparison and decision is the same). Coordinates must be
+    finite: with NaN or infinity the two disagree (the kernel's maxima skip NaN, PyTorch's propagate it).
+    ``G >= 1`` and ``A >= 1``.
     """
     found = _triton()
     if found is None:
@@ -114,8 +118,9 @@ def iou_reductions(
                          f"{tuple(gt_boxes.shape)}, {tuple(anchors.shape)}, {tuple(gt_valid.shape)}")
     if g == 0 or a == 0:
         raise ValueError(f"iou_reductions needs at least one ground truth and one anchor, got G={g}, A={a}")
-    if a >= _NO_INDEX or b * g * 4 >= 2**62:
-        raise ValueError(f"too many anchors for the kernel's int32 indices: {a}")
+    if a >= _NO_INDEX or b > 65535:
+        raise ValueError(f"iou_reductions takes fewer than 2**31 - 1 anchors and at most 65,535 images, got A={a}, "
+                         f"B={b}")
     device = anchors.device
     blocks = triton.cdiv(a, _BLOCK_A)
     best_iou = torch.empty(b, a, dtype=torch.float32, device=device)
@@ -126,7 +131,7 @@ def iou_reductions(
         return best_iou, best_gt.long(), *((best_iou.new_empty(0, g), best_gt.new_empty(0, g).long())
                                            if per_gt else (None, None))
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        kernel[(b, blocks)](
+        kernel[(blocks, b)](
             anchors.float().contiguous(), gt_boxes.float().contiguous(),
             gt_valid.to(torch.bool).contiguous().view(torch.uint8), best_iou, best_gt, part_iou, part_idx, a, g,
             blocks, NO_INDEX=_NO_INDEX, BLOCK_A=_BLOCK_A, BLOCK_G=_BLOCK_G, PER_GT=per_gt, num_warps=4,

@@ -97,6 +97,8 @@ class IoUMatcher:
         int64: gt index, -1 or -2; the same as ``self(box_iou(gt_boxes, anchors[None]), gt_valid)``."""
         from . import match_kernel
 
+        if type(self).__call__ is not IoUMatcher.__call__:  # a subclass with rules of its own keeps them
+            return self(box_iou(gt_boxes, anchors[None]), gt_valid)
         b, g = gt_valid.shape
         a = anchors.shape[0]
         if g == 0 or a == 0:
