@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU measurements recorded in docs/benchmarks.md, one benchmark process per part, within a time budget.
-# Usage: OUT=outputs/bench_gpu BUDGET=545 [PARTS="d0 d0_train d0_fit graph_fit d0_fused d0_step d0_step_fused d3_step focal d3 d3_profile fit_profile seg seg_train d0_train_compiled d3_compiled d3_train_compiled train_compiled graph_fit_compiled"] bash tools/bench_gpu.sh
+# Usage: OUT=outputs/bench_gpu BUDGET=545 [PARTS="d0 d0_train d0_fit graph_fit d0_fused d0_step d0_step_fused d3_step focal d3 d3_profile fit_profile seg seg_train d0_train_compiled d3_compiled d3_train_compiled train_compiled graph_fit_compiled match"] bash tools/bench_gpu.sh
 # JSON lines go to $OUT/<part>.jsonl, logs to $OUT/<part>.log (parts of the same name append); a part that
 # would overrun the budget is cut short (the lines it printed so far are kept). FOCAL_IMPLS="torch" limits the
 # focal part to the PyTorch loss (the default, auto, is what the other parts measure), FOCAL_BACKBONES="b0" to D0;
+# MATCH_IMPLS="auto" limits the match part to the kernel;
 # GRAPH_BACKBONES="b0" limits graph_fit and graph_fit_compiled to D0, COMPILED_BACKBONES="b3" train_compiled to D3;
 # EXTRA="calibrate_bn=false ..." appends overrides to every benchmark call (e.g. the benchmark's earlier conditions).
 set -u
@@ -60,6 +61,13 @@ for p in $PARTS; do
       if [[ $b == b3 ]]; then limit=480; else limit=240; fi
       run graph_fit_compiled $limit backbone=$b compare=effdet effdet_compile=false measures=[fit] iters=3 \
         task.module.cuda_graph=true
+    done ;;
+  match)  # anchor matching as the IoU matrix (impl=torch), then the kernel (auto, the CUDA default): the D0 bare step
+    # with 100 boxes per image, then the Lightning loop with the captured step (which pads every batch to 100 boxes);
+    # the loop's profile shows what matching costs in it
+    for impl in ${MATCH_IMPLS:-torch auto}; do
+      run match 150 backbone=b0 compare=effdet fast.compile=false measures=[train,fit] iters=5 train_boxes=100 \
+        task.module.cuda_graph=true task.module.assigner.matcher.impl=$impl profile=true
     done ;;
   fit_profile)  # where the Lightning loop's time goes beyond the bare step: D3, profiled steps of both
     run fit_profile 150 backbone=b3 fast.compile=false measures=[train,fit] iters=3 profile=true ;;
