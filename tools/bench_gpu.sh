@@ -4,7 +4,7 @@
 # JSON lines go to $OUT/<part>.jsonl, logs to $OUT/<part>.log (parts of the same name append); a part that
 # would overrun the budget is cut short (the lines it printed so far are kept). FOCAL_IMPLS="torch" limits the
 # focal part to the PyTorch loss (the default, auto, is what the other parts measure), FOCAL_BACKBONES="b0" to D0;
-# MATCH_IMPLS="auto" limits the match part to the kernel;
+# MATCH_IMPLS="triton" limits the match part to the kernel;
 # GRAPH_BACKBONES="b0" limits graph_fit and graph_fit_compiled to D0, COMPILED_BACKBONES="b3" train_compiled to D3;
 # EXTRA="calibrate_bn=false ..." appends overrides to every benchmark call (e.g. the benchmark's earlier conditions).
 set -u
@@ -62,10 +62,10 @@ for p in $PARTS; do
       run graph_fit_compiled $limit backbone=$b compare=effdet effdet_compile=false measures=[fit] iters=3 \
         task.module.cuda_graph=true
     done ;;
-  match)  # anchor matching as the IoU matrix (impl=torch), then the kernel (auto, the CUDA default): the D0 bare step
-    # with 100 boxes per image, then the Lightning loop with the captured step (which pads every batch to 100 boxes);
-    # the loop's profile shows what matching costs in it
-    for impl in ${MATCH_IMPLS:-torch auto}; do
+  match)  # anchor matching as the IoU matrix (impl=torch), then the kernel (impl=triton: an error where it cannot run;
+    # auto, the CUDA default, would fall back with a warning): the D0 bare step with 100 boxes per image (effdet's
+    # too), then the Lightning loop with the captured step (which pads every batch to 100 boxes), both profiled
+    for impl in ${MATCH_IMPLS:-torch triton}; do
       run match 150 backbone=b0 compare=effdet fast.compile=false measures=[train,fit] iters=5 train_boxes=100 \
         task.module.cuda_graph=true task.module.assigner.matcher.impl=$impl profile=true
     done ;;
