@@ -283,14 +283,14 @@ def _topk(cls_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     a CUDA graph, and ties (an untrained head's logits all equal its bias) cost nothing extra.
     """
     b, a, c = cls_logits.shape
-    flat = cls_logits.reshape(b, -1)
+    flat = cls_logits.reshape(b, a * c)
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return flat.topk(k, dim=1)
     if k >= a:
         index = _first_k(flat, k)
     else:
         anchors = _first_k(cls_logits.amax(-1), k)  # [B, k], ascending: the anchors that hold every candidate
-        candidates = torch.gather(cls_logits, 1, anchors[..., None].expand(-1, -1, c)).reshape(b, -1)
+        candidates = torch.gather(cls_logits, 1, anchors[..., None].expand(-1, -1, c)).reshape(b, k * c)
         at = _first_k(candidates, k)  # candidates are in flat-index order, so `at` is too
         index = torch.gather(anchors, 1, at // c) * c + at % c
     values = flat.gather(1, index)

@@ -63,6 +63,14 @@ def test_output_shapes_dtypes_and_padding():
     _check_padding(out, 0, 3)
 
 
+@pytest.mark.parametrize("topk", [2, 5000])  # fewer candidates than anchors (the two-step top-k), and all
+def test_an_empty_batch_gives_empty_outputs(topk):
+    anchors = _diagonal_boxes(3)
+    out = _post(max_detections=5, topk=topk)(torch.zeros(0, 3, 4), torch.zeros(0, 3, 4), anchors, (100, 100))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "boxes": (0, 5, 4), "scores": (0, 5), "labels": (0, 5), "num_detections": (0,)}
+
+
 def test_nothing_above_score_threshold_gives_only_padding():
     anchors = _diagonal_boxes(4)
     cls = torch.full((2, 4, 3), _logit(0.49).item())
