@@ -197,7 +197,6 @@ class DenseTask(L.LightningModule):
             options = _without_inductor_cuda_graphs(options)
         #: ``torch.compile`` the model when fitting (see :meth:`setup`), with these keyword arguments.
         self.compile_model = compile
-        self._norms: tuple[nn.Module, list[nn.Module]] | None = None  # (model, its counted BatchNorm layers)
         self.compile_options = {"dynamic": False, **options}
         if max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
@@ -262,10 +261,8 @@ class DenseTask(L.LightningModule):
         """``self.model(images)``; in training, through :func:`training_forward` (fewer operations, the same
         values)."""
         if self.training and torch.is_grad_enabled() and not self.model_compiled:
-            if self._norms is None or self._norms[0] is not self.model:  # found once per model
-                self._norms = (self.model, counted_norms(self.model))
             return training_forward(self.model, images, fused_weight_casts=self.fused_weight_casts and
-                                    not is_distributed(), norms=self._norms[1])
+                                    not is_distributed(), norms=counted_norms(self.model))
         return self.model(images)
 
     @property

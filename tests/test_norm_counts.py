@@ -97,3 +97,60 @@ def test_an_error_in_the_forward_pass_puts_the_counters_back_advanced_by_the_cal
     assert all(isinstance(m.num_batches_tracked, torch.Tensor) for m in norms)
     assert model.twice.num_batches_tracked.item() == 2 and model.act.num_batches_tracked.item() == 1
     assert "num_batches_tracked" in dict(model.twice.named_buffers())  # still a buffer: saved in checkpoints
+
+
+def test_buffers_read_during_the_forward_pass_are_the_real_counters():
+    """A forward hook (or a checkpoint written by a signal handler mid-step) reading the state dict sees tensors:
+    each counter as it was before this step."""
+    model = _Odd().train()
+    norms = counted_norms(model)
+    seen = []
+    model.act.register_forward_hook(lambda *_: seen.append({k: v.clone() for k, v in model.state_dict().items()}))
+    x = torch.randn(4, 3, 8, 8)
+    for _ in range(2):
+        with deferred_counts(norms):
+            model(x)
+    assert [s["twice.num_batches_tracked"].item() for s in seen] == [0, 2]
+    assert model.twice.num_batches_tracked.item() == 4 and copy.deepcopy(model).twice.num_batches_tracked.item() == 4
+
+
+def test_lazy_layers_and_compiled_models():
+    torch.manual_seed(2)
+    plain = nn.Sequential(nn.LazyBatchNorm2d(), nn.BatchNorm2d(3)).train()
+    deferred = nn.Sequential(nn.LazyBatchNorm2d(), nn.BatchNorm2d(3)).train()  # (a lazy layer cannot be copied)
+    x = torch.randn(4, 3, 8, 8)
+    ref = plain(x)
+    with deferred_counts(counted_norms(deferred)):
+        out = deferred(x)
+    assert torch.equal(ref, out)
+    for key, value in _buffers(plain).items():
+        assert torch.equal(value, _buffers(deferred)[key]), key
+    part = _Odd()
+    part.twice.compile()  # compiled on its own: the compiler must not meet a stand-in
+    assert counted_norms(part) == [] and len(counted_norms(_Odd())) == 4
+
+
+def test_the_task_training_step_advances_every_counter_in_one_operation():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tasks.config import compose
+    from tasks.runner import build_model, build_task
+
+    cfg = compose("train", ["task=detection", "data=synthetic", "model.image_size=128", "neck.channels=16",
+                            "neck.num_repeats=1", "head.depth=1"])
+    task = build_task(cfg, build_model(cfg)).train()
+    norms = counted_norms(task.model)
+    assert norms and counted_norms(task.model) is norms  # found once per model
+
+    class Names(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    seen: list[str] = []
+    with Names():
+        task.run_model(torch.randn(2, 3, 128, 128))
+    assert "add_" not in seen and seen.count("_foreach_add_") == 1
+    assert all(m.num_batches_tracked.item() == 1 for m in norms)
+    twin = copy.deepcopy(task)  # a copy's model has layers of its own, found anew
+    assert counted_norms(twin.model)[0] is not norms[0] and len(counted_norms(twin.model)) == len(norms)
