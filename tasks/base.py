@@ -32,15 +32,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 COMPILE_OPTIONS = frozenset({"backend", "mode", "dynamic", "fullgraph", "options"})
 
 
-def training_forward(model: nn.Module, images: torch.Tensor, *, fused_weight_casts: bool,
-                     norms: Sequence[nn.Module] = ()):
+def training_forward(model: nn.Module, images: torch.Tensor, *, fused_weight_casts: bool):
     """``model(images)`` for a training step of an eager model: with ``fused_weight_casts`` under autocast, the
     weights cast to its dtype in one pass (:func:`models.weight_casts.low_precision_weights`; the same values,
-    fewer operations); the batch counters of the BatchNorm layers ``norms`` (:func:`models.norm_counts.counted_norms`
-    of the model) advanced in one operation instead of one per layer (:func:`models.norm_counts.deferred_counts`;
+    fewer operations); the batch counters of its BatchNorm layers (:func:`models.norm_counts.counted_norms`, found
+    once per model) advanced in one operation instead of one per layer (:func:`models.norm_counts.deferred_counts`;
     the same counts and statistics)."""
     device = images.device.type
-    with deferred_counts(norms):
+    with deferred_counts(counted_norms(model)):
         if fused_weight_casts and torch.is_autocast_enabled(device):
             with low_precision_weights(model, torch.get_autocast_dtype(device)):
                 return model(images)
@@ -262,7 +261,7 @@ class DenseTask(L.LightningModule):
         values)."""
         if self.training and torch.is_grad_enabled() and not self.model_compiled:
             return training_forward(self.model, images, fused_weight_casts=self.fused_weight_casts and
-                                    not is_distributed(), norms=counted_norms(self.model))
+                                    not is_distributed())
         return self.model(images)
 
     @property

@@ -67,7 +67,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from heads import flatten_levels
-from models.norm_counts import counted_norms
 
 from .base import training_forward
 from .inference import CapturedCall, FastPaths, FlatDetector, compile_module, prepare_predictor
@@ -881,14 +880,13 @@ def _our_train_step(task, paths: FastPaths, device, x, *targets, graphed: bool =
     # one pass when asked, the BatchNorm counters advanced in one operation). The graph-captured step runs the network
     # uncompiled, so it does too.
     fused = getattr(task, "fused_weight_casts", False)
-    norms = counted_norms(model)
 
     def loss(images: torch.Tensor, *gt: torch.Tensor) -> torch.Tensor:
         with paths.autocast(device, cache_enabled=not graphed):
             if paths.compile and not graphed:
                 out = net(images)
             else:
-                out = training_forward(net, images, fused_weight_casts=fused, norms=norms)
+                out = training_forward(net, images, fused_weight_casts=fused)
         return criterion(out, *gt)
 
     if graphed:

@@ -30,7 +30,7 @@ def test_a_detector_trains_to_the_same_counts_statistics_and_outputs_with_fewer_
         torch.manual_seed(step)  # the same drop-path masks for both
         ref = plain(x)
         torch.manual_seed(step)
-        out = training_forward(deferred, x, fused_weight_casts=False, norms=norms)
+        out = training_forward(deferred, x, fused_weight_casts=False)
         for a, b in zip(ref, out, strict=True):
             for level in a:
                 assert torch.equal(a[level], b[level])
@@ -43,7 +43,7 @@ def test_a_detector_trains_to_the_same_counts_statistics_and_outputs_with_fewer_
     assert all(isinstance(m.num_batches_tracked, torch.Tensor) for m in norms)  # put back after each step
     with torch.no_grad():
         ops_plain = count_ops(lambda: plain(x)).operations
-        ops_deferred = count_ops(lambda: training_forward(deferred, x, fused_weight_casts=False, norms=norms)).operations
+        ops_deferred = count_ops(lambda: training_forward(deferred, x, fused_weight_casts=False)).operations
     assert ops_plain - ops_deferred == len(norms) - 1  # one add_ per layer -> one multi-tensor add
 
 
