@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["available", "checked", "lazy_kernel", "tracing", "triton_modules"]
+__all__ = ["available", "checked", "lazy_kernel", "tracing", "triton_modules", "use_kernel"]
 
 
 @functools.cache
@@ -74,3 +74,17 @@ def checked(name: str, device: torch.device, probe: Callable[[torch.device], boo
                 ok = False
         _CHECKED[key] = ok
     return _CHECKED[key]
+
+
+def use_kernel(impl: str, device: torch.device, kernel, option: str, instead: str) -> bool:
+    """Whether a setting ``option`` with value ``impl`` launches the kernel of module ``kernel`` (its ``available``
+    and ``usable``) on ``device``: ``"triton"``, yes, and an error naming the other values ``instead`` where it
+    cannot run there; ``"auto"``, on CUDA where its first run gave the right answer; any other value, no. Callers
+    decide first what tracing and compilation get."""
+    device = torch.device(device)
+    if impl == "triton":
+        if not kernel.available(device):
+            raise RuntimeError(f"{option}='triton' needs a CUDA device and Triton installed, got {device}; use "
+                               f"{option}={instead}")
+        return True
+    return impl == "auto" and device.type == "cuda" and kernel.usable(device)

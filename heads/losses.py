@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import tracing as _tracing
+from ._triton import use_kernel
 
 __all__ = ["DetectionLoss", "huber_loss", "sigmoid_focal_loss"]
 
@@ -134,12 +135,8 @@ class DetectionLoss:
             return "torch"
         from . import focal_kernel
 
-        if self.focal_impl == "triton":
-            if not focal_kernel.available(device):
-                raise RuntimeError(f"focal_impl='triton' needs a CUDA device and Triton installed, got {device}; "
-                                   "use focal_impl='auto' or 'torch'")
-            return "triton"
-        return "triton" if device.type == "cuda" and focal_kernel.usable(device) else "torch"
+        chosen = use_kernel(self.focal_impl, device, focal_kernel, "focal_impl", "'auto' or 'torch'")
+        return "triton" if chosen else "torch"
 
     def _cls_loss(self, cls_logits: torch.Tensor, cls_targets: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
         """Summed focal loss with hard targets, in few passes over the ``[B, A, C]`` logits.

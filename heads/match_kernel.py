@@ -148,13 +148,9 @@ def reference(
     gt_boxes: torch.Tensor, anchors: torch.Tensor, gt_valid: torch.Tensor, *, per_gt: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """:func:`iou_reductions` from PyTorch operations, through the ``[B, G, A]`` IoU matrix."""
-    from .matcher import box_iou
+    from .matcher import box_iou, matrix_reductions
 
-    iou = box_iou(gt_boxes, anchors[None]).masked_fill(~gt_valid.to(torch.bool)[..., None], -1.0)
-    best_iou, best_gt = iou.max(dim=1)
-    if not per_gt:
-        return best_iou, best_gt, None, None
-    return best_iou, best_gt, *iou.max(dim=2)
+    return matrix_reductions(box_iou(gt_boxes, anchors[None]), gt_valid.to(torch.bool), per_gt=per_gt)
 
 
 def _probe(device: torch.device) -> bool:

@@ -36,6 +36,17 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return inter / torch.where(union > 0, union, torch.ones_like(union))
 
 
+def matrix_reductions(
+    iou: torch.Tensor, gt_valid: torch.Tensor, *, per_gt: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``iou [B, G, A]``, ``gt_valid [B, G]`` (bool, on ``iou``'s device) -> each anchor's best IoU and ground truth
+    ``[B, A]`` and, with ``per_gt``, each ground truth's best IoU and anchor ``[B, G]`` (else None): the first index
+    on ties. Invalid ground truths count with IoU -1: below every threshold, and never an anchor's best."""
+    iou = iou.float().masked_fill(~gt_valid[..., None], -1.0)
+    best_iou, best_gt = iou.max(dim=1)
+    return (best_iou, best_gt, *iou.max(dim=2)) if per_gt else (best_iou, best_gt, None, None)
+
+
 class IoUMatcher:
     """Assigns every anchor to its best valid ground truth by IoU.
 
@@ -81,16 +92,11 @@ class IoUMatcher:
         (:func:`heads.match_kernel.iou_reductions`, no IoU matrix) or ``"torch"`` (:func:`box_iou`'s ``[B, G, A]``
         matrix and its reductions); see ``impl``."""
         from . import match_kernel
-        from ._triton import tracing
+        from ._triton import tracing, use_kernel
 
         if self.impl == "torch" or tracing():
             return "torch"
-        if self.impl == "triton":
-            if not match_kernel.available(device):
-                raise RuntimeError(f"impl='triton' needs a CUDA device and Triton installed, got {device}; use "
-                                   "impl='auto' or 'torch'")
-            return "triton"
-        return "triton" if torch.device(device).type == "cuda" and match_kernel.usable(device) else "torch"
+        return "triton" if use_kernel(self.impl, device, match_kernel, "impl", "'auto' or 'torch'") else "torch"
 
     def match(self, gt_boxes: torch.Tensor, anchors: torch.Tensor, gt_valid: torch.Tensor) -> torch.Tensor:
         """``gt_boxes [B, G, 4]`` (xyxy), ``anchors [A, 4]`` (xyxy), ``gt_valid [B, G]`` (bool) -> ``[B, A]``
@@ -118,11 +124,7 @@ class IoUMatcher:
         if g == 0 or a == 0:
             return torch.full((b, a), BACKGROUND, dtype=torch.long, device=iou.device)
         valid = gt_valid.to(device=iou.device, dtype=torch.bool)
-        # Invalid ground truths get IoU -1: below every threshold, and never an anchor's best.
-        iou = iou.float().masked_fill(~valid[..., None], -1.0)
-        best_iou, best_gt = iou.max(dim=1)  # [B, A]
-        gt_best_iou, gt_best_anchor = iou.max(dim=2) if self.allow_low_quality else (None, None)  # [B, G]
-        return self._decide(best_iou, best_gt, gt_best_iou, gt_best_anchor, valid)
+        return self._decide(*matrix_reductions(iou, valid, per_gt=self.allow_low_quality), valid)
 
     def _decide(self, best_iou: torch.Tensor, best_gt: torch.Tensor, gt_best_iou: torch.Tensor | None,
                 gt_best_anchor: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:

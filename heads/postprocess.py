@@ -6,6 +6,7 @@ import torch
 from torchvision.ops import nms
 
 from ._triton import tracing as _tracing
+from ._triton import use_kernel
 from .box_coder import BoxCoder
 
 __all__ = ["DetectionPostProcess", "dense_greedy_nms"]
@@ -157,23 +158,16 @@ class DetectionPostProcess:
         return self._impl(torch.device(device)) == "triton"
 
     def _impl(self, device: torch.device) -> str:
-        if self.nms_impl == "triton":
-            if _tracing():  # an exported graph cannot hold the kernel
-                return "torchvision"
-            from . import nms_kernel
-
-            if not nms_kernel.available(device):
-                raise RuntimeError(f"nms_impl='triton' needs a CUDA device and Triton installed, got {device}; "
-                                   "use nms_impl='auto', 'dense' or 'torchvision'")
-            return "triton"
-        if self.nms_impl != "auto":
+        if self.nms_impl not in ("auto", "triton"):
             return self.nms_impl
-        if device.type != "cuda" or _tracing():
+        # An exported graph cannot hold the kernel; auto keeps torchvision's NMS off CUDA.
+        if _tracing() or (self.nms_impl == "auto" and device.type != "cuda"):
             return "torchvision"
         from . import nms_kernel
 
-        fits = self.max_detections <= nms_kernel.MAX_KEEP_LIMIT
-        return "triton" if fits and nms_kernel.usable(device) else "dense"
+        fits = self.nms_impl == "triton" or self.max_detections <= nms_kernel.MAX_KEEP_LIMIT
+        chosen = fits and use_kernel(self.nms_impl, device, nms_kernel, "nms_impl", "'auto', 'dense' or 'torchvision'")
+        return "triton" if chosen else "dense"
 
     def _kernel_output(self, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The first ``max_detections`` survivors of each image from :func:`heads.nms_kernel.greedy_nms_scan`,
