@@ -248,8 +248,8 @@ class DenseTask(L.LightningModule):
         elif trainer.world_size > 1:
             problem = f"it runs in one process, and this run has {trainer.world_size} (DDP)"
         elif str(trainer.precision) not in ("32-true", "32", "bf16-mixed", "bf16-true"):
-            problem = (f"it supports precision 32-true and bf16-mixed, not {trainer.precision} (fp16 loss scaling "
-                       "decides on the host)")
+            why = " (fp16 loss scaling decides on the host)" if str(trainer.precision) in ("16-mixed", "16") else ""
+            problem = f"it supports precision 32-true, bf16-mixed and bf16-true, not {trainer.precision}{why}"
         elif trainer.accumulate_grad_batches != 1:
             problem = f"it steps the optimizer every batch (accumulate_grad_batches={trainer.accumulate_grad_batches})"
         if problem:
@@ -393,8 +393,10 @@ class DenseTask(L.LightningModule):
         # the shapes every later batch will have (more boxes than the padded count), so the graph never fixes them.
         odd_shapes = not captured.matches(inputs) or (captured.captures_next and not self.graph_conforms(inputs))
         # Nor is a step captured while the momentum buffers of trained parameters are missing (the warm-up steps were
-        # skipped): the graph would fix the fused SGD's first-step rule (buffer = gradient) for every replay.
-        eager = odd_shapes or (captured.captures_next and any(p.grad is not None for p in fresh))
+        # skipped): the graph would fix the fused SGD's first-step rule (buffer = gradient) for every replay. A
+        # parameter the optimizer has stepped has an entry in its state (emptied when the step was skipped); its
+        # gradient is no sign, as validation sets every gradient to None.
+        eager = odd_shapes or (captured.captures_next and any(p in opt.state for p in fresh))
         if odd_shapes and not self._warned_shapes:
             log.warning(
                 "a training batch with other shapes than the captured training step takes (%s) runs eagerly; so will "
@@ -467,8 +469,16 @@ class DenseTask(L.LightningModule):
         return torch.stack([*values, finite.to(torch.float32)])
 
     def on_train_end(self) -> None:
-        if self.cuda_graph:  # the last captured step's flag
+        if self.cuda_graph:  # the last captured step's flag; then the graph and its memory go
             self._judge_step(self._finite.read(), self._unread_step, log_count=False)
+            self._reset_captured_step()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy of the task (the EMA's averaged model, a Predictor) has no captured step: a CUDA graph cannot be
+        # copied, and it steps the original's optimizer. The copy captures its own if it trains.
+        state = super().__getstate__()
+        state.update(_captured_step=None, _unread_step=-1, _warned_shapes=False)
+        return state
 
     def configure_optimizers(self):
         groups = param_groups(self.model, self.weight_decay)

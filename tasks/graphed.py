@@ -106,7 +106,9 @@ class CapturedStep:
         _check_cuda_inputs(inputs, "inputs")
         self.static_inputs = [t.detach().clone() for t in inputs]
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # "thread_local": CUDA calls of other threads (the data loader's pin-memory thread allocating and pinning the
+        # next batches) may go on during the capture; the default ("global") would make them break it.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.static_output = self.fn(*self.static_inputs)
         self.graph = graph
 

@@ -36,7 +36,12 @@ def build_task(cfg: DictConfig, model: torch.nn.Module | None = None) -> L.Light
     if getattr(task, "cuda_graph", False):  # the captured step clips its gradients itself (see trainer_kwargs)
         clip = cfg.trainer.get("gradient_clip_val")
         if clip:
-            task.gradient_clipping = (float(clip), str(cfg.trainer.get("gradient_clip_algorithm") or "norm"))
+            # Lightning's rule, which does not see these settings here: "norm" or "value", in any case.
+            algorithm = str(cfg.trainer.get("gradient_clip_algorithm") or "norm").lower()
+            if algorithm not in ("norm", "value"):
+                raise ValueError(f"trainer.gradient_clip_algorithm must be 'norm' or 'value', got "
+                                 f"{cfg.trainer.gradient_clip_algorithm!r}")
+            task.gradient_clipping = (float(clip), algorithm)
     return task
 
 

@@ -181,6 +181,29 @@ def test_gradient_clipping_moves_from_the_trainer_to_the_task():
     plain = compose("train", ["data=synthetic", "trainer.gradient_clip_val=3.5"])
     assert trainer_kwargs(plain, training=True)["gradient_clip_val"] == 3.5
     assert build_task(plain, build_model(plain)).gradient_clipping is None
+    # Lightning's rule: either algorithm, in any case; anything else is an error, not clipping by value.
+    for given, algorithm in (("Norm", "norm"), ("VALUE", "value"), ("value", "value")):
+        cfg = compose("train", ["data=synthetic", "task.module.cuda_graph=true",
+                                f"trainer.gradient_clip_algorithm={given}"])
+        assert build_task(cfg, build_model(cfg)).gradient_clipping == (10.0, algorithm)
+    cfg = compose("train", ["data=synthetic", "task.module.cuda_graph=true", "trainer.gradient_clip_algorithm=nrom"])
+    with pytest.raises(ValueError, match="gradient_clip_algorithm must be 'norm' or 'value', got 'nrom'"):
+        build_task(cfg, build_model(cfg))
+
+
+@pytest.mark.parametrize("precision, reason", [("16-mixed", " (fp16 loss scaling decides on the host)"),
+                                               ("64-true", "")])
+def test_an_unsupported_precision_is_named(precision, reason):
+    from types import SimpleNamespace
+
+    cfg = compose("train", ["data=synthetic", "task.module.cuda_graph=true"])
+    task = build_task(cfg, build_model(cfg))
+    task._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), world_size=1,
+                                    precision=precision, accumulate_grad_batches=1)
+    with pytest.raises(ValueError) as err:
+        task._check_cuda_graph_setup()
+    problem = f"it supports precision 32-true, bf16-mixed and bf16-true, not {precision}{reason}"
+    assert f"as a CUDA graph: {problem}. Set task.module.cuda_graph=false" in str(err.value)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
@@ -319,12 +342,16 @@ def test_a_skipped_first_step_leaves_no_momentum_buffers(tmp_path, eager_capture
 
 
 @pytest.mark.slow
-def test_no_capture_while_the_skipped_warm_up_left_no_momentum_buffers(tmp_path, eager_capture, nan_losses):
+@pytest.mark.parametrize("num_train", [16, 12], ids=["4-batch-epochs", "validation-after-the-warm-up"])
+def test_no_capture_while_the_skipped_warm_up_left_no_momentum_buffers(tmp_path, eager_capture, nan_losses,
+                                                                       num_train):
     """All three warm-up steps skipped: the fourth step, the first to update, runs eagerly (it creates the buffers
     as a first step), and the fifth is captured (a graph captured without buffers would apply the first-step rule,
-    buffer = gradient, at every replay)."""
+    buffer = gradient, at every replay). Also when validation ran after the third step (epochs of 3 batches) and
+    set every gradient to None."""
     nan_losses({1, 2, 3})
-    ckpt, _ = _run(tmp_path, "run", ["trainer.accelerator=cpu", "task.module.cuda_graph=true", "trainer.max_steps=6"])
+    ckpt, _ = _run(tmp_path, "run", ["trainer.accelerator=cpu", "task.module.cuda_graph=true", "trainer.max_steps=6",
+                                     f"data.synthetic.num_train={num_train}"])
     step = EagerSteps.last
     assert step.eager_calls == 1 and step.replays == 2 and step.calls == 6
     state = ckpt["optimizer_states"][0]["state"]
@@ -341,6 +368,52 @@ def test_a_batch_wider_than_the_padding_is_never_captured(tmp_path, eager_captur
     step = EagerSteps.last
     assert not step.captured and step.calls == 5 and step.eager_calls == 2
     assert caplog.text.count("runs eagerly") == 1
+
+
+class _Uncopyable:
+    """Stands in for a captured step: like a CUDA graph, it cannot be copied."""
+
+    def __deepcopy__(self, memo):
+        raise TypeError("cannot pickle a CUDA graph")
+
+
+def test_a_copy_of_the_task_has_no_captured_step():
+    """The EMA's averaged copy and a Predictor deep-copy the task: the copy gets no captured step (a graph cannot be
+    copied, and it steps the original's optimizer); the original keeps its own until training ends."""
+    import copy
+
+    cfg = compose("train", ["data=synthetic", "task.module.cuda_graph=true"])
+    task = build_task(cfg, build_model(cfg))
+    step = _Uncopyable()
+    task._captured_step, task._unread_step, task._warned_shapes = step, 7, True
+    twin = copy.deepcopy(task)
+    assert twin._captured_step is None and twin._unread_step == -1 and not twin._warned_shapes
+    assert task._captured_step is step and task._unread_step == 7
+    task._unread_step = -1  # no flag pending: on_train_end reads nothing
+    task.on_train_end()  # the graph and its memory go with the fit
+    assert task._captured_step is None
+
+
+def test_the_capture_lets_other_threads_use_cuda(monkeypatch):
+    """The data loader's pin-memory thread pins and allocates during the capture: the capture must be
+    thread-local, as the default (global) mode fails on any other thread's CUDA call."""
+    import contextlib
+
+    import tasks.graphed
+
+    modes = []
+
+    @contextlib.contextmanager
+    def graph(cuda_graph, pool=None, stream=None, capture_error_mode="global"):
+        modes.append(capture_error_mode)
+        yield
+
+    monkeypatch.setattr(tasks.graphed, "_check_cuda_inputs", lambda inputs, what: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    step = tasks.graphed.CapturedStep(lambda x: x * 2, warmup=1)
+    step.capture(torch.ones(2))
+    assert modes == ["thread_local"] and step.captured and torch.equal(step.static_output, torch.full((2,), 2.0))
 
 
 def test_a_new_fit_captures_a_new_graph():
