@@ -19,8 +19,8 @@ class DetectionPostProcess:
     Per image the ``topk`` highest (anchor, class) logits are decoded (and clipped to the image), scored
     by sigmoid, filtered by ``score_threshold`` (scores ``>= score_threshold`` are kept) and suppressed
     class-wise at ``iou_threshold``: a box is dropped only when its IoU with a kept higher-scoring box of
-    the same class is strictly greater than ``iou_threshold`` (IoU exactly equal survives). NMS runs once
-    for the whole batch, each (image, class) pair being its own group (``image * C + class``); the first
+    the same class is strictly greater than ``iou_threshold`` (IoU exactly equal survives; IoUs in float32;
+    a NaN score is never kept). Each (image, class) pair is its own group (``image * C + class``); the first
     ``max_detections`` survivors of each image are then scattered into the padded output.
 
     ``nms_prefix``: NMS first runs on the best ``nms_prefix`` candidates of each image only, and on 4x more
@@ -30,8 +30,8 @@ class DetectionPostProcess:
     too: candidates are ranked as a stable sort would rank them (equal logits by index), so a prefix is always
     the beginning of the full ranking.
 
-    ``nms_impl``: ``"torchvision"`` runs one :func:`torchvision.ops.nms` over the batch (every (image, class)
-    pair moved to its own region of the plane); ``"dense"`` runs :func:`dense_greedy_nms`, pairwise IoUs per
+    ``nms_impl``: ``"torchvision"`` runs :func:`torchvision.ops.nms` once per (image, class) pair present among
+    the candidates (once over the batch in traced graphs, every pair moved to its own region of the plane); ``"dense"`` runs :func:`dense_greedy_nms`, pairwise IoUs per
     image as batched tensor algebra (no quadratic all-batch mask, a handful of launches); ``"triton"`` runs
     :func:`heads.nms_kernel.greedy_nms_scan`, one GPU program per image that walks its candidates in score order
     and stops at ``max_detections`` kept (no pairwise matrix, no prefix, no host synchronisation: the whole
@@ -131,13 +131,13 @@ class DetectionPostProcess:
 
         flat_boxes, flat_scores = boxes.reshape(-1, 4), scores.reshape(-1)
         flat_labels, flat_images = labels.reshape(-1), image_idx.reshape(-1)
-        if self.score_threshold > 0:
+        if self.score_threshold > 0 or not _tracing():  # NaN scores are never candidates, as in the other paths
             candidates = torch.nonzero(flat_scores >= self.score_threshold).squeeze(1)
             flat_boxes, flat_scores = flat_boxes[candidates], flat_scores[candidates]
             flat_labels, flat_images = flat_labels[candidates], flat_images[candidates]
         keep = _grouped_nms(flat_boxes, flat_scores, flat_images * c + flat_labels, self.iou_threshold)
-        # `keep` is sorted by score over the whole batch; sorting by (image, position in `keep`) -- unique keys,
-        # so no stable sort is needed -- groups it by image and keeps the score order within each image.
+        # `keep` is in candidate order (traced: by score over the whole batch); sorting by (image, position in
+        # `keep`) -- unique keys, so no stable sort is needed -- groups it by image in that order.
         position = torch.arange(keep.numel(), device=device)
         keep = keep[torch.sort(flat_images[keep] * keep.numel() + position).indices]
         kept_images = flat_images[keep]
@@ -315,18 +315,32 @@ def _first_k(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """NMS within each group, as one :func:`torchvision.ops.nms` call: every group is moved to its own region
-    of the plane (offset by ``group * (extent + 1)``), so boxes of different groups never overlap.
+    """NMS within each group of candidates that come in score order within their group (each image's candidates
+    are ranked); returns the kept indices in ascending order.
 
-    The offsets are added in float64, where they leave the coordinates (and so every IoU) as exact as in float32;
-    in float32 an offset of millions would round the coordinates. Returns kept indices sorted by score.
+    One :func:`torchvision.ops.nms` call per group, on the boxes as given: IoUs are computed in their float32 as
+    the dense and Triton paths compute them, so the three decide alike also at an IoU that rounds to the threshold,
+    and one image's non-finite boxes cannot touch another's. The candidates' positions are the scores NMS ranks by,
+    so equal scores too are taken in candidate order, as in the other paths.
+
+    Traced (ONNX export, which has one NonMaxSuppression): one call over the batch with every group moved to its
+    own region of the plane (offset by ``group * (extent + 1)``), kept indices sorted by score; the shifted float32
+    coordinates round, so there an IoU within rounding of the threshold can be decided the other way.
     """
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
-    # ONNX's NonMaxSuppression takes float32 only; exported graphs keep the float32 offsets.
-    dtype = torch.float32 if _tracing() else torch.float64
-    boxes = boxes.to(dtype)
-    low = torch.clamp(boxes.min(), max=0)
-    extent = boxes.max() - low + 1
-    shifted = boxes - low + (groups.to(dtype) * extent)[:, None]
-    return nms(shifted, scores.to(dtype), iou_threshold)
+    if _tracing():
+        low = torch.clamp(boxes.min(), max=0)
+        extent = boxes.max() - low + 1
+        return nms(boxes - low + (groups.to(boxes.dtype) * extent)[:, None], scores, iou_threshold)
+    n = boxes.shape[0]
+    rank_dtype = torch.float32 if n < 2**24 else torch.float64  # every position exact
+    rank = torch.arange(n, 0, -1, dtype=rank_dtype, device=boxes.device)  # descending: candidate order first
+    by_group, order = torch.sort(groups, stable=True)  # each group's candidates stay in candidate order
+    counts = torch.unique_consecutive(by_group, return_counts=True)[1].tolist()
+    kept = [
+        index if len(index) == 1 else index[nms(group_boxes, group_rank, iou_threshold)]
+        for index, group_boxes, group_rank in zip(order.split(counts), boxes[order].split(counts),
+                                                  rank[order].split(counts))
+    ]
+    return torch.cat(kept).sort().values

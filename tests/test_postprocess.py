@@ -128,6 +128,48 @@ def test_iou_exactly_at_threshold_is_kept(pair):
     assert torch.equal(out["boxes"][0, 0], anchors[0])
 
 
+def test_iou_is_decided_in_float32_by_every_implementation():
+    """Two boxes whose IoU is 0.50000006 in float32 (the arithmetic of torchvision's NMS on float32 boxes, and of the
+    dense and Triton paths) but exactly 0.5 in float64: suppressed at threshold 0.5 by every implementation."""
+    anchors = torch.tensor([[80.97738647460938, 237.1022186279297, 105.05278015136719, 285.92535400390625],
+                            [89.00251770019531, 237.1022186279297, 113.07791137695312, 285.92535400390625]])
+    boxes = CODER.decode(torch.zeros(2, 4), anchors)
+    assert box_iou(boxes[:1], boxes[1:]).item() > 0.5 == box_iou(boxes[:1].double(), boxes[1:].double()).item()
+    cls = torch.stack([_logit(0.9), _logit(0.8)])[None, :, None]
+    out = _post(iou_threshold=0.5)(cls, torch.zeros(1, 2, 4), anchors, (400, 400))
+    assert out["num_detections"].tolist() == [1]
+
+
+@pytest.mark.parametrize("bad", ["nan_delta", "overflowing_delta"])
+def test_an_image_with_non_finite_boxes_leaves_the_others_alone(bad):
+    """One image's NaN or infinite box (a NaN delta; an overflowing one without clipping) changes nothing in the
+    other images of its batch: each image's detections are those it gets alone."""
+    g = torch.Generator().manual_seed(3)
+    xy = torch.rand(60, 2, generator=g) * 15  # crowded: many overlaps above the threshold
+    anchors = torch.cat([xy, xy + 20], 1)
+    cls = torch.randn(2, 60, 3, generator=g)
+    deltas = torch.randn(2, 60, 4, generator=g) * 0.1
+    deltas[1, 5] = float("nan") if bad == "nan_delta" else torch.tensor([0.0, 0.0, 100.0, 100.0])
+    kw = {"clip_boxes": bad == "nan_delta", "max_detections": 20, "nms_prefix": None}
+    post = _post(iou_threshold=0.5, **kw)
+    both = post(cls, deltas, anchors, (100, 100))
+    alone = post(cls[:1], deltas[:1], anchors, (100, 100))
+    unsuppressed = _post(iou_threshold=1.0, **kw)(cls[:1], deltas[:1], anchors, (100, 100))
+    assert not torch.equal(alone["boxes"], unsuppressed["boxes"])  # NMS did suppress in image 0
+    assert both["num_detections"][0] == alone["num_detections"][0]
+    for key in ("boxes", "scores", "labels"):
+        assert torch.equal(both[key][0], alone[key][0]), key
+
+
+def test_a_nan_score_is_never_a_detection():
+    """A NaN class logit gives no detection, also with no score threshold (``score >= 0`` is false for NaN)."""
+    cls = torch.stack([_logit(0.9), torch.tensor(float("nan")), _logit(0.8)])[None, :, None]
+    out = _post(score_threshold=0.0)(cls, torch.zeros(1, 3, 4), _diagonal_boxes(3), (100, 100))
+    assert out["num_detections"].tolist() == [2]
+    assert torch.isfinite(out["scores"]).all()
+    assert out["scores"][0, :2].tolist() == pytest.approx([0.9, 0.8])
+
+
 def test_more_candidates_than_max_detections():
     g = torch.Generator().manual_seed(0)
     anchors = _diagonal_boxes(50)
@@ -406,11 +448,10 @@ def test_dense_nms_equals_torchvision_nms_and_settles_long_chains():
         for i in range(b):
             idx = torch.nonzero(valid[i]).squeeze(1)
             ref = torch.zeros(n, dtype=torch.bool)
-            order_scores = torch.linspace(1, 0, n)[idx]
-            kept = torch.ops.torchvision.nms(
-                boxes[i, idx].double() + labels[i, idx, None] * 1000.0, order_scores.double(), 0.5
-            )
-            ref[idx[kept]] = True
+            order_scores = torch.linspace(1, 0, n)
+            for label in labels[i, idx].unique():  # class by class, on the float32 boxes
+                sel = idx[labels[i, idx] == label]
+                ref[sel[nms(boxes[i, sel], order_scores[sel], 0.5)]] = True
             assert torch.equal(keep[i], ref)
 
 
