@@ -50,6 +50,7 @@ import copy
 import importlib.metadata
 import json
 import os
+import pickle
 import platform
 import resource
 import statistics
@@ -149,8 +150,24 @@ class _Effdet:
             self.name, pretrained=False, pretrained_backbone=False, num_classes=num_classes, image_size=size
         ).eval()
         if cfg.effdet_checkpoint:
-            state = torch.load(cfg.effdet_checkpoint, map_location="cpu", weights_only=True)
-            self.model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+            path = cfg.effdet_checkpoint
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
+                raise BenchmarkError(f"effdet_checkpoint={path}: cannot be read as a state dict: {err}") from None
+            if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+                state = state["state_dict"]
+            if not isinstance(state, dict):
+                raise BenchmarkError(f"effdet_checkpoint={path}: holds a {type(state).__name__}, not a state dict")
+            try:
+                self.model.load_state_dict(state)
+            except RuntimeError as err:
+                first = str(err).strip().splitlines()
+                raise BenchmarkError(
+                    f"effdet_checkpoint={path} is not a state dict of effdet's {self.name} with {num_classes} classes "
+                    f"(the model configured here: backbone={cfg.backbone.name}, data.num_classes): "
+                    f"{' '.join(line.strip() for line in first[:3])}"
+                ) from None
         else:
             calibrate(self.model)  # before the conversion: both models get the same statistics
         try:
@@ -372,7 +389,19 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
         _train_boxes(cfg)  # a bad value is reported before anything is built
     if compare and task_name != "detection":
         raise BenchmarkError("compare=effdet is for task=detection (effdet has no segmentation model)")
+    if cfg.effdet_checkpoint and not compare:
+        raise BenchmarkError(f"effdet_checkpoint={cfg.effdet_checkpoint} is loaded through effdet's model: it needs "
+                             "compare=effdet")
+    for name, least in (("iters", 1), ("rounds", 1), ("warmup", 0)):
+        value = cfg.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise BenchmarkError(f"{name} must be an integer >= {least}, got {value!r}")
     device = _device(cfg.device)
+    # Measures that need CUDA fail here, before anything is measured, not after the others ran.
+    if device.type != "cuda" and "train_graph" in cfg.measures:
+        raise BenchmarkError("measure 'train_graph' (a CUDA-graph training step) needs device=cuda")
+    if device.type != "cuda" and "fit" in cfg.measures and cfg.task.module.get("cuda_graph", False):
+        raise BenchmarkError("task.module.cuda_graph=true (the captured training step) needs device=cuda")
     torch.set_flush_denormal(True)  # as training and evaluation run: denormals make CPU timings erratic
     torch.manual_seed(cfg.seed)
     torch.backends.cudnn.benchmark = bool(cfg.get("cudnn_benchmark", True))
@@ -400,6 +429,13 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
     paths = FastPaths(**OmegaConf.to_container(cfg.fast)).resolve(device)
     theirs = _effdet_paths(cfg, paths)
     batch, train_batch = _batches(cfg, device, task_name)
+    if train_batch == 1 and {"ops", "train", "train_graph", "fit"} & set(cfg.measures):
+        stride = max(spec.stride for spec in task.model.out_specs.values())
+        if all(-(-side // stride) == 1 for side in train_size):
+            raise BenchmarkError(
+                f"train_batch_size=1 at {_size_text(train_size)}: the coarsest feature map (stride {stride}) is 1x1, "
+                "where BatchNorm cannot train on one value per channel; use train_batch_size >= 2 or a "
+                f"train_image_size above {stride}")
 
     common = {
         "task": task_name, "backbone": cfg.backbone.name, "scale": cfg.scale, "device": _device_name(device),
@@ -424,8 +460,8 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
             extra = {"ratio": ratio} if impl == "effdense" and ratio is not None else {}
             if impl == "effdense":
                 extra.update(ours)
-            else:
-                extra["compile"] = theirs.compile
+            else:  # effdet's model as it comes: compiled or not as effdet_compile says, BatchNorm never folded
+                extra.update(compile=theirs.compile, fold_bn=False)
             add(measure, impl, value=round(value, 2), unit=unit, ms_per_call=round(t["seconds"] * 1000, 3),
                 spread=round(t["spread"], 3), peak_memory_mb=t["peak_memory_mb"] or _rss_mb(device),
                 **fields, **extra)
@@ -508,8 +544,6 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
     for measure, graphed in (("train", False), ("train_graph", True)):
         if measure not in measures:
             continue
-        if graphed and device.type != "cuda":
-            raise BenchmarkError("measure 'train_graph' (a CUDA-graph training step) needs device=cuda")
         fns = {"effdense": _our_train_step(task, paths, device, *train_inputs, graphed=graphed)}
         if ref:  # effdet's step cannot be captured (its labeller selects each image's boxes on the host): its 'train'
             fns["effdet"] = _effdet_train_step(ref, theirs, device, *train_inputs)
@@ -549,9 +583,7 @@ def _fit(cfg: DictConfig, task, paths: FastPaths, device: torch.device, batch: i
 
     from .runner import build_task, loop_callbacks, trainer_kwargs
 
-    graph = bool(cfg.task.module.get("cuda_graph", False))
-    if graph and device.type != "cuda":
-        raise BenchmarkError("task.module.cuda_graph=true (the captured training step) needs device=cuda")
+    graph = bool(cfg.task.module.get("cuda_graph", False))  # CUDA only (checked by run_benchmark)
     warmup = max(int(cfg.warmup), 3)  # the counted step (warmup - 2) comes after the first, which creates state
     if graph:  # three eager steps, the capture, one replay counted, then the timed replays
         warmup = max(warmup, 6)
@@ -786,7 +818,8 @@ def count_ops(fn: Callable[[], Any]) -> OpCount:
 
 
 def _data_rows(cfg: DictConfig, emit: Callable[[dict], None]) -> list[dict]:
-    """Training-loader throughput: the first batch (worker start-up) is not timed."""
+    """Training-loader throughput: the batches ready before the first one is taken (worker start-up, each worker's
+    prefetched batches) are not timed."""
     from hydra.utils import instantiate
 
     rows = []
@@ -796,11 +829,16 @@ def _data_rows(cfg: DictConfig, emit: Callable[[dict], None]) -> list[dict]:
         dm.prepare_data()
         dm.setup("fit")
         loader = dm.train_dataloader()
-        batches = min(len(loader) - 1, int(cfg.data_batches))
+        # Untimed: the workers' start and the batches they prepare meanwhile (each worker fills up to
+        # prefetch_factor before the first is taken); timing from the first batch would count those as fast ones.
+        ahead = int(workers) * loader.prefetch_factor if int(workers) > 0 else 1
+        batches = min(len(loader) - ahead, int(cfg.data_batches))
         if batches < 1:
-            raise BenchmarkError(f"measure 'data' needs at least 2 training batches, {cfg.data.root} has {len(loader)}")
+            raise BenchmarkError(f"measure 'data' with {workers} workers needs at least {ahead + 1} training batches "
+                                 f"({ahead} untimed), {cfg.data.root} has {len(loader)}")
         it = iter(loader)
-        next(it)
+        for _ in range(ahead):
+            next(it)
         start, images = time.perf_counter(), 0
         for _ in range(batches):
             images += next(it)["images"].shape[0]

@@ -29,7 +29,7 @@ def test_compare_effdet_on_cpu_prints_json_lines_table_and_ratios(tmp_path):
     lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     env, rows = lines[0], lines[1:]
     assert env["measure"] == "environment" and env["effdet"] == "0.4.1" and env["torch"]
-    assert rows == [json.loads(line) for line in (tmp_path / "benchmark.jsonl").read_text().splitlines()]
+    assert lines == [json.loads(line) for line in (tmp_path / "benchmark.jsonl").read_text().splitlines()]
     by = {(r["measure"], r["impl"]): r for r in rows}
     measures = ("params", "flops", "ops", "predict", "latency", "train")
     assert set(by) == {(m, i) for m in measures for i in ("effdense", "effdet")} | {("agreement", "effdense")}
@@ -50,6 +50,7 @@ def test_compare_effdet_on_cpu_prints_json_lines_table_and_ratios(tmp_path):
         assert ours["ratio"] == pytest.approx(ours["ms_per_call"] / theirs["ms_per_call"], rel=1e-2)
         assert "ratio" not in theirs
         assert ours["precision"] == "fp32" and ours["channels_last"] and ours["fold_bn"] and not ours["compile"]
+        assert not theirs["fold_bn"] and not theirs["compile"]  # effdet's model as it comes
     # Operations per training step (forward + backward + SGD): fewer than effdet's, and none that waits for the
     # device (what lets the whole step be captured as one CUDA graph); effdet's labeller indexes with masks.
     ours, theirs = by["ops", "effdense"], by["ops", "effdet"]
@@ -80,6 +81,16 @@ def test_compare_effdet_on_cpu_prints_json_lines_table_and_ratios(tmp_path):
          "effdet_compile must be null, true or false, got 'sometimes'"),
         (["image_size=128", "device=cpu", "measures=[train]", "train_boxes=0"],
          "train_boxes must be an integer >= 1, got 0"),
+        (["image_size=128", "device=cpu", "measures=[params]", "effdet_checkpoint=/no/such.pth"],
+         "effdet_checkpoint=/no/such.pth is loaded through effdet's model: it needs compare=effdet"),
+        (["image_size=128", "device=cpu", "measures=[params]", "compare=effdet", "effdet_checkpoint=/no/such.pth"],
+         "effdet_checkpoint=/no/such.pth: cannot be read as a state dict"),
+        (["image_size=128", "device=cpu", "measures=[latency]", "iters=0"], "iters must be an integer >= 1, got 0"),
+        (["image_size=128", "device=cpu", "measures=[latency]", "rounds=0"], "rounds must be an integer >= 1, got 0"),
+        (["image_size=128", "device=cpu", "measures=[train]", "train_batch_size=1"],
+         "train_batch_size=1 at 128x128: the coarsest feature map (stride 128) is 1x1"),
+        (["image_size=128", "device=cpu", "measures=[params]", "task.module.cuda_graph=true", "measures=[params,fit]"],
+         "task.module.cuda_graph=true (the captured training step) needs device=cuda"),
     ],
 )
 def test_bad_requests_exit_2_with_one_line(tmp_path, overrides, message):
@@ -87,6 +98,77 @@ def test_bad_requests_exit_2_with_one_line(tmp_path, overrides, message):
     assert res.returncode == 2, res.stderr[-2000:]
     assert message in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_an_effdet_checkpoint_of_another_model_is_named(tmp_path):
+    """A D1 state dict given to the default D0 comparison: one line naming the option, the model and the class count."""
+    import effdet
+
+    path = tmp_path / "d1.pth"
+    torch.save(effdet.create_model("efficientdet_d1", pretrained=False, pretrained_backbone=False).state_dict(), path)
+    res = _tool(tmp_path, "image_size=128", "device=cpu", "measures=[params]", "compare=effdet",
+                f"effdet_checkpoint={path}")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"effdet_checkpoint={path} is not a state dict of effdet's efficientdet_d0 with 90 classes" in res.stderr
+    assert "size mismatch" in res.stderr
+
+
+def test_rows_measured_before_a_failure_are_written(tmp_path):
+    """A measure that fails (here: no data for the loader measure) after others ran: exit 2, and benchmark.jsonl holds
+    the environment and the rows measured before it."""
+    res = _tool(tmp_path, "image_size=128", "device=cpu", "measures=[params,data]", f"data.root={tmp_path / 'none'}")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    lines = [json.loads(line) for line in (tmp_path / "benchmark.jsonl").read_text().splitlines()]
+    assert [r["measure"] for r in lines] == ["environment", "params"]
+
+
+def test_the_data_measure_times_after_the_prefetched_batches(monkeypatch):
+    """Each worker prepares prefetch_factor batches before the first is taken: those are not timed (with 8 workers,
+    timing from the first batch counted up to 15 ready batches as instant ones)."""
+    from omegaconf import OmegaConf
+
+    import tasks.benchmark as bench
+
+    taken, clock_reads = [0], []
+    real_perf_counter = bench.time.perf_counter
+
+    class Loader:
+        prefetch_factor = 2
+
+        def __len__(self):
+            return 40
+
+        def __iter__(self):
+            taken[0] = 0
+            while True:
+                taken[0] += 1
+                yield {"images": torch.zeros(2, 3, 4, 4)}
+
+    class DataModule:
+        def __init__(self, **kw):
+            pass
+
+        def prepare_data(self):
+            pass
+
+        def setup(self, stage):
+            pass
+
+        def train_dataloader(self):
+            return Loader()
+
+    def perf_counter():
+        clock_reads.append(taken[0])  # batches taken when the clock is read
+        return real_perf_counter()
+
+    monkeypatch.setattr(bench.time, "perf_counter", perf_counter)
+    monkeypatch.setattr("hydra.utils.instantiate", lambda cfg: DataModule(**cfg))
+    cfg = OmegaConf.create({"data_workers": [0, 3], "data_batches": 5, "task": {"name": "detection"},
+                            "data": {"num_workers": 0, "batch_size": 2, "root": "x", "image_size": 8}})
+    rows = bench._data_rows(cfg, lambda row: None)
+    assert [r["workers"] for r in rows] == [0, 3]
+    # Start and end of each timed span: in the main process after the first batch; with 3 workers after 3 x 2.
+    assert clock_reads == [1, 6, 6, 11]
 
 
 def test_effdet_compile_sets_effdets_compilation_alone():

@@ -21,11 +21,19 @@ def main(cfg: DictConfig) -> None:
 
     from tasks.benchmark import BenchmarkError, environment, format_table, run_benchmark, write_rows
 
-    with user_errors(BenchmarkError):
-        print(json.dumps({"measure": "environment", **environment()}), flush=True)
-        rows = run_benchmark(cfg, emit=lambda row: print(json.dumps(row), flush=True))
+    lines = [{"measure": "environment", **environment()}]  # what benchmark.jsonl holds: versions, then the rows
+    print(json.dumps(lines[0]), flush=True)
+
+    def emit(row: dict) -> None:
+        lines.append(row)
+        print(json.dumps(row), flush=True)
+
+    try:
+        with user_errors(BenchmarkError):
+            rows = run_benchmark(cfg, emit=emit)
+    finally:  # also the rows measured before a later measure failed
+        write_rows(lines, Path(HydraConfig.get().runtime.output_dir) / "benchmark.jsonl")
     print("\n" + format_table(rows), file=sys.stderr, flush=True)
-    write_rows(rows, Path(HydraConfig.get().runtime.output_dir) / "benchmark.jsonl")
 
 
 if __name__ == "__main__":
