@@ -51,7 +51,8 @@ class DetectionLoss:
 
     Both are summed over the batch and divided by ``num_positives + 1`` (the box loss also by 4, its
     number of coordinates). Ignored anchors (target -2) contribute nothing; background anchors (-1) have
-    an all-zero class target.
+    an all-zero class target. The box loss covers the positive anchors' coordinates whose target is not exactly 0,
+    as in effdet and the reference implementation (``tests/test_losses.py`` compares both losses with effdet's).
 
     ``focal_impl`` chooses how the classification loss (without label smoothing) is computed: ``"torch"`` with
     PyTorch operations (about twenty passes over the ``[B, A, C]`` logits, forward and backward), ``"triton"``
@@ -117,7 +118,9 @@ class DetectionLoss:
             cls_loss = focal_loss(cls_logits, cls_targets, normalizer, alpha=self.alpha, gamma=self.gamma)
         else:
             cls_loss = self._cls_loss(cls_logits, cls_targets, positive) / normalizer
-        box = huber_loss(box_deltas, box_targets, delta=self.huber_delta) * positive[..., None]
+        # As effdet and the reference implementation weigh it: a coordinate whose target is exactly 0 (a box centred
+        # on its anchor, or of the anchor's width or height) is left out of the box loss.
+        box = huber_loss(box_deltas, box_targets, delta=self.huber_delta) * (positive[..., None] & (box_targets != 0))
         box_loss = box.sum() / (normalizer * 4.0)
         return {
             "loss": cls_loss + self.box_loss_weight * box_loss,

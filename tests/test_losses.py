@@ -77,10 +77,12 @@ def test_huber_quadratic_and_linear_regions():
 
 def _tiny_example():
     # 1 image, 3 anchors, 2 classes: anchor 0 positive (class 1), anchor 1 background, anchor 2 ignored.
+    # The positive's box errors are 0.05, 0, 0, 0.3 (targets not 0: a target of exactly 0 is left out, as in effdet).
     logits = torch.zeros(1, 3, 2)
-    deltas = torch.tensor([[[0.05, 0.0, 0.0, 0.3], [9.0, 9.0, 9.0, 9.0], [5.0, 5.0, 5.0, 5.0]]])
+    deltas = torch.tensor([[[0.15, 0.2, -0.1, 0.8], [9.0, 9.0, 9.0, 9.0], [5.0, 5.0, 5.0, 5.0]]])
     cls_t = torch.tensor([[1, -1, -2]])
     box_t = torch.zeros(1, 3, 4)
+    box_t[0, 0] = torch.tensor([0.1, 0.2, -0.1, 0.5])
     return logits, deltas, cls_t, box_t
 
 
@@ -95,6 +97,10 @@ def test_detection_loss_by_hand():
     # Only the positive anchor's box counts: 0.5 * 0.05**2 + 0.1 * (0.3 - 0.05) = 0.02625, / (2 * 4).
     assert out["box_loss"].item() == pytest.approx(0.02625 / (normalizer * 4), rel=1e-5)
     assert out["loss"].item() == pytest.approx(cls_sum / normalizer + 50.0 * 0.02625 / 8, rel=1e-5)
+    # A coordinate whose target is exactly 0 is left out of the box loss, whatever its prediction.
+    box_t[0, 0, 1], deltas[0, 0, 1] = 0.0, 0.7
+    again = DetectionLoss(num_classes=2)(logits, deltas, cls_t, box_t, torch.tensor(1.0))
+    assert again["box_loss"].item() == out["box_loss"].item()
 
 
 def test_detection_loss_ignore_and_background_handling():
@@ -217,3 +223,68 @@ def test_detection_loss_equals_focal_loss_over_one_hot_targets(gamma, alpha):
     torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
     assert torch.isfinite(grad).all()
     assert grad[cls_t == -2].abs().sum() == 0  # ignored anchors get no gradient
+
+
+def _effdet_targets_and_loss(effdet, hw, boxes, labels, cls, box, num_classes):
+    """effdet's AnchorLabeler and loss_fn (DetBenchTrain's) on the same batch: flat targets (xyxy order), positives
+    and (loss, cls_loss, box_loss). effdet takes yxyx boxes, labels 1..C (-1 padding) and per-level NCHW outputs."""
+    from effdet.anchors import AnchorLabeler, Anchors
+    from effdet.loss import loss_fn
+
+    config = effdet.get_efficientdet_config("tf_efficientdet_d0")
+    config.image_size = hw
+    anchors = Anchors.from_config(config)
+    labeler = AnchorLabeler(anchors, num_classes, match_threshold=0.5)
+    cls_t, box_t, num_pos = labeler.batch_label_anchors(
+        boxes[..., [1, 0, 3, 2]], torch.where(labels >= 0, labels + 1, -1).float())
+    b, per_level_cls, per_level_box, start = cls.shape[0], [], [], 0
+    for level in range(config.min_level, config.max_level + 1):
+        h, w = anchors.feat_sizes[level]
+        n = h * w * 9
+        per_level_cls.append(cls[:, start:start + n].reshape(b, h, w, 9 * num_classes).permute(0, 3, 1, 2))
+        per_level_box.append(box[:, start:start + n][..., [1, 0, 3, 2]].reshape(b, h, w, 36).permute(0, 3, 1, 2))
+        start += n
+    losses = loss_fn(per_level_cls, per_level_box, cls_t, box_t, num_pos, num_classes=num_classes, alpha=0.25,
+                     gamma=1.5, delta=0.1, box_loss_weight=50.0)
+    flat_box = torch.cat([t.reshape(b, -1, 4)[..., [1, 0, 3, 2]] for t in box_t], 1)
+    return flat_box, num_pos.sum(), losses
+
+
+@pytest.mark.parametrize("boxes_kind", ["random", "anchor_aligned"])
+def test_targets_and_losses_equal_effdets(boxes_kind):
+    """This project's TargetAssigner and DetectionLoss against effdet's AnchorLabeler and loss on one batch (padding
+    boxes, an image without boxes). Anchor-aligned boxes (each one an anchor, shifted along one axis or not at all)
+    give box targets of exactly 0, which effdet leaves out of the box loss."""
+    effdet = pytest.importorskip("effdet")
+    from heads import AnchorGenerator, BoxCoder, IoUMatcher, TargetAssigner
+
+    g = torch.Generator().manual_seed(0)
+    hw, c, n = (256, 384), 5, 12
+    shapes = {f"p{level}": (hw[0] // 2**level, hw[1] // 2**level) for level in range(3, 8)}
+    anchors = AnchorGenerator(anchor_scale=4.0)(shapes)
+    if boxes_kind == "random":
+        xy = torch.rand(3, n, 2, generator=g) * torch.tensor([hw[1], hw[0]]) * 0.7
+        boxes = torch.cat([xy, xy + torch.rand(3, n, 2, generator=g) * 100 + 8], -1)
+    else:
+        inside = ((anchors[:, :2] >= 0) & (anchors[:, 2:] <= torch.tensor([hw[1], hw[0]]))).all(1).nonzero()[:, 0]
+        boxes = anchors[inside[torch.randint(len(inside), (3, n), generator=g)]].clone()
+        boxes[:, ::2, 0::2] += 3.0  # every other box moved along x: its y target and size targets stay exactly 0
+    labels = torch.randint(0, c, (3, n), generator=g)
+    labels[0, 8:] = -1  # padding
+    labels[2] = -1  # an image without boxes
+    a = anchors.shape[0]
+    cls = torch.randn(3, a, c, generator=g) * 2 - 2
+    box = torch.randn(3, a, 4, generator=g) * 0.3
+
+    ref_box_t, ref_pos, ref = _effdet_targets_and_loss(effdet, hw, boxes, labels, cls, box, c)
+    assigner = TargetAssigner(matcher=IoUMatcher(threshold=0.5, allow_low_quality=True, impl="torch"),
+                              box_coder=BoxCoder())
+    cls_t, box_t, num_pos = assigner(anchors, boxes, labels)
+    positive = cls_t >= 0
+    assert int(num_pos) == int(ref_pos) > 0
+    torch.testing.assert_close(box_t[positive], ref_box_t[positive], rtol=0, atol=2e-6)
+    if boxes_kind == "anchor_aligned":
+        assert (box_t[positive] == 0).sum() > int(num_pos)  # the case that matters: many exact zeros
+    ours = DetectionLoss(num_classes=c, focal_impl="torch")(cls, box, cls_t, box_t, num_pos)
+    for name, value in zip(("loss", "cls_loss", "box_loss"), ref):
+        torch.testing.assert_close(ours[name], value.float(), rtol=2e-6, atol=0, msg=name)
