@@ -190,7 +190,35 @@ def _load_checked(ann_file: Path, *, skip_bad: bool) -> tuple[dict, Counter, Cou
     cat_ids = {c["id"] for c in data["categories"]}
     images, image_skips, skipped_ids = _check_images(ann_file, data["images"], skip_bad)
     anns, ann_skips = _check_annotations(ann_file, data["annotations"], images, cat_ids, skipped_ids, skip_bad)
-    return {**data, "images": images, "annotations": anns}, ann_skips, image_skips
+    return {**data, "images": images, "annotations": _for_evaluation(ann_file, anns)}, ann_skips, image_skips
+
+
+def _for_evaluation(ann_file: Path, anns: list[dict]) -> list[dict]:
+    """The annotations as COCO evaluation needs them, whatever tool wrote the file.
+
+    - ``iscrowd`` missing: 0; ``area`` missing: the box's area (pycocotools reads both for every annotation, and
+      ``area`` decides the small / medium / large ranges).
+    - Ids that are not unique positive integers are renumbered 1..N: pycocotools finds ground truths by id and
+      takes id 0 for "unmatched", so a box with id 0, or one of two with the same id, could never be matched
+      (many converters count from 0; merged files repeat ids). Nothing else uses these ids.
+    """
+    ids = [a["id"] for a in anns]
+    renumber = not all(_is_int(i) and i > 0 for i in ids) or len(set(ids)) != len(ids)
+    if renumber:
+        log.warning("%s: annotation ids are not unique positive integers (%s): renumbered 1..%d for evaluation",
+                    ann_file, "duplicates" if len(set(map(repr, ids))) != len(ids) else "0 or not an integer",
+                    len(anns))
+    out = []
+    for n, ann in enumerate(anns, 1):
+        fill = {}
+        if "iscrowd" not in ann:
+            fill["iscrowd"] = 0
+        if "area" not in ann:
+            fill["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
+        if renumber:
+            fill["id"] = n
+        out.append({**ann, **fill} if fill else ann)
+    return out
 
 
 def _make_coco(data: dict) -> COCO:

@@ -321,3 +321,24 @@ def test_faster_coco_eval_backend_matches(gt):
         # Same numbers up to the last bit of floating-point summation order.
         assert fast_metrics == pytest.approx(ref_metrics, abs=1e-12)
         assert fast.summary == ref.summary
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+@pytest.mark.parametrize("change", ["ids_from_0", "repeated_ids", "no_area_no_iscrowd"])
+def test_annotation_files_of_other_tools_evaluate_alike(tmp_path, gt_path, backend, change):
+    """Annotation ids counted from 0 or repeated (pycocotools would never match a box of id 0, nor one of two that
+    share an id), and files without area and iscrowd (pycocotools reads both): the same 12 numbers as the file
+    written as COCO writes it."""
+    data = _gt_dataset()
+    for n, ann in enumerate(data["annotations"]):
+        if change == "ids_from_0":
+            ann["id"] = n
+        elif change == "repeated_ids":
+            ann["id"] = 7
+        elif not ann["iscrowd"]:  # the crowd region keeps its area (its mask's), which no box gives
+            del ann["area"], ann["iscrowd"]
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps(data))
+    expected = _evaluate(str(gt_path), _noisy(), backend=backend)[1]
+    assert _evaluate(str(path), _noisy(), backend=backend)[1] == expected
+    assert _evaluate(str(path), _perfect(), backend=backend)[1]["AP"] == 1.0
