@@ -9,7 +9,7 @@ import numpy as np
 
 from .errors import DatasetError, DatasetNotFoundError
 
-__all__ = ["decode_image", "read_file", "truncation"]
+__all__ = ["decode_image", "png_format", "read_file", "truncation"]
 
 _JPEG_SOI = b"\xff\xd8\xff"
 _JPEG_SOS = b"\xff\xda"
@@ -47,6 +47,15 @@ def truncation(buf: np.ndarray) -> str | None:
         if iend < 0 or iend + 8 > len(data):  # the chunk type and its 4-byte CRC
             return "a PNG file without its IEND chunk"
     return None
+
+
+def png_format(buf: np.ndarray) -> tuple[int, int] | None:
+    """``(bit depth, colour type)`` from a PNG file's header (colour type 0: grey, 3: palette), or None for other
+    formats."""
+    data = buf[:26].tobytes()
+    if not data.startswith(_PNG_SIGNATURE) or len(data) < 26 or data[12:16] != b"IHDR":
+        return None
+    return data[24], data[25]
 
 
 def decode_image(buf: np.ndarray, flags: int, path: Path) -> np.ndarray:

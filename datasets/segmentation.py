@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ._imageio import decode_image, read_file
+from ._imageio import decode_image, png_format, read_file
 from ._seeding import ProcessRandom, sample_key_split
 from ._skip import first_readable, skip_summary
 from .errors import DatasetError, DatasetNotFoundError
@@ -204,11 +204,19 @@ class SegmentationDataset(Dataset):
         """The mask as stored (HxW uint8); :class:`DatasetError` naming the file when it is corrupt, not a
         single-channel 8-bit image, not ``image_size`` (H, W) or (with ``check_labels``) holds invalid values."""
         path = self.mask_path(index)
-        mask = decode_image(_read_file(path), cv2.IMREAD_UNCHANGED, path)
+        buf = _read_file(path)
+        mask = decode_image(buf, cv2.IMREAD_UNCHANGED, path)
+        png = png_format(buf)
+        if png is not None and png[1] == 0 and png[0] < 8 and mask.dtype == np.uint8:
+            # OpenCV stretches 1-, 2- and 4-bit grey to 0..255 (a 1-bit mask's 1 would read as 255, ignore):
+            # back to the values the file stores.
+            mask = mask // (255 // (2 ** png[0] - 1))
         if mask.ndim != 2 or mask.dtype != np.uint8:
             channels = 1 if mask.ndim == 2 else mask.shape[2]
+            palette = " (a palette PNG: store the class values as grey levels)" if png and png[1] == 3 else ""
             raise DatasetError(
                 f"{path}: a mask must be a single-channel 8-bit image, got {channels} channel(s) of {mask.dtype}"
+                f"{palette}"
             )
         if image_size is not None and mask.shape != tuple(image_size):
             raise DatasetError(

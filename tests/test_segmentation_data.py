@@ -294,6 +294,31 @@ def test_folder_errors(folder, tmp_path):
         SegmentationFolder(**{**kwargs, "image_dir": tmp_path / "missing"})
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_low_bit_depth_masks_read_as_stored(tmp_path, bits):
+    """1-, 2- and 4-bit grey PNG masks (OpenCV stretches their values to 0..255: a 1-bit mask's class 1 read as 255,
+    the ignore value) give the class values they store; a palette PNG is named as such."""
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    mask = np.zeros((24, 32), np.uint8)
+    mask[5:15, 8:20] = 1
+    if bits > 1:
+        mask[16:, :10] = 2**bits - 1
+    cv2.imwrite(str(tmp_path / "images" / "a.png"), np.zeros((24, 32, 3), np.uint8))
+    picture = Image.fromarray(mask.astype(bool)) if bits == 1 else Image.fromarray(mask)
+    picture.save(tmp_path / "masks" / "a.png", bits=bits)
+    with open(tmp_path / "masks" / "a.png", "rb") as f:
+        assert f.read(26)[24] == bits  # the file is really of that depth
+    names = [str(k) for k in range(2**bits)]
+    ds = SegmentationFolder(image_dir=tmp_path / "images", mask_dir=tmp_path / "masks", class_names=names)
+    np.testing.assert_array_equal(ds[0]["mask"].numpy(), mask)
+    Image.fromarray(mask).convert("P").save(tmp_path / "masks" / "a.png")
+    with pytest.raises(DatasetError, match="a palette PNG"):
+        ds[0]
+
+
 # ---------------------------------------------------------------------- synthetic Cityscapes
 def _files(root):
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*.png"))}
