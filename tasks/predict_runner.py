@@ -16,7 +16,7 @@ from .predictor import Predictor, list_images, read_rgb
 from .seg_writer import write_image_atomic
 from .visualize import draw_detections, overlay_segmentation
 
-__all__ = ["predict"]
+__all__ = ["output_names", "predict"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ def predict(cfg: DictConfig, run_dir: str | Path) -> list[dict[str, Any]]:
     if predictor.kind == "segmentation":
         mask_dir.mkdir(exist_ok=True)
     entries: list[dict[str, Any]] = []
+    out_names = output_names(paths)
     batch = int(cfg.batch_size)
     for start in range(0, len(paths), batch):
         chunk = paths[start : start + batch]
@@ -66,14 +67,37 @@ def predict(cfg: DictConfig, run_dir: str | Path) -> list[dict[str, Any]]:
                 picture = draw_detections(image, entry["boxes"], entry["scores"], entry["labels"], names)
             else:
                 mask = result["mask"]
-                write_image_atomic(mask_dir / f"{path.stem}.png", mask)
-                entry["mask"] = str(Path("masks") / f"{path.stem}.png")
+                write_image_atomic(mask_dir / f"{out_names[path]}.png", mask)
+                entry["mask"] = str(Path("masks") / f"{out_names[path]}.png")
                 entry["classes"] = [names[int(k)] for k in sorted(set(mask.reshape(-1).tolist())) if k < len(names)]
                 picture = overlay_segmentation(image, mask, names)
             if cfg.visualize:
-                write_image_atomic(vis_dir / f"{path.stem}.png", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+                write_image_atomic(vis_dir / f"{out_names[path]}.png", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+                entry["visualization"] = str(Path("visualizations") / f"{out_names[path]}.png")
             entries.append(entry)
     atomic_write_json(run_dir / "predictions.json", entries)
     log.info("wrote predictions for %d images to %s", len(entries), run_dir)
     print(f"{len(entries)} images -> {run_dir / 'predictions.json'}", flush=True)
     return entries
+
+
+def output_names(paths: list[Path]) -> dict[Path, str]:
+    """The name each input's pictures are written under: its stem, or where stems repeat (``camA/0001.jpg`` and
+    ``camB/0001.jpg``, ``frame.jpg`` and ``frame.png``) its path below the inputs' common folder, with ``__`` for
+    each separator (``camA__0001.jpg``), so that no output overwrites another."""
+    import os
+    from collections import Counter
+
+    stems = Counter(p.stem for p in paths)
+    common = Path(os.path.commonpath([str(p.resolve().parent) for p in paths])) if paths else Path()
+    names: dict[Path, str] = {}
+    taken: set[str] = set()
+    for p in paths:
+        name = p.stem if stems[p.stem] == 1 else "__".join(p.resolve().relative_to(common).parts)
+        base, n = name, 1
+        while name in taken:  # a stem equal to another input's flattened path
+            n += 1
+            name = f"{base}_{n}"
+        taken.add(name)
+        names[p] = name
+    return names

@@ -49,11 +49,12 @@ def list_images(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """An image file as HxWx3 uint8 RGB; ``ValueError`` naming the file when it cannot be decoded."""
+    """An image file as HxWx3 uint8 RGB, its pixels as stored (EXIF orientation not applied, as the datasets read
+    them for training and evaluation); ``ValueError`` naming the file when it cannot be decoded."""
     import cv2
 
     buf = np.fromfile(str(path), dtype=np.uint8)
-    image = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    image = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if buf.size else None
     if image is None:
         raise ValueError(f"{path}: cannot be decoded as an image (corrupt or truncated file?)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

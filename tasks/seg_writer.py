@@ -60,7 +60,8 @@ class SegmentationWriter:
                 self._overlay(index, pred, Path(name).stem)
 
     def _overlay(self, index: int, pred: np.ndarray, stem: str) -> None:
-        image = cv2.imread(str(self.dataset.image_path(index)), cv2.IMREAD_COLOR)  # BGR
+        # BGR, as stored (EXIF orientation not applied: the dataset reads it so)
+        image = cv2.imread(str(self.dataset.image_path(index)), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
         colours = colorize(pred, self.dataset.palette)[:, :, ::-1]
         if image is None or image.shape[:2] != pred.shape:
             blended = np.ascontiguousarray(colours)

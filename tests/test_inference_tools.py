@@ -269,3 +269,33 @@ def test_custom_head_example_from_the_docs_runs():
     assert result["heatmap"].shape == (2, 3, 32, 32) and result["size"].shape == (2, 2, 32, 32)
     assert [s.stride for s in result["specs"].values()] == [8, 16, 32, 64]
     assert np.isfinite(result["loss"])
+
+
+def test_output_names_do_not_collide(tmp_path):
+    """Pictures are named by the input's stem; repeated stems (same name in two folders, or two extensions) get
+    their path below the common folder, so no output overwrites another."""
+    from tasks.predict_runner import output_names
+
+    paths = [tmp_path / "camA" / "0001.jpg", tmp_path / "camB" / "0001.jpg", tmp_path / "camA" / "frame.jpg",
+             tmp_path / "camA" / "frame.png", tmp_path / "camB" / "solo.jpg"]
+    names = output_names(paths)
+    assert names == {paths[0]: "camA__0001.jpg", paths[1]: "camB__0001.jpg", paths[2]: "camA__frame.jpg",
+                     paths[3]: "camA__frame.png", paths[4]: "solo"}
+    clash = [tmp_path / "a__b.jpg", tmp_path / "a" / "b.jpg", tmp_path / "x" / "a__b.jpg"]
+    assert len(set(output_names(clash).values())) == 3
+
+
+def test_images_are_read_as_stored_like_the_datasets(tmp_path):
+    """An EXIF-rotated JPEG: prediction reads the stored pixels, as the datasets do for training and evaluation
+    (boxes then refer to the same frame as the annotations)."""
+    from PIL import Image
+
+    from datasets._imageio import decode_image, read_file
+    from tasks.predictor import read_rgb
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to display
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(np.zeros((60, 100, 3), np.uint8)).save(path, exif=exif)
+    stored = decode_image(read_file(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION, path)
+    assert stored.shape == (60, 100, 3) and read_rgb(path).shape == (60, 100, 3)
