@@ -242,7 +242,7 @@ class CocoDataModule(_FolderDataModule):
         image_dir, ann_file = self.paths(split)
         if train:
             transform = build_train_transform(
-                image_size=self.image_size, scale_range=self.scale_range, hflip_prob=self.hflip_prob
+                image_size=self.image_size, scale_range=self.scale_range, hflip_prob=self.hflip_prob, seed=self.seed
             )
         else:
             transform = build_eval_transform(image_size=self.image_size)
@@ -406,6 +406,7 @@ class SegmentationDataModule(_FolderDataModule):
                 base_size=self.base_size,
                 hflip_prob=self.hflip_prob,
                 color_jitter=self.color_jitter,
+                seed=self.seed,
             )
         else:
             transform = build_segmentation_eval_transform(eval_size=self.eval_size)

@@ -293,3 +293,26 @@ def test_a_pending_nonfinite_check_is_not_copied():
     finite, payloads = flag.read()
     assert finite is False and torch.isnan(payloads[0])
     assert flag.read() is None  # read once
+
+
+@pytest.mark.parametrize("task", ["detection", "segmentation"])
+def test_the_seed_sets_the_augmentation_too(tmp_path, task):
+    """``data.seed`` fixes the training order and the augmentation per (seed, epoch, sample): the same sample key
+    augments alike under one seed, differently under another."""
+    from hydra.utils import instantiate
+
+    def sample(seed: int) -> torch.Tensor:
+        over = ["data=synthetic", f"cache_dir={tmp_path}", f"seed={seed}", "data.num_workers=0"]
+        if task == "detection":
+            over += ["model.image_size=64", "data.synthetic.num_train=4", "data.synthetic.num_val=2"]
+        else:
+            over += ["task=segmentation", "data.synthetic.num_train=2", "data.synthetic.num_val=1",
+                     "data.crop_size=[64,64]"]
+        dm = instantiate(compose("train", over).data)
+        dm.prepare_data()
+        dm.setup("fit")
+        key = 3 * len(dm.train_dataset) + 1  # a sample key of epoch 2, as the resumable sampler yields
+        return dm.train_dataset[key]["image"]
+
+    assert torch.equal(sample(0), sample(0))
+    assert not torch.equal(sample(0), sample(1))
