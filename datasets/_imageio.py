@@ -12,10 +12,7 @@ from .errors import DatasetError, DatasetNotFoundError
 __all__ = ["decode_image", "png_format", "read_file", "truncation"]
 
 _JPEG_SOI = b"\xff\xd8\xff"
-_JPEG_SOS = b"\xff\xda"
-_JPEG_EOI = b"\xff\xd9"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_TAIL = 1024  # a PNG ends with its IEND chunk; tolerate a little trailing junk after it
 
 
 def read_file(path: Path, *, missing: str = "file does not exist") -> np.ndarray:
@@ -32,21 +29,68 @@ def truncation(buf: np.ndarray) -> str | None:
     """Why a JPEG or PNG file is cut short (None when it ends properly or is another format).
 
     Decoders do not all fail on a truncated file: OpenCV < 5 decodes a JPEG that stops half way with a warning
-    on stderr and returns an image whose missing part is grey. A complete JPEG has its end-of-image marker after
-    the last start-of-scan (entropy-coded data cannot contain it); a complete PNG ends with the IEND chunk.
+    on stderr and returns an image whose missing part is grey. So the file's own structure is walked: a JPEG's
+    segments (length-prefixed, so an embedded EXIF thumbnail does not count) and scans up to the end-of-image marker,
+    a PNG's chunks up to IEND. Whatever follows the end (a phone's "motion photo" video, other trailing bytes) is
+    not looked at.
     """
     data = buf.tobytes()
     if data.startswith(_JPEG_SOI):
-        sos = data.rfind(_JPEG_SOS)
-        if sos < 0:
-            return "a JPEG file without image data (no start-of-scan marker)"
-        if data.find(_JPEG_EOI, sos) < 0:
-            return "a JPEG file without its end-of-image marker"
-    elif data.startswith(_PNG_SIGNATURE):
-        iend = data.rfind(b"IEND", max(0, len(data) - _PNG_TAIL))
-        if iend < 0 or iend + 8 > len(data):  # the chunk type and its 4-byte CRC
-            return "a PNG file without its IEND chunk"
+        return _jpeg_truncation(data)
+    if data.startswith(_PNG_SIGNATURE):
+        return _png_truncation(data)
     return None
+
+
+def _jpeg_truncation(data: bytes) -> str | None:
+    pos, scans, n = 2, 0, len(data)
+    while True:
+        while pos < n and data[pos] != 0xFF:  # bytes between segments (not valid, but decoders skip them)
+            pos += 1
+        while pos < n and data[pos] == 0xFF:  # fill bytes before a marker
+            pos += 1
+        if pos >= n:
+            break
+        marker = data[pos]
+        pos += 1
+        if marker == 0xD9:  # end of image
+            return None if scans else "a JPEG file without image data (no start-of-scan marker)"
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            continue
+        if pos + 2 > n:
+            break
+        pos += (data[pos] << 8) | data[pos + 1]  # the segment, its length field included
+        if marker != 0xDA:
+            continue
+        scans += 1  # start of scan: entropy-coded data up to the next marker other than a stuffed 0 or a restart
+        while True:
+            pos = data.find(b"\xff", pos)
+            if pos < 0 or pos + 1 >= n:
+                pos = n
+                break
+            following = data[pos + 1]
+            if following == 0x00 or 0xD0 <= following <= 0xD7 or following == 0xFF:
+                pos += 1 if following == 0xFF else 2
+                continue
+            break
+    if not scans:
+        return "a JPEG file without image data (no start-of-scan marker)"
+    return "a JPEG file without its end-of-image marker"
+
+
+def _png_truncation(data: bytes) -> str | None:
+    pos, n = len(_PNG_SIGNATURE), len(data)
+    while pos + 8 <= n:
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind = data[pos + 4:pos + 8]
+        if not kind.isalpha():  # not a chunk: the file is corrupt rather than cut short (the decoder says so)
+            return None
+        pos += 12 + length  # length, type, data, CRC
+        if pos > n:
+            break
+        if kind == b"IEND":
+            return None
+    return "a PNG file without its IEND chunk"
 
 
 def png_format(buf: np.ndarray) -> tuple[int, int] | None:

@@ -194,6 +194,25 @@ def test_row2_truncation_is_detected_before_decoding(progressive):
     assert truncation(np.frombuffer(b"BM not a jpeg or png", np.uint8)) is None
 
 
+def test_row2_data_after_the_end_of_an_image_is_not_a_truncation():
+    """What follows a complete image is not looked at: a phone's motion-photo video after a JPEG (bytes that may
+    hold a start-of-scan marker and no end marker after it), 200 kB after a PNG's IEND. An EXIF thumbnail (a whole
+    JPEG inside the first segment) does not hide the main image's missing end."""
+    jpeg = cv2.imencode(".jpg", _picture(64, 96, 0))[1].tobytes()
+    png = cv2.imencode(".png", _picture(64, 96, 0))[1].tobytes()
+    video = b"\x00\x00\x00\x18ftypmp42" + b"\xff\xda" + bytes(range(256)) * 800
+    for image in (jpeg, png):
+        data = np.frombuffer(image + video, np.uint8)
+        assert truncation(data) is None
+        assert cv2.imdecode(data, cv2.IMREAD_COLOR) is not None
+    thumbnail = cv2.imencode(".jpg", _picture(8, 8, 1))[1].tobytes()
+    app1 = b"Exif\x00\x00" + thumbnail
+    with_exif = jpeg[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + jpeg[2:]
+    assert truncation(np.frombuffer(with_exif, np.uint8)) is None
+    cut = np.frombuffer(with_exif[: len(with_exif) - 300], np.uint8)
+    assert truncation(cut) == "a JPEG file without its end-of-image marker"
+
+
 @pytest.mark.parametrize(
     "ext, damage, problem",
     [
