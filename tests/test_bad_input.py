@@ -525,3 +525,26 @@ def test_row9_unknown_config_key_on_the_command_line(tmp_path):
     assert proc.returncode != 0
     assert "Could not override 'data.batch_sze'" in proc.stderr and "Key 'batch_sze' is not in struct" in proc.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()  # failed before doing anything
+
+
+class _RaisesInWorker(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise DatasetError(f"/data/img{i}.jpg: cannot be decoded as an image (corrupt or truncated file?)")
+
+
+def test_an_error_in_a_loader_worker_is_reported_as_its_own_line():
+    """PyTorch re-raises a worker's error with the worker's traceback in its message; the tools print the original
+    message, which names the file, on one line."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    from _common import one_line
+
+    loader = torch.utils.data.DataLoader(_RaisesInWorker(), num_workers=1, batch_size=None)
+    with pytest.raises(DatasetError) as err:
+        next(iter(loader))
+    assert "Traceback" in str(err.value)  # what PyTorch hands over
+    assert one_line(err.value) == ("/data/img0.jpg: cannot be decoded as an image (corrupt or truncated file?) "
+                                   "(in a data-loader worker)")
+    assert one_line(DatasetError("plain message")) == "plain message"

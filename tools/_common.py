@@ -32,5 +32,16 @@ def user_errors(*extra: type[BaseException]) -> Iterator[None]:
     try:
         yield
     except (DatasetError, CheckpointError, WeightsMismatchError, NonFiniteLossError, *extra) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err``; for an error a data-loader worker raised (which PyTorch re-raises with the worker's
+    whole traceback in the message), the original error's own message, which names the file."""
+    text = str(err)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        _, sep, message = last.partition(": ")
+        return f"{message if sep else last} (in a data-loader worker)"
+    return text
