@@ -437,6 +437,14 @@ class DenseTask(L.LightningModule):
         # A new fit has a new optimizer (and perhaps another device): the graph of an earlier fit must not replay.
         self._reset_captured_step()
 
+    def on_train_epoch_start(self) -> None:
+        # The training order follows the trainer's epoch. Lightning sets the sampler's epoch from its count of
+        # processed epochs, which is one ahead of it when a run with max_steps resumes from the checkpoint written
+        # at an epoch's end: that run would train every later epoch on the next epoch's order.
+        sampler = getattr(getattr(self._trainer, "datamodule", None), "train_sampler", None)
+        if sampler is not None and hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.current_epoch)
+
     def _reset_captured_step(self) -> None:
         """No captured step yet (made at the first training step of a fit), no flag to read, no shape warning."""
         self._captured_step = None

@@ -11,13 +11,20 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from backbones.timm_backbone import state_dict_mismatches
 
-from .callbacks import EMA, AtomicCheckpointIO, SaveLastAtMaxSteps, SaveLastOnTrainEnd, SyncNormLayers
+from .callbacks import (
+    EMA,
+    AtomicCheckpointIO,
+    EpochCheckpoint,
+    SaveLastAtMaxSteps,
+    SaveLastOnTrainEnd,
+    SyncNormLayers,
+)
 from .checkpoint import CheckpointError, merge_checkpoint_config, read_checkpoint
 
 __all__ = ["CheckpointError", "build_model", "build_task", "evaluate", "load_checkpoint_weights", "train", "trainer_kwargs"]
@@ -47,7 +54,7 @@ def build_task(cfg: DictConfig, model: torch.nn.Module | None = None) -> L.Light
 
 def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[L.Callback]:
     monitor = cfg.checkpoint.monitor
-    checkpoint = ModelCheckpoint(
+    checkpoint = EpochCheckpoint(
         dirpath=ckpt_dir,
         filename=f"best-{{epoch:03d}}-{{{monitor}:.4f}}",
         monitor=monitor,
@@ -55,14 +62,15 @@ def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[L.Callback]:
         save_top_k=cfg.checkpoint.save_top_k,
         save_last=True,
         auto_insert_metric_name=False,
+        enable_version_counter=False,  # every writer of last.ckpt means that file (not last-v1.ckpt, ...)
     )
     at_max_steps = SaveLastAtMaxSteps(ckpt_dir)
     # SaveLastOnTrainEnd before EMA (see its docstring); Lightning runs the Checkpoint callbacks last.
     callbacks: list[L.Callback] = [checkpoint, SaveLastOnTrainEnd(checkpoint, at_max_steps), at_max_steps]
     every = cfg.checkpoint.get("every_n_train_steps")
     if every:  # last.ckpt every N steps as well, so a killed run loses at most N steps
-        callbacks.insert(1, ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=int(every), save_last=True,
-                                            save_top_k=0))
+        callbacks.insert(1, EpochCheckpoint(dirpath=ckpt_dir, every_n_train_steps=int(every), save_last=True,
+                                            save_top_k=0, enable_version_counter=False))
     return callbacks + loop_callbacks(cfg)
 
 
