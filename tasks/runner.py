@@ -135,6 +135,31 @@ def _resolve_resume(ckpt_path: str | None, ckpt_dir: Path) -> str | None:
     return str(path)
 
 
+def _check_resume(path: str, task: L.LightningModule) -> None:
+    """:class:`CheckpointError` naming ``path`` when it is not a checkpoint this task can resume from (unreadable,
+    truncated, or of another model: other backbone, scale or class count)."""
+    ckpt = read_checkpoint(path)
+    problems = state_dict_mismatches(task.state_dict(), ckpt["state_dict"], source_name="checkpoint", show=3)
+    if problems:
+        raise CheckpointError(
+            f"{path}: cannot resume this run from it, it holds another model (check backbone=, scale and "
+            "data.num_classes, or start a new run with init_from=): " + "; ".join(problems)
+        )
+
+
+def _keep_earlier_logs(log_dir: Path) -> None:
+    """Move an earlier run's ``metrics.csv`` in ``log_dir`` (a resumed run, or a new one in the same directory) to
+    ``metrics.<n>.csv``: the CSV logger starts its file anew and would delete it."""
+    earlier = log_dir / "metrics.csv"
+    if not earlier.is_file():
+        return
+    n = 1
+    while (log_dir / f"metrics.{n}.csv").exists():
+        n += 1
+    earlier.rename(log_dir / f"metrics.{n}.csv")
+    log.info("earlier metrics kept as %s", log_dir / f"metrics.{n}.csv")
+
+
 def _final_validation(trainer: L.Trainer, task, datamodule, run_dir: Path) -> dict[str, Any]:
     """Validate once more with per-image outputs enabled; rank zero writes metrics.json and the task's files."""
     task.output_dir = run_dir
@@ -168,11 +193,15 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     datamodule = instantiate(cfg.data)
     datamodule.check()  # before anything is printed or written: missing data is one line
     L.seed_everything(cfg.seed, workers=True)
-    _write_run_config(cfg, run_dir)
     task = build_task(cfg)
     if init is not None:
         load_finetune_weights(task.model, init, source=cfg.init_from)
     ckpt_dir = run_dir / "checkpoints"
+    resume = _resolve_resume(cfg.ckpt_path, ckpt_dir)
+    if resume is not None:  # before anything is written: a bad checkpoint leaves the run directory as it was
+        _check_resume(resume, task)
+    _write_run_config(cfg, run_dir)
+    _keep_earlier_logs(run_dir / "logs")
     kwargs = trainer_kwargs(cfg, training=True)
     # timm's fused norm + activation layers stay whole under sync_batchnorm (Lightning's conversion drops the act).
     layer_sync = [SyncNormLayers()] if kwargs.get("sync_batchnorm") else []
@@ -184,7 +213,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
         plugins=[AtomicCheckpointIO(), *layer_sync],
     )
     # Checkpoints hold tensors and plain data only: resume without unpickling arbitrary objects.
-    trainer.fit(task, datamodule=datamodule, ckpt_path=_resolve_resume(cfg.ckpt_path, ckpt_dir), weights_only=True)
+    trainer.fit(task, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     result: dict[str, Any] = {"run_dir": str(run_dir)}
     if cfg.eval_after_train and not cfg.trainer.get("fast_dev_run", False):
         # After fit the EMA callback has copied the averaged weights into the module.

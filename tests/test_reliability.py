@@ -320,3 +320,30 @@ def test_the_seed_sets_the_augmentation_too(tmp_path, task):
 
     assert torch.equal(sample(0), sample(0))
     assert not torch.equal(sample(0), sample(1))
+
+
+@pytest.mark.slow
+def test_resuming_keeps_earlier_logs_and_refuses_a_bad_checkpoint(tmp_path):
+    """A run resumed in its own directory keeps the first part's metrics.csv (moved to metrics.1.csv); a checkpoint
+    that cannot be resumed from (truncated, or of another model) is one error naming the file, raised before
+    anything in the run directory is written."""
+    from tasks.checkpoint import CheckpointError
+
+    base = [*TINY_DET, f"cache_dir={tmp_path / 'cache'}", "eval_after_train=false", "trainer.max_epochs=-1",
+            "trainer.log_every_n_steps=1"]
+    run = tmp_path / "run"
+    train(compose("train", [*base, "trainer.max_steps=2"]), run)
+    first = (run / "logs" / "metrics.csv").read_text()
+    train(compose("train", [*base, "trainer.max_steps=3", "ckpt_path=last"]), run)
+    assert (run / "logs" / "metrics.1.csv").read_text() == first
+    assert (run / "logs" / "metrics.csv").read_text() != first
+
+    config = (run / "config.yaml").read_text()
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match=f"{cut}: cannot be read as a checkpoint"):
+        train(compose("train", [*base, "trainer.max_steps=4", f"ckpt_path={cut}", "seed=9"]), run)
+    with pytest.raises(CheckpointError, match=f"{run / 'checkpoints' / 'last.ckpt'}: cannot resume this run from it, "
+                                              "it holds another model"):
+        train(compose("train", [*base, "trainer.max_steps=4", "ckpt_path=last", "neck.channels=24"]), run)
+    assert (run / "config.yaml").read_text() == config  # not overwritten by the refused runs
