@@ -53,6 +53,8 @@ def _jpeg_truncation(data: bytes) -> str | None:
             break
         marker = data[pos]
         pos += 1
+        if marker == 0x00:  # FF 00 is no marker: stray bytes, which decoders skip with a warning
+            continue
         if marker == 0xD9:  # end of image
             return None if scans else "a JPEG file without image data (no start-of-scan marker)"
         if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length

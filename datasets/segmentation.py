@@ -207,7 +207,7 @@ class SegmentationDataset(Dataset):
         buf = _read_file(path)
         mask = decode_image(buf, cv2.IMREAD_UNCHANGED, path)
         png = png_format(buf)
-        if png is not None and png[1] == 0 and png[0] < 8 and mask.dtype == np.uint8:
+        if png is not None and png[1] == 0 and png[0] < 8 and mask.dtype == np.uint8 and mask.max() >= 2 ** png[0]:
             # OpenCV stretches 1-, 2- and 4-bit grey to 0..255 (a 1-bit mask's 1 would read as 255, ignore):
             # back to the values the file stores.
             mask = mask // (255 // (2 ** png[0] - 1))

@@ -56,7 +56,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(err).__name__}: {err})") from err
+        first = (str(err).strip().splitlines() or [""])[0]  # torch's weights-only messages run to several lines
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(err).__name__}: {first})") from err
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"{path}: has no 'state_dict' (not a checkpoint of this project)")
     return ckpt

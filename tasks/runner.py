@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -150,14 +151,21 @@ def _check_resume(path: str, task: L.LightningModule) -> None:
 def _keep_earlier_logs(log_dir: Path) -> None:
     """Move an earlier run's ``metrics.csv`` in ``log_dir`` (a resumed run, or a new one in the same directory) to
     ``metrics.<n>.csv``: the CSV logger starts its file anew and would delete it."""
+    from lightning.pytorch.utilities import rank_zero_only
+
     earlier = log_dir / "metrics.csv"
-    if not earlier.is_file():
+    if rank_zero_only.rank != 0 or not earlier.is_file():  # one process moves it (all may start at once)
         return
     n = 1
     while (log_dir / f"metrics.{n}.csv").exists():
         n += 1
-    earlier.rename(log_dir / f"metrics.{n}.csv")
+    try:
+        earlier.rename(log_dir / f"metrics.{n}.csv")
+    except FileNotFoundError:  # moved meanwhile by another launch in the same directory
+        return
     log.info("earlier metrics kept as %s", log_dir / f"metrics.{n}.csv")
+    # Lightning's CSV logger warns that it will delete the files it finds there; it only rewrites its own.
+    warnings.filterwarnings("ignore", message=r".*Previous log files in this directory will be deleted.*")
 
 
 def _final_validation(trainer: L.Trainer, task, datamodule, run_dir: Path) -> dict[str, Any]:

@@ -211,6 +211,9 @@ def test_row2_data_after_the_end_of_an_image_is_not_a_truncation():
     assert truncation(np.frombuffer(with_exif, np.uint8)) is None
     cut = np.frombuffer(with_exif[: len(with_exif) - 300], np.uint8)
     assert truncation(cut) == "a JPEG file without its end-of-image marker"
+    frame = jpeg.index(b"\xff\xc0")  # stray bytes FF 00 before the frame header: decoders skip them
+    stray = np.frombuffer(jpeg[:frame] + b"\xff\x00" + jpeg[frame:], np.uint8)
+    assert cv2.imdecode(stray, cv2.IMREAD_COLOR) is not None and truncation(stray) is None
 
 
 @pytest.mark.parametrize(
