@@ -77,7 +77,7 @@ def test_huber_quadratic_and_linear_regions():
 
 def _tiny_example():
     # 1 image, 3 anchors, 2 classes: anchor 0 positive (class 1), anchor 1 background, anchor 2 ignored.
-    # The positive's box errors are 0.05, 0, 0, 0.3 (targets not 0: a target of exactly 0 is left out, as in effdet).
+    # The positive's box errors are 0.05, 0, 0, 0.3 (targets not 0, so both box masks count all four).
     logits = torch.zeros(1, 3, 2)
     deltas = torch.tensor([[[0.15, 0.2, -0.1, 0.8], [9.0, 9.0, 9.0, 9.0], [5.0, 5.0, 5.0, 5.0]]])
     cls_t = torch.tensor([[1, -1, -2]])
@@ -97,10 +97,14 @@ def test_detection_loss_by_hand():
     # Only the positive anchor's box counts: 0.5 * 0.05**2 + 0.1 * (0.3 - 0.05) = 0.02625, / (2 * 4).
     assert out["box_loss"].item() == pytest.approx(0.02625 / (normalizer * 4), rel=1e-5)
     assert out["loss"].item() == pytest.approx(cls_sum / normalizer + 50.0 * 0.02625 / 8, rel=1e-5)
-    # A coordinate whose target is exactly 0 is left out of the box loss, whatever its prediction.
+    assert DetectionLoss(num_classes=2, box_mask="nonzero")(logits, deltas, cls_t, box_t, torch.tensor(1.0)) == out
+    # A coordinate whose target is exactly 0: counted by default, left out with box_mask="nonzero" (effdet's rule).
     box_t[0, 0, 1], deltas[0, 0, 1] = 0.0, 0.7
-    again = DetectionLoss(num_classes=2)(logits, deltas, cls_t, box_t, torch.tensor(1.0))
-    assert again["box_loss"].item() == out["box_loss"].item()
+    counted = DetectionLoss(num_classes=2)(logits, deltas, cls_t, box_t, torch.tensor(1.0))
+    left_out = DetectionLoss(num_classes=2, box_mask="nonzero")(logits, deltas, cls_t, box_t, torch.tensor(1.0))
+    assert left_out["box_loss"].item() == out["box_loss"].item()
+    # error 0.7: 0.1 * (0.7 - 0.05) = 0.065 more, / (2 * 4)
+    assert counted["box_loss"].item() == pytest.approx((0.02625 + 0.065) / 8, rel=1e-5)
 
 
 def test_detection_loss_ignore_and_background_handling():
@@ -252,9 +256,9 @@ def _effdet_targets_and_loss(effdet, hw, boxes, labels, cls, box, num_classes):
 
 @pytest.mark.parametrize("boxes_kind", ["random", "anchor_aligned"])
 def test_targets_and_losses_equal_effdets(boxes_kind):
-    """This project's TargetAssigner and DetectionLoss against effdet's AnchorLabeler and loss on one batch (padding
-    boxes, an image without boxes). Anchor-aligned boxes (each one an anchor, shifted along one axis or not at all)
-    give box targets of exactly 0, which effdet leaves out of the box loss."""
+    """This project's TargetAssigner and DetectionLoss (``box_mask="nonzero"``) against effdet's AnchorLabeler and loss
+    on one batch (padding boxes, an image without boxes). Anchor-aligned boxes (each one an anchor, shifted along one
+    axis or not at all) give box targets of exactly 0, which effdet leaves out of the box loss."""
     effdet = pytest.importorskip("effdet")
     from heads import AnchorGenerator, BoxCoder, IoUMatcher, TargetAssigner
 
@@ -285,6 +289,12 @@ def test_targets_and_losses_equal_effdets(boxes_kind):
     torch.testing.assert_close(box_t[positive], ref_box_t[positive], rtol=0, atol=2e-6)
     if boxes_kind == "anchor_aligned":
         assert (box_t[positive] == 0).sum() > int(num_pos)  # the case that matters: many exact zeros
-    ours = DetectionLoss(num_classes=c, focal_impl="torch")(cls, box, cls_t, box_t, num_pos)
+    ours = DetectionLoss(num_classes=c, focal_impl="torch", box_mask="nonzero")(cls, box, cls_t, box_t, num_pos)
     for name, value in zip(("loss", "cls_loss", "box_loss"), ref):
         torch.testing.assert_close(ours[name], value.float(), rtol=2e-6, atol=0, msg=name)
+    # The default box mask counts the zero targets too: the same where there are none, more where there are.
+    default = DetectionLoss(num_classes=c, focal_impl="torch")(cls, box, cls_t, box_t, num_pos)
+    if boxes_kind == "random":
+        torch.testing.assert_close(default["box_loss"], ours["box_loss"], rtol=2e-6, atol=0)
+    else:
+        assert default["box_loss"] > ours["box_loss"]
