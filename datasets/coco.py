@@ -203,11 +203,11 @@ def _for_evaluation(ann_file: Path, anns: list[dict]) -> list[dict]:
       (many converters count from 0; merged files repeat ids). Nothing else uses these ids.
     """
     ids = [a["id"] for a in anns]
-    renumber = not all(_is_int(i) and i > 0 for i in ids) or len(set(ids)) != len(ids)
+    repeated = len(set(map(repr, ids))) != len(ids)  # repr: ids of any JSON type, hashable or not
+    renumber = repeated or not all(_is_int(i) and i > 0 for i in ids)
     if renumber:
         log.warning("%s: annotation ids are not unique positive integers (%s): renumbered 1..%d for evaluation",
-                    ann_file, "duplicates" if len(set(map(repr, ids))) != len(ids) else "0 or not an integer",
-                    len(anns))
+                    ann_file, "duplicates" if repeated else "0 or not an integer", len(anns))
     out = []
     for n, ann in enumerate(anns, 1):
         fill = {}

@@ -46,6 +46,11 @@ def training_forward(model: nn.Module, images: torch.Tensor, *, fused_weight_cas
         return model(images)
 
 
+#: The captured-step state of a task that has none yet: the step (made at the first training step of a fit), the
+#: step whose finite flag is still to be read (captured steps), whether the shape warning was given.
+_NO_CAPTURED_STEP: dict[str, Any] = {"_captured_step": None, "_unread_step": -1, "_warned_shapes": False}
+
+
 class NonFiniteLossError(RuntimeError):
     """The training loss kept being NaN or infinite."""
 
@@ -447,9 +452,8 @@ class DenseTask(L.LightningModule):
 
     def _reset_captured_step(self) -> None:
         """No captured step yet (made at the first training step of a fit), no flag to read, no shape warning."""
-        self._captured_step = None
-        self._unread_step = -1  # the step whose finite flag is still to be read (captured steps)
-        self._warned_shapes = False
+        for name, value in _NO_CAPTURED_STEP.items():
+            setattr(self, name, value)
 
     def _graph_step(self, *inputs: torch.Tensor) -> torch.Tensor:
         """The captured step: losses, backward, clipping, the fused optimizer step (skipped on the device when the
@@ -485,7 +489,7 @@ class DenseTask(L.LightningModule):
         # A copy of the task (the EMA's averaged model, a Predictor) has no captured step: a CUDA graph cannot be
         # copied, and it steps the original's optimizer. The copy captures its own if it trains.
         state = super().__getstate__()
-        state.update(_captured_step=None, _unread_step=-1, _warned_shapes=False)
+        state.update(_NO_CAPTURED_STEP)
         return state
 
     def configure_optimizers(self):

@@ -393,9 +393,7 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
         raise BenchmarkError(f"effdet_checkpoint={cfg.effdet_checkpoint} is loaded through effdet's model: it needs "
                              "compare=effdet")
     for name, least in (("iters", 1), ("rounds", 1), ("warmup", 0)):
-        value = cfg.get(name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise BenchmarkError(f"{name} must be an integer >= {least}, got {value!r}")
+        _int_option(cfg, name, least)
     device = _device(cfg.device)
     # Measures that need CUDA fail here, before anything is measured, not after the others ran.
     if device.type != "cuda" and "train_graph" in cfg.measures:
@@ -656,11 +654,16 @@ def _loss_fields(task, device: torch.device) -> dict[str, str]:
     return fields
 
 
+def _int_option(cfg: DictConfig, name: str, least: int, default: int | None = None) -> int:
+    """``cfg[name]`` (``default`` when absent); :class:`BenchmarkError` unless it is an integer >= ``least``."""
+    value = cfg.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise BenchmarkError(f"{name} must be an integer >= {least}, got {value!r}")
+    return value
+
+
 def _train_boxes(cfg: DictConfig) -> int:
-    boxes = cfg.get("train_boxes", 8)
-    if isinstance(boxes, bool) or not isinstance(boxes, int) or boxes < 1:
-        raise BenchmarkError(f"train_boxes must be an integer >= 1, got {boxes!r}")
-    return boxes
+    return _int_option(cfg, "train_boxes", 1, default=8)
 
 
 def _peak_mb(device: torch.device) -> float | None:

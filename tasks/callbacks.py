@@ -18,7 +18,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from .distributed import broadcast_from_rank_zero
 
-__all__ = ["EMA", "AtomicCheckpointIO", "EpochCheckpoint", "SaveLastAtMaxSteps", "SaveLastOnTrainEnd", "SyncNormLayers"]
+__all__ = ["EMA", "AtomicCheckpointIO", "SaveLastAtMaxSteps", "SaveLastOnTrainEnd", "SharedLastCheckpoint", "SyncNormLayers"]
 
 
 def ema_weight(decay: float, warmup: bool, num_averaged: int) -> float:
@@ -167,15 +167,20 @@ def _last_checkpoint_path(dirpath: str | Path) -> Path:
     return Path(dirpath) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
 
 
-class EpochCheckpoint(ModelCheckpoint):
-    """Lightning's :class:`ModelCheckpoint` without its save of ``last.ckpt`` when training ends.
+class SharedLastCheckpoint(ModelCheckpoint):
+    """Lightning's :class:`ModelCheckpoint` for a run whose ``last.ckpt`` several callbacks write.
 
-    That save runs after the other callbacks' ``on_train_end``, where the EMA callback has copied the averaged
-    weights into the module: the checkpoint would hold them as the raw weights too, and a run resumed from it would
-    go on training the average. Lightning makes it when this process has not written ``last.ckpt`` itself yet (a
-    resumed run that reaches ``max_steps`` before an epoch ends). :class:`SaveLastAtMaxSteps` and
-    :class:`SaveLastOnTrainEnd` write ``last.ckpt`` at the end of training, before the EMA callback's copy.
+    - No version counter: every writer of ``last.ckpt`` means that file, not a ``last-v1.ckpt`` beside a stale one.
+    - No save of ``last.ckpt`` when training ends. That save runs after the other callbacks' ``on_train_end``, where
+      the EMA callback has copied the averaged weights into the module: the checkpoint would hold them as the raw
+      weights too, and a run resumed from it would go on training the average. Lightning makes it when this process
+      has not written ``last.ckpt`` itself yet (a resumed run that reaches ``max_steps`` before an epoch ends).
+      :class:`SaveLastAtMaxSteps` and :class:`SaveLastOnTrainEnd` write ``last.ckpt`` at the end of training, before
+      the EMA callback's copy.
     """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**{"enable_version_counter": False, **kwargs})
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pass

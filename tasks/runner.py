@@ -21,9 +21,9 @@ from backbones.timm_backbone import state_dict_mismatches
 from .callbacks import (
     EMA,
     AtomicCheckpointIO,
-    EpochCheckpoint,
     SaveLastAtMaxSteps,
     SaveLastOnTrainEnd,
+    SharedLastCheckpoint,
     SyncNormLayers,
 )
 from .checkpoint import CheckpointError, merge_checkpoint_config, read_checkpoint
@@ -55,7 +55,7 @@ def build_task(cfg: DictConfig, model: torch.nn.Module | None = None) -> L.Light
 
 def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[L.Callback]:
     monitor = cfg.checkpoint.monitor
-    checkpoint = EpochCheckpoint(
+    checkpoint = SharedLastCheckpoint(
         dirpath=ckpt_dir,
         filename=f"best-{{epoch:03d}}-{{{monitor}:.4f}}",
         monitor=monitor,
@@ -63,15 +63,14 @@ def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[L.Callback]:
         save_top_k=cfg.checkpoint.save_top_k,
         save_last=True,
         auto_insert_metric_name=False,
-        enable_version_counter=False,  # every writer of last.ckpt means that file (not last-v1.ckpt, ...)
     )
     at_max_steps = SaveLastAtMaxSteps(ckpt_dir)
     # SaveLastOnTrainEnd before EMA (see its docstring); Lightning runs the Checkpoint callbacks last.
     callbacks: list[L.Callback] = [checkpoint, SaveLastOnTrainEnd(checkpoint, at_max_steps), at_max_steps]
     every = cfg.checkpoint.get("every_n_train_steps")
     if every:  # last.ckpt every N steps as well, so a killed run loses at most N steps
-        callbacks.insert(1, EpochCheckpoint(dirpath=ckpt_dir, every_n_train_steps=int(every), save_last=True,
-                                            save_top_k=0, enable_version_counter=False))
+        callbacks.insert(1, SharedLastCheckpoint(dirpath=ckpt_dir, every_n_train_steps=int(every), save_last=True,
+                                                 save_top_k=0))
     return callbacks + loop_callbacks(cfg)
 
 
