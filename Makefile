@@ -19,7 +19,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e ".[dev,test]" --config-settings editable_mode=compat
 	touch $(STAMP)
 
+# The demo starts anew each time: its run directory is replaced.
 demo: $(STAMP)
+	rm -rf outputs/demo
 	$(PY) tools/train.py experiment=demo hydra.run.dir=outputs/demo
 
 test: $(STAMP)

@@ -138,6 +138,11 @@ class TimmBackbone(nn.Module):
             if spec.stride != 2**lv:
                 raise ValueError(f"{self.model_name}: feature {lv} has stride {spec.stride}, expected {2 ** lv}")
         self._names = list(self.out_specs)
+        cfg = getattr(self.body, "pretrained_cfg", None) or {}
+        #: The per-channel input mean and std (0..1 scale) the model's pretrained weights were trained with (timm's
+        #: ``pretrained_cfg``; ImageNet's where timm names none).
+        self.input_mean: tuple[float, ...] = tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406)))
+        self.input_std: tuple[float, ...] = tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225)))
         out_of_place_activations(self.body)
         if weights is not None:
             load_backbone_weights(self, weights)

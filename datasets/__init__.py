@@ -18,6 +18,7 @@ from .cityscapes import (
 )
 from .coco import LABEL_MODES, CocoDetection, collate_detection, load_coco_annotations
 from .coco_names import COCO_CATEGORIES, coco_label_names
+from ._imageio import check_image_file
 from .errors import DatasetError, DatasetNotFoundError
 from .segmentation import (
     IGNORE_INDEX,
@@ -38,6 +39,7 @@ from .synthetic_cityscapes import (
 from .transforms import DetectionTransform, build_eval_transform, build_train_transform
 
 __all__ = [
+    "check_image_file",
     "CITYSCAPES_CLASSES",
     "CITYSCAPES_LABELS",
     "CITYSCAPES_PALETTE",

@@ -9,7 +9,7 @@ import numpy as np
 
 from .errors import DatasetError, DatasetNotFoundError
 
-__all__ = ["decode_image", "png_format", "read_file", "truncation"]
+__all__ = ["check_image_file", "decode_image", "png_format", "read_file", "truncation"]
 
 _JPEG_SOI = b"\xff\xd8\xff"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -119,3 +119,11 @@ def decode_image(buf: np.ndarray, flags: int, path: Path) -> np.ndarray:
     if image is None:
         raise DatasetError(f"{path}: cannot be decoded as an image (corrupt or truncated file?)")
     return image
+
+
+def check_image_file(path: Path) -> None:
+    """:class:`DatasetError` naming ``path`` when it is missing, empty, truncated or cannot be decoded. JPEGs are
+    decoded at an eighth of their size (a fraction of a full decode's time), which still reads every part of the
+    file."""
+    buf = read_file(path)
+    decode_image(buf, cv2.IMREAD_REDUCED_GRAYSCALE_8, path)

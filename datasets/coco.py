@@ -384,9 +384,14 @@ class CocoDetection(Dataset):
         self.num_degenerate = int((~ok).sum())
         if self.num_degenerate:
             log.warning(
-                "%s: dropped %d of %d boxes narrower or shorter than %g px (after clipping to the image)",
-                self.ann_file, self.num_degenerate, len(kept), self.min_box_size,
+                "%s: dropped %d of %d boxes narrower or shorter than %g px (after clipping to the image), in training "
+                "and evaluation", self.ann_file, self.num_degenerate, len(kept), self.min_box_size,
             )
+            # Nor a ground truth in the evaluation: marked as a crowd region (COCO's "ignore"), which a detection can
+            # match only by covering it, and these have next to no area. The evaluator reads these same dicts.
+            for ann, keep in zip(kept, ok):
+                if not keep:
+                    ann["iscrowd"] = 1
         img_idx, labels, boxes = img_idx[ok], labels[ok], boxes[ok]
         order = np.argsort(img_idx, kind="stable")  # keeps the file's annotation order within an image
         counts = np.bincount(img_idx, minlength=len(self.image_ids))

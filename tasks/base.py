@@ -110,7 +110,9 @@ class DenseTask(L.LightningModule):
         channels_last: run the model in channels-last memory format: ``True``, ``False`` or ``"auto"`` (on when the
             trainer's device is a CUDA GPU, where convolutions are faster in it; results change only by float
             rounding). Settled in :meth:`setup`, before the optimizer is made.
-        mean, std: per-channel normalisation (0..1 scale) applied on the device to uint8 images.
+        mean, std: per-channel normalisation (0..1 scale) applied on the device to uint8 images; ``None``: those the
+            backbone's pretrained weights were trained with (its ``input_mean`` / ``input_std``, ImageNet's for a
+            backbone that names none).
         max_nonfinite_steps: a step whose loss is NaN/inf is skipped (its update is dropped) with a warning and
             counted (``train/nonfinite_steps``); this many such steps in a row stop training with
             :class:`NonFiniteLossError`.
@@ -149,6 +151,9 @@ class DenseTask(L.LightningModule):
             while validation runs. With ``compile`` as well, the compiled network (compiled in the warm-up steps)
             is what the graph captures: fused kernels, launched once per step; not with the ``compile_options``
             that make torch.compile take CUDA graphs itself (``reduce-overhead``, ``max-autotune``).
+        precise_bn: recompute the BatchNorm statistics of the evaluated weights before every validation and for the
+            final checkpoint (``enabled``, default on), over ``num_batches`` training batches (default 50) with the
+            ``train`` or ``eval`` transform (default ``train``); see :mod:`tasks.precise_bn`.
     """
 
     def __init__(
@@ -161,15 +166,19 @@ class DenseTask(L.LightningModule):
         warmup_factor: float = 0.1,
         min_lr_factor: float = 0.0,
         channels_last: bool | str = False,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         max_nonfinite_steps: int = 10,
         compile: bool = False,
         compile_options: Mapping[str, Any] | None = None,
         fused_weight_casts: bool = False,
         cuda_graph: bool = False,
+        precise_bn: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        #: Settings of the BatchNorm statistics recomputed before evaluation (:class:`tasks.precise_bn.PreciseBN`,
+        #: added by the runner): ``{"enabled": bool, "num_batches": int, "transform": "train" | "eval"}``.
+        self.precise_bn = _precise_bn_settings(precise_bn)
         self.fused_weight_casts = bool(fused_weight_casts)
         if not isinstance(compile, bool):
             raise TypeError(f"compile must be true or false, got {compile!r}")
@@ -220,6 +229,11 @@ class DenseTask(L.LightningModule):
         #: What was asked for; :attr:`channels_last` is what is used (``"auto"`` counts as off until :meth:`setup`).
         self.channels_last_request = channels_last
         self.channels_last = channels_last != "auto" and bool(channels_last)
+        backbone = getattr(model, "backbone", None)
+        mean = tuple(mean) if mean is not None else getattr(backbone, "input_mean", IMAGENET_MEAN)
+        std = tuple(std) if std is not None else getattr(backbone, "input_std", IMAGENET_STD)
+        #: The normalisation in use, as plain numbers (stored in the run config, so checkpoints carry it).
+        self.normalization = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
         #: Set by the runner: the resolved run config, stored in every checkpoint so it is self-describing.
@@ -505,13 +519,19 @@ class DenseTask(L.LightningModule):
         else:
             opt = self.optimizer_factory(groups)
         total = int(self.trainer.estimated_stepping_batches)
+        # A short run spends at most a fifth of its steps warming up.
+        warmup = min(self.warmup_steps, total // 5)
         schedule = WarmupCosine(
-            total_steps=max(total, 1),
-            # A short run spends at most a fifth of its steps warming up.
-            warmup_steps=min(self.warmup_steps, total // 5),
-            warmup_factor=self.warmup_factor,
+            total_steps=max(total, 1), warmup_steps=warmup, warmup_factor=self.warmup_factor,
             min_factor=self.min_lr_factor,
         )
+        if self.trainer.is_global_zero:
+            if warmup < self.warmup_steps:
+                log.info("warmup shortened from %d to %d steps: at most a fifth of this run's %d steps",
+                         self.warmup_steps, warmup, total)
+            peak = f"{float(opt.param_groups[0]['lr']):g}"
+            log.info("learning-rate schedule: peak %s, linear warmup over %d steps from %g x, cosine to %g x at "
+                     "step %d", peak, schedule.warmup_steps, self.warmup_factor, self.min_lr_factor, total)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -554,11 +574,31 @@ class DenseTask(L.LightningModule):
         except (AttributeError, TypeError):
             return None
 
-    def write_eval_outputs(self, run_dir: Path) -> None:
-        """Write the files of a final evaluation (rank zero only): ``metrics.json`` here; tasks add their own."""
+    def write_eval_outputs(self, run_dir: Path, *, data: Mapping[str, Any] | None = None) -> None:
+        """Write the files of a final evaluation (rank zero only): ``metrics.json`` here, with ``data`` (what was
+        evaluated: format, folder, split, image count) under its ``"data"`` key; tasks add their own."""
         from .coco_eval import atomic_write_json
 
-        atomic_write_json(Path(run_dir) / "metrics.json", _json_safe(self.last_metrics), indent=2)
+        metrics = {**self.last_metrics, **({"data": dict(data)} if data is not None else {})}
+        atomic_write_json(Path(run_dir) / "metrics.json", _json_safe(metrics), indent=2)
+
+
+def _precise_bn_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``precise_bn`` with its defaults, checked: unknown keys and bad values are errors naming the setting."""
+    defaults = {"enabled": True, "num_batches": 50, "transform": "train"}
+    settings = _plain(settings or {})
+    unknown = sorted(set(settings) - set(defaults))
+    if unknown:
+        raise ValueError(f"task.module.precise_bn: unknown key(s) {unknown}; it takes {sorted(defaults)}")
+    out = {**defaults, **settings}
+    if not isinstance(out["enabled"], bool):
+        raise TypeError(f"task.module.precise_bn.enabled must be true or false, got {out['enabled']!r}")
+    n = out["num_batches"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"task.module.precise_bn.num_batches must be a positive integer, got {n!r}")
+    if out["transform"] not in ("train", "eval"):
+        raise ValueError(f"task.module.precise_bn.transform must be 'train' or 'eval', got {out['transform']!r}")
+    return out
 
 
 def _compiles_cuda_graphs(options: Mapping[str, Any]) -> bool:

@@ -18,7 +18,10 @@ from torch.optim.swa_utils import AveragedModel
 
 from .distributed import broadcast_from_rank_zero
 
-__all__ = ["EMA", "AtomicCheckpointIO", "SaveLastAtMaxSteps", "SaveLastOnTrainEnd", "SharedLastCheckpoint", "SyncNormLayers"]
+__all__ = [
+    "EMA", "AtomicCheckpointIO", "SaveLastAtEpochEnd", "SaveLastAtMaxSteps", "SaveLastOnTrainEnd", "SharedLastCheckpoint",
+    "SyncNormLayers",
+]
 
 
 def ema_weight(decay: float, warmup: bool, num_averaged: int) -> float:
@@ -210,6 +213,26 @@ class SaveLastAtMaxSteps(Checkpoint):
         self.saved_step = trainer.global_step
 
 
+class SaveLastAtEpochEnd(Checkpoint):
+    """Writes ``last.ckpt`` at the end of every training epoch, for runs that do not validate after every epoch (the
+    main checkpoint callback writes it after validation), so a stopped run loses at most the epoch it was in.
+    Skipped where :class:`SaveLastAtMaxSteps` (one of ``others``) has just written the step."""
+
+    def __init__(self, dirpath: str | Path, *others: SaveLastAtMaxSteps) -> None:
+        self.dirpath = Path(dirpath)
+        self.others = others
+        #: The global step of the last checkpoint written (``None``: none yet).
+        self.saved_step: int | None = None
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run or self.saved_step == trainer.global_step:
+            return
+        if any(other.saved_step == trainer.global_step for other in self.others):
+            return
+        trainer.save_checkpoint(str(_last_checkpoint_path(self.dirpath)))
+        self.saved_step = trainer.global_step
+
+
 class SaveLastOnTrainEnd(L.Callback):
     """Writes ``last.ckpt`` when training ends between the checkpoint saves (stopped in the middle of an epoch by
     something other than ``max_steps``, which :class:`SaveLastAtMaxSteps` covers), so it always holds the final
@@ -219,7 +242,7 @@ class SaveLastOnTrainEnd(L.Callback):
     module, and the checkpoint must be written before that (it stores both, as during training).
     """
 
-    def __init__(self, checkpoint: ModelCheckpoint, *others: SaveLastAtMaxSteps) -> None:
+    def __init__(self, checkpoint: ModelCheckpoint, *others: SaveLastAtMaxSteps | SaveLastAtEpochEnd) -> None:
         self.checkpoint = checkpoint
         self.others = others
 

@@ -32,6 +32,7 @@ __all__ = [
     "apply_overrides",
     "merge_checkpoint_config",
     "read_checkpoint",
+    "stored_normalization",
 ]
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ def merge_checkpoint_config(
                     f"{source} holds a model with {key} {theirs!r}, but the command line asks for {key}={ours!r}: "
                     f"drop {key}= (the checkpoint defines the model) or use a checkpoint of that model"
                 )
+    _check_task(cfg, ck, parsed, mode=mode, source=source)
     taken = list(STRUCTURE_KEYS)
     if mode == "eval":
         taken.append("task")
@@ -125,6 +127,8 @@ def merge_checkpoint_config(
         if key in ck:
             value = ck[key]
             merged[key] = OmegaConf.to_container(value, resolve=False) if OmegaConf.is_config(value) else value
+    if mode == "eval" and "task" in ck:
+        stored_normalization(merged)
     # A stored config is resolved: model.{backbone,neck,head} are copies of the top-level nodes. Point them back
     # at those nodes so overrides (and the class count when fine-tuning) reach the model.
     model = merged.get("model")
@@ -137,6 +141,35 @@ def merge_checkpoint_config(
         for path in CLASS_COUNT_KEYS:
             if OmegaConf.select(out, path) is not None:
                 OmegaConf.update(out, path, "${data.num_classes}", merge=False)
+    if "data" in taken and any(key == "data.root" for key, _ in parsed) and OmegaConf.select(out, "data.synthetic"):
+        # The stored dataset was generated; a folder named on the command line is read as real data, never filled.
+        OmegaConf.update(out, "data.synthetic", None, merge=False)
     apply_overrides(out, overrides, under=taken)
     log.info("model config from %s (%s)", source, ", ".join(k for k in taken if k in ck))
     return out
+
+
+def stored_normalization(config: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config with its normalisation made explicit: checkpoints that do not name it (written before
+    the backbone chose it) were trained with ImageNet's mean and std, whatever the backbone."""
+    module = (config.get("task") or {}).get("module")
+    if isinstance(module, dict):
+        module.setdefault("mean", [0.485, 0.456, 0.406])
+        module.setdefault("std", [0.229, 0.224, 0.225])
+    return config
+
+
+def _check_task(cfg: DictConfig, ck: DictConfig, parsed: list[tuple[str, str]], *, mode: str, source) -> None:
+    """A :class:`CheckpointError` when the checkpoint's task (detection, segmentation) is not the one the composed
+    parts that will be used with it were made for: the training recipe when fine-tuning, a dataset chosen on the
+    command line when evaluating."""
+    ours, theirs = _choice_of(cfg, "task"), _choice_of(ck, "task")
+    if theirs is None or ours == theirs:
+        return
+    if mode == "finetune":
+        raise CheckpointError(f"{source} holds a {theirs} model, and this run trains {ours}: add task={theirs} (or "
+                              f"initialise from a {ours} checkpoint)")
+    chosen = [key for key, _ in parsed if key in ("data", "dataset")]
+    if chosen:
+        raise CheckpointError(f"{source} holds a {theirs} model, and {chosen[0]}= chose a {ours} dataset: add "
+                              f"task={theirs}")

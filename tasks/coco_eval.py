@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Sequence
@@ -32,6 +33,8 @@ __all__ = [
     "load_coco",
     "merge_payloads",
 ]
+
+log = logging.getLogger(__name__)
 
 #: The 12 numbers of the standard COCO bbox summary, in ``COCOeval.stats`` order.
 METRIC_NAMES: tuple[str, ...] = (
@@ -323,6 +326,9 @@ class CocoEvaluator:
             "annotations": self._annotations(payload),
         }
         img_ids = payload.image_ids.tolist()  # unique and sorted after gather()
+        if not any(not a.get("iscrowd", 0) for i in img_ids for a in self.coco_gt.imgToAnns.get(i, ())):
+            log.warning("the %d evaluated images have no annotations (no ground truth): every COCO metric is -1, "
+                        "COCO's 'undefined'", len(img_ids))
         if self.backend == "pycocotools":
             stats, summary = self._eval_pycocotools(dt_dataset, img_ids)
         else:

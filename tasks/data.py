@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from datasets import (
     build_segmentation_eval_transform,
     build_segmentation_train_transform,
     build_train_transform,
+    check_image_file,
     collate_detection,
     collate_segmentation,
     synthetic_cityscapes_root,
@@ -36,12 +38,17 @@ __all__ = ["CocoDataModule", "SegmentationDataModule", "worker_init"]
 
 def worker_init(worker_id: int) -> None:
     """Lightning's per-worker seeding, so augmentation is reproducible with ``seed=`` (torch already runs
-    each worker with one thread)."""
+    each worker with one thread). Ctrl-C is left to the main process, which stops after the current step
+    (:class:`tasks.interrupt.StopOnSignal`); a worker stopped by it would fail that step."""
     from lightning.fabric.utilities.seed import pl_worker_init_function
 
     pl_worker_init_function(worker_id)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 log = logging.getLogger(__name__)
+
+#: The epoch whose sample keys fix the augmentation of the BatchNorm-statistics batches: one no run reaches.
+NORM_STATISTICS_EPOCH = 2**32
 
 
 class _FolderDataModule(L.LightningDataModule):
@@ -77,6 +84,7 @@ class _FolderDataModule(L.LightningDataModule):
         self.synthetic = dict(synthetic) if synthetic is not None else None
         self.train_dataset = None
         self.val_dataset = None
+        self._norm_eval_dataset = None
 
     def _generate_synthetic(self, cache_dir: Path, params: dict[str, Any]) -> Path:
         raise NotImplementedError
@@ -104,8 +112,20 @@ class _FolderDataModule(L.LightningDataModule):
             self.train_dataset = self._dataset(self.train_split, train=True)
         if self.val_dataset is None:
             self.val_dataset = self._dataset(self.val_split, train=False)
+            if stage in (None, "fit"):
+                self._check_val_images()
 
-    def _loader(self, ds, *, batch_size: int, shuffle: bool, drop_last: bool, sampler=None) -> DataLoader:
+    def _check_val_images(self) -> None:
+        """Before training: every validation image decodes (a corrupt one is named now, not after the first epoch).
+        With ``skip_bad`` the dataset skips such images itself."""
+        ds = self.val_dataset
+        if getattr(self, "skip_bad", False) or not hasattr(ds, "image_path"):
+            return
+        for i in range(len(ds)):
+            check_image_file(ds.image_path(i))
+
+    def _loader(self, ds, *, batch_size: int, shuffle: bool, drop_last: bool, sampler=None,
+                persistent: bool = True) -> DataLoader:
         return DataLoader(
             ds,
             batch_size=batch_size,
@@ -117,7 +137,7 @@ class _FolderDataModule(L.LightningDataModule):
             drop_last=drop_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=persistent and self.num_workers > 0,
             collate_fn=self.collate_fn,
             worker_init_fn=worker_init if self.num_workers > 0 else None,
         )
@@ -147,6 +167,34 @@ class _FolderDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state:
             self._resume_state = {"epoch": int(state["epoch"]), "position": int(state["position"])}
+
+    def describe(self, split: str) -> dict[str, Any]:
+        """What a split is, for logs and metrics.json: format, folder, split name, image count, generated or not."""
+        ds = self.val_dataset if split == self.val_split else self.train_dataset
+        return {"format": getattr(self, "format", "coco"), "root": str(self.data_dir), "split": split,
+                "images": len(ds) if ds is not None else None, "synthetic": self.synthetic is not None}
+
+    def norm_statistics_dataloader(self, num_batches: int, *, transform: str = "train") -> DataLoader:
+        """Training batches for recomputing BatchNorm statistics (:class:`tasks.precise_bn.PreciseBN`).
+
+        The same images every time: the first ``num_batches`` batches' worth per process of the training split in an
+        order fixed by ``seed``, each image at most once (all of them when the split is smaller), shared out so every
+        process runs the same number of batches. ``transform="train"`` augments each image in one fixed way (sample
+        keys no training epoch uses); ``"eval"`` applies the evaluation transform."""
+        if transform == "train":
+            ds = self.train_dataset
+        else:
+            if self._norm_eval_dataset is None:
+                self._norm_eval_dataset = self._dataset(self.train_split, train=False)
+            ds = self._norm_eval_dataset
+        rank, world = rank_and_world()
+        n = len(ds)
+        count = max(min(num_batches * self.batch_size * world, n) // world, 1) * world
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        order = [order[j % n] for j in range(count)]  # fewer images than processes: some repeat
+        offset = NORM_STATISTICS_EPOCH * n if transform == "train" else 0
+        return self._loader(ds, batch_size=self.batch_size, shuffle=False, drop_last=False,
+                            sampler=[offset + i for i in order[rank::world]], persistent=False)
 
     def val_dataloader(self) -> DataLoader:
         # Under several processes every val image must be evaluated exactly once: no padding repeats

@@ -164,6 +164,6 @@ class DetectionTask(DenseTask):
             # Every rank holds the same gathered numbers, so no reduction is needed.
             self.log(f"val/{k}", float(v), prog_bar=k in ("AP", "AP50"), rank_zero_only=False)
 
-    def write_eval_outputs(self, run_dir) -> None:
-        super().write_eval_outputs(run_dir)
+    def write_eval_outputs(self, run_dir, *, data=None) -> None:
+        super().write_eval_outputs(run_dir, data=data)
         self.evaluator.write_predictions(Path(run_dir) / "predictions.json")

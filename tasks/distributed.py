@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-__all__ = ["broadcast_from_rank_zero", "is_distributed", "rank_and_world"]
+__all__ = ["all_reduce_sum", "broadcast_from_rank_zero", "is_distributed", "rank_and_world"]
 
 
 def is_distributed() -> bool:
@@ -29,3 +29,11 @@ def broadcast_from_rank_zero(tensors: Iterable[torch.Tensor]) -> None:
         return
     for tensor in tensors:
         dist.broadcast(tensor.data, src=0)
+
+
+@torch.no_grad()
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over the processes, in place (unchanged in a single process)."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor

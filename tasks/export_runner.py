@@ -38,6 +38,9 @@ def _export_size(cfg: DictConfig, predictor: Predictor) -> tuple[int, int]:
 
 
 def export(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    from .config_checks import check_export_config
+
+    check_export_config(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_flush_denormal(True)

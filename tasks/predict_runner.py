@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 def predict(cfg: DictConfig, run_dir: str | Path) -> list[dict[str, Any]]:
     """Predict on ``cfg.inputs`` with ``cfg.ckpt``; returns the entries written to predictions.json."""
+    from .config_checks import check_predict_config
+
+    check_predict_config(cfg)
     run_dir = Path(run_dir)
     torch.set_flush_denormal(True)
     try:

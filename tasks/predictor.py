@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from .checkpoint import CheckpointError, apply_overrides, read_checkpoint
+from .checkpoint import CheckpointError, apply_overrides, read_checkpoint, stored_normalization
 from .inference import FastPaths, optimize_model
 
 __all__ = ["IMAGE_SUFFIXES", "Predictor", "list_images", "read_rgb"]
@@ -144,7 +144,7 @@ class Predictor:
                 f"{path}: holds no model config (effdense_config); it was not written by this project's training "
                 "or tools/convert_weights.py"
             )
-        cfg = OmegaConf.create(stored)
+        cfg = OmegaConf.create(stored_normalization(dict(stored)))
         apply_overrides(cfg, list(overrides))
         model = instantiate(cfg.model)
         task = instantiate(cfg.task.module, model=model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,12 +22,16 @@ from backbones.timm_backbone import state_dict_mismatches
 from .callbacks import (
     EMA,
     AtomicCheckpointIO,
+    SaveLastAtEpochEnd,
     SaveLastAtMaxSteps,
     SaveLastOnTrainEnd,
     SharedLastCheckpoint,
     SyncNormLayers,
 )
 from .checkpoint import CheckpointError, merge_checkpoint_config, read_checkpoint
+from .config_checks import check_run_config
+from .interrupt import StopOnSignal
+from .precise_bn import PreciseBN
 
 __all__ = ["CheckpointError", "build_model", "build_task", "evaluate", "load_checkpoint_weights", "train", "trainer_kwargs"]
 
@@ -41,6 +46,8 @@ def build_task(cfg: DictConfig, model: torch.nn.Module | None = None) -> L.Light
     model = build_model(cfg) if model is None else model
     task = instantiate(cfg.task.module, model=model)
     task.run_config = OmegaConf.to_container(cfg, resolve=True)
+    # The normalisation in use (the backbone's unless set), so the checkpoint's config evaluates with the same.
+    task.run_config["task"]["module"].update(getattr(task, "normalization", {}))
     if getattr(task, "cuda_graph", False):  # the captured step clips its gradients itself (see trainer_kwargs)
         clip = cfg.trainer.get("gradient_clip_val")
         if clip:
@@ -53,7 +60,14 @@ def build_task(cfg: DictConfig, model: torch.nn.Module | None = None) -> L.Light
     return task
 
 
-def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[L.Callback]:
+def resume_command(run_dir: Path, overrides: Sequence[str]) -> str:
+    """The command that resumes the run in ``run_dir`` started with ``overrides``."""
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path", "hydra.run.dir")]
+    return " ".join(["python tools/train.py", *map(shlex.quote, kept), "ckpt_path=last",
+                     shlex.quote(f"hydra.run.dir={run_dir}")])
+
+
+def _callbacks(cfg: DictConfig, ckpt_dir: Path, task: L.LightningModule, resume: str = "") -> list[L.Callback]:
     monitor = cfg.checkpoint.monitor
     checkpoint = SharedLastCheckpoint(
         dirpath=ckpt_dir,
@@ -65,13 +79,29 @@ def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[L.Callback]:
         auto_insert_metric_name=False,
     )
     at_max_steps = SaveLastAtMaxSteps(ckpt_dir)
+    savers: list[L.Callback] = [at_max_steps]
+    if not _validates_every_epoch(cfg):  # last.ckpt at every epoch end all the same
+        savers.append(SaveLastAtEpochEnd(ckpt_dir, at_max_steps))
     # SaveLastOnTrainEnd before EMA (see its docstring); Lightning runs the Checkpoint callbacks last.
-    callbacks: list[L.Callback] = [checkpoint, SaveLastOnTrainEnd(checkpoint, at_max_steps), at_max_steps]
+    callbacks: list[L.Callback] = [checkpoint, SaveLastOnTrainEnd(checkpoint, *savers), *savers,
+                                   StopOnSignal(ckpt_dir, resume)]
     every = cfg.checkpoint.get("every_n_train_steps")
     if every:  # last.ckpt every N steps as well, so a killed run loses at most N steps
         callbacks.insert(1, SharedLastCheckpoint(dirpath=ckpt_dir, every_n_train_steps=int(every), save_last=True,
                                                  save_top_k=0))
-    return callbacks + loop_callbacks(cfg)
+    callbacks += loop_callbacks(cfg)
+    settings = getattr(task, "precise_bn", None) or {}
+    if settings.get("enabled"):  # after the EMA callback: the statistics are those of the averaged weights
+        callbacks.append(PreciseBN(num_batches=settings["num_batches"], transform=settings["transform"]))
+    return callbacks
+
+
+def _validates_every_epoch(cfg: DictConfig) -> bool:
+    """Whether validation runs at the end of every epoch (where the main checkpoint callback writes last.ckpt)."""
+    t = cfg.trainer
+    every = t.get("check_val_every_n_epoch", 1)
+    interval = t.get("val_check_interval", None)
+    return every == 1 and t.get("limit_val_batches", 1.0) not in (0, 0.0) and interval in (None, 1.0)
 
 
 def loop_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -120,6 +150,18 @@ def _write_run_config(cfg: DictConfig, run_dir: Path) -> None:
     tmp.replace(run_dir / "config.yaml")
 
 
+class _WriteRunConfig(L.Callback):
+    """Writes the run's ``config.yaml`` once training has started (model, optimizer and data set up), so a run that
+    fails on a bad value leaves the one of the run before it."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            _write_run_config(self.cfg, self.run_dir)
+
+
 def _resolve_resume(ckpt_path: str | None, ckpt_dir: Path) -> str | None:
     if ckpt_path in (None, ""):
         return None
@@ -133,6 +175,17 @@ def _resolve_resume(ckpt_path: str | None, ckpt_dir: Path) -> str | None:
     if not path.is_file():
         raise CheckpointError(f"checkpoint to resume from not found: {path}")
     return str(path)
+
+
+def _check_new_run_dir(run_dir: Path, ckpt_dir: Path) -> None:
+    """A :class:`CheckpointError` when a new run would start in a run directory that holds checkpoints: its
+    ``last.ckpt`` and ``config.yaml`` would be replaced."""
+    found = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", p.name)) if ckpt_dir.is_dir() else []
+    if found:
+        raise CheckpointError(
+            f"{run_dir} already holds a run ({found[0]}): resume it with ckpt_path=last, or start the new run in "
+            "another directory (hydra.run.dir=...)"
+        )
 
 
 def _check_resume(path: str, task: L.LightningModule) -> None:
@@ -174,8 +227,11 @@ def _final_validation(trainer: L.Trainer, task, datamodule, run_dir: Path) -> di
         trainer.validate(task, datamodule=datamodule, verbose=False)
     finally:
         task.output_dir = None
+    data = datamodule.describe(datamodule.val_split)
     if trainer.is_global_zero:
-        task.write_eval_outputs(run_dir)
+        log.info("evaluated %s images of split %s: %s%s data in %s", data["images"], data["split"], data["format"],
+                 " (generated)" if data["synthetic"] else "", data["root"])
+        task.write_eval_outputs(run_dir, data=data)
     return task.last_metrics
 
 
@@ -197,6 +253,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     if cfg.get("init_from"):
         init = read_checkpoint(cfg.init_from)
         cfg = merge_checkpoint_config(cfg, init.get("effdense_config"), overrides, mode="finetune", source=cfg.init_from)
+    check_run_config(cfg)
     datamodule = instantiate(cfg.data)
     datamodule.check()  # before anything is printed or written: missing data is one line
     L.seed_everything(cfg.seed, workers=True)
@@ -207,7 +264,11 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     resume = _resolve_resume(cfg.ckpt_path, ckpt_dir)
     if resume is not None:  # before anything is written: a bad checkpoint leaves the run directory as it was
         _check_resume(resume, task)
-    _write_run_config(cfg, run_dir)
+        # The data module resumes the training order itself (its state is in the checkpoint); Lightning's warning
+        # that the loader cannot does not apply.
+        warnings.filterwarnings("ignore", message=r".*not resumable.*")
+    else:
+        _check_new_run_dir(run_dir, ckpt_dir)
     _keep_earlier_logs(run_dir / "logs")
     kwargs = trainer_kwargs(cfg, training=True)
     # timm's fused norm + activation layers stay whole under sync_batchnorm (Lightning's conversion drops the act).
@@ -215,17 +276,44 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     trainer = L.Trainer(
         **kwargs,
         default_root_dir=str(run_dir),
-        callbacks=_callbacks(cfg, ckpt_dir),
+        callbacks=[*_callbacks(cfg, ckpt_dir, task, resume_command(run_dir, overrides)), _WriteRunConfig(cfg, run_dir)],
         logger=CSVLogger(save_dir=str(run_dir), name="logs", version=""),
         plugins=[AtomicCheckpointIO(), *layer_sync],
     )
     # Checkpoints hold tensors and plain data only: resume without unpickling arbitrary objects.
     trainer.fit(task, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     result: dict[str, Any] = {"run_dir": str(run_dir)}
-    if cfg.eval_after_train and not cfg.trainer.get("fast_dev_run", False):
+    if cfg.trainer.get("fast_dev_run", False):
+        return result
+    if cfg.eval_after_train:
         # After fit the EMA callback has copied the averaged weights into the module.
         result["metrics"] = _final_validation(trainer, task, datamodule, run_dir)
+    precise = next((c for c in trainer.callbacks if isinstance(c, PreciseBN)), None)
+    if precise is not None:
+        _finish_last_checkpoint(trainer, task, precise, ckpt_dir / "last.ckpt")
     return result
+
+
+def _finish_last_checkpoint(trainer: L.Trainer, task, precise: PreciseBN, path: Path) -> None:
+    """Give the final ``last.ckpt`` the BatchNorm statistics recomputed for the final weights, so evaluating,
+    predicting with or exporting it uses the network that the final evaluation measured.
+
+    Only the inference weights' running statistics change (``state_dict``); the raw weights, optimizer and loop state
+    that resuming reads stay as written. A checkpoint of an earlier step (training stopped between saves) is left."""
+    if precise.step != trainer.global_step:  # no evaluation after the last step: recompute for the final weights
+        precise.refresh(trainer, task)
+    if not trainer.is_global_zero or not path.is_file():
+        return
+    ckpt = read_checkpoint(path)
+    if ckpt.get("global_step") != trainer.global_step:
+        return
+    state = ckpt["state_dict"]
+    for name, (mean, var) in precise.statistics.items():
+        state[f"model.{name}.running_mean"] = mean.detach().cpu().clone()
+        state[f"model.{name}.running_var"] = var.detach().cpu().clone()
+    ckpt["effdense_norm_statistics"] = {"step": trainer.global_step, "num_batches": precise.num_batches,
+                                        "transform": precise.transform}
+    AtomicCheckpointIO().save_checkpoint(ckpt, path)
 
 
 def load_checkpoint_weights(
@@ -281,10 +369,10 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()
     _setup_process()
     ckpt = read_checkpoint(cfg.ckpt)
     cfg = merge_checkpoint_config(cfg, ckpt.get("effdense_config"), overrides, mode="eval", source=cfg.ckpt)
+    check_run_config(cfg)
     datamodule = instantiate(cfg.data)
     datamodule.check((datamodule.val_split,))
     L.seed_everything(cfg.seed, workers=True)
-    _write_run_config(cfg, run_dir)
     task = build_task(cfg)
     load_checkpoint_weights(task.model, ckpt, source=cfg.ckpt)
     kwargs = trainer_kwargs(cfg, training=False)
@@ -292,5 +380,6 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()
         kwargs.pop(key, None)
     trainer = L.Trainer(**kwargs, default_root_dir=str(run_dir), logger=False)
     metrics = _final_validation(trainer, task, datamodule, run_dir)
+    _write_run_config(cfg, run_dir)  # once the evaluation has run: a failed one leaves the folder's earlier files
     log.info("metrics: %s", json.dumps(metrics))
     return metrics

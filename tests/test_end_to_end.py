@@ -46,6 +46,8 @@ def test_train_then_eval_writes_valid_coco_outputs(tmp_path):
     last = run / "checkpoints" / "last.ckpt"
     assert last.is_file()
     metrics = json.loads((run / "metrics.json").read_text())
+    data = metrics.pop("data")  # what was evaluated
+    assert data["format"] == "coco" and data["split"] == "val2017" and data["synthetic"] is True
     assert list(metrics) == METRIC_KEYS and metrics == result["metrics"]
     assert (run / "logs" / "metrics.csv").is_file()
     ckpt = torch.load(last, map_location="cpu", weights_only=True)

@@ -22,15 +22,20 @@ from tasks.runner import evaluate, load_finetune_weights, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# BatchNorm statistics are not recomputed for these barely trained models: over their 2-8 training images some
+# channels of the coarsest maps are nearly constant, and the near-zero variances (down to 0.002, eps 0.001) amplify
+# float rounding past the absolute tolerances the export and prediction checks are written for.
 TINY_DET = [
     "data=synthetic", "model.image_size=128", "neck.channels=16", "neck.num_repeats=1", "head.depth=1",
     "data.batch_size=4", "data.num_workers=0", "data.synthetic.num_train=8", "data.synthetic.num_val=4",
     "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.max_steps=2", "trainer.max_epochs=1",
+    "task.module.precise_bn.enabled=false",
 ]
 TINY_SEG = [
     "task=segmentation", "data=synthetic", "neck.channels=16", "neck.num_repeats=1", "head.depth=1",
     "data.batch_size=2", "data.num_workers=0", "data.synthetic.num_train=2", "data.synthetic.num_val=2",
     "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.max_steps=1", "trainer.max_epochs=1",
+    "task.module.precise_bn.enabled=false",
 ]
 
 

@@ -51,6 +51,7 @@ def test_two_process_ddp_metrics_equal_single_process(tmp_path, task):
     assert "Starting with 2 processes" in proc.stderr + proc.stdout
     run = tmp_path / "run"
     ddp_metrics = json.loads((run / "metrics.json").read_text())
+    assert ddp_metrics.pop("data")["images"] == (7 if task == "detection" else 5)
     last = run / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3  # the final step
     single = evaluate(compose("eval", [*tiny, f"ckpt={last}", "data.val_batch_size=1"]), tmp_path / "eval",
@@ -127,7 +128,7 @@ def test_a_run_stopped_by_max_steps_mid_epoch_resumes_with_the_next_batch(tmp_pa
             seen.append((trainer.global_step, trainer.current_epoch, batch_idx))
 
     original = runner._callbacks
-    monkeypatch.setattr(runner, "_callbacks", lambda cfg, ckpt_dir: [*original(cfg, ckpt_dir), Batches()])
+    monkeypatch.setattr(runner, "_callbacks", lambda *args: [*original(*args), Batches()])
     base = [*TINY_DET, f"cache_dir={tmp_path / 'cache'}", "eval_after_train=false", "trainer.max_epochs=5"]
     train(compose("train", [*base, "trainer.max_steps=3"]), tmp_path / "run")
     assert seen == [(1, 0, 0), (2, 0, 1), (3, 0, 2)]
@@ -230,7 +231,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch, workers, 
                 raise _Kill(f"killed before step {kill_at + 1}")
 
     original = runner._callbacks
-    monkeypatch.setattr(runner, "_callbacks", lambda cfg, ckpt_dir: [*original(cfg, ckpt_dir), KillAt()])
+    monkeypatch.setattr(runner, "_callbacks", lambda *args: [*original(*args), KillAt()])
     with pytest.raises(_Kill):
         train(compose("train", base), tmp_path / "part")
     monkeypatch.setattr(runner, "_callbacks", original)

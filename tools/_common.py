@@ -24,16 +24,67 @@ CONFIG_PATH = str(ROOT / "configs")
 def user_errors(*extra: type[BaseException]) -> Iterator[None]:
     """Report user errors (missing data, bad input, wrong checkpoint, and ``extra`` types) as one line and
     exit with status 2."""
+    from hydra.errors import InstantiationException
+
     from backbones.timm_backbone import WeightsMismatchError
     from datasets.errors import DatasetError
     from tasks.base import NonFiniteLossError
     from tasks.checkpoint import CheckpointError
+    from tasks.config_checks import ConfigError
 
     try:
         yield
-    except (DatasetError, CheckpointError, WeightsMismatchError, NonFiniteLossError, *extra) as err:
+    except (DatasetError, CheckpointError, WeightsMismatchError, NonFiniteLossError, ConfigError, *extra) as err:
         print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except InstantiationException as err:
+        # A constructor refused a setting (ValueError / TypeError, with a message naming it).
+        cause = err.__cause__
+        if not isinstance(cause, (ValueError, TypeError)):
+            raise
+        key = next((line.removeprefix("full_key: ") for line in str(err).splitlines() if line.startswith("full_key: ")),
+                   "")
+        message = one_line(cause)
+        print(f"error: {key + ': ' if key and not message.startswith(key) else ''}{message}", file=sys.stderr,
+              flush=True)
+        raise SystemExit(2) from None
+
+
+def check_command_line(config_name: str) -> None:
+    """Compose ``config_name`` with the command line's overrides as Hydra will, and report what Hydra would refuse
+    (an unknown option of a config group, an unknown key, a malformed override, a value that does not resolve, such
+    as an unknown scale) as one line with exit status 2; Hydra itself reports them over several lines."""
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from tasks.config import compose
+
+    args = sys.argv[1:]
+    if any(a.startswith("-") for a in args):  # Hydra's own flags (--help, --cfg, -m, ...): Hydra reads the line
+        return
+    overrides = [a for a in args if not a.lstrip("+~").startswith("hydra.")]
+    try:
+        OmegaConf.to_container(compose(config_name, overrides), resolve=True)
+    except (HydraException, OmegaConfBaseException) as err:
+        print(f"error: {config_error_line(err)}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def config_error_line(err: BaseException) -> str:
+    """A Hydra or OmegaConf error message in one line: its sentences joined, a list of options comma-separated."""
+    parts, options = [], []
+    text = str(err)
+    cause = err.__cause__
+    if cause is not None and str(cause).splitlines() and str(cause).splitlines()[0] not in text:
+        text += "\n" + str(cause).splitlines()[0]  # e.g. "Key 'batch_sze' is not in struct"
+    for line in text.split("\nConfig search path:")[0].splitlines():
+        text = line.strip()
+        if not text or text.startswith(("full_key:", "object_type=", "reference_type=")):
+            continue
+        (options if line.startswith("\t") else parts).append(text)
+    message = " ".join(p if p.endswith((".", ":")) else p + ";" for p in parts).rstrip(";")
+    return f"{message} {', '.join(options)}" if options else message
 
 
 def one_line(err: BaseException) -> str:

@@ -10,7 +10,7 @@ import json
 import sys
 
 import hydra
-from _common import CONFIG_PATH, user_errors
+from _common import CONFIG_PATH, check_command_line, user_errors
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -37,4 +37,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line("benchmark")
     main()

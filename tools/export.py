@@ -6,7 +6,7 @@ against PyTorch (onnxruntime for ONNX) on the same input and writes the max diff
 """
 
 import hydra
-from _common import CONFIG_PATH, user_errors
+from _common import CONFIG_PATH, check_command_line, user_errors
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -20,4 +20,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line("export")
     main()

@@ -8,7 +8,7 @@ picture per image under ``visualizations/``.
 """
 
 import hydra
-from _common import CONFIG_PATH, user_errors
+from _common import CONFIG_PATH, check_command_line, user_errors
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -22,4 +22,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line("predict")
     main()

@@ -7,7 +7,7 @@ its run directory (``hydra.run.dir=...``). Resume with ``ckpt_path=<run dir>/che
 """
 
 import hydra
-from _common import CONFIG_PATH, user_errors
+from _common import CONFIG_PATH, check_command_line, user_errors
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -21,4 +21,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line("train")
     main()

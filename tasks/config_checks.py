@@ -1,0 +1,87 @@
+"""Checks of the values users set on the command line, made before anything runs or is written, so a bad value is one
+line naming the setting (``ConfigError``) instead of a traceback from deep inside a run."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = ["ConfigError", "check_export_config", "check_predict_config", "check_run_config"]
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot work."""
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    try:
+        return OmegaConf.select(cfg, key, throw_on_missing=False)
+    except OmegaConfBaseException as err:  # an interpolation that cannot resolve, e.g. an unknown scale name
+        raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
+
+
+def _int(cfg: DictConfig, key: str, *, minimum: int, optional: bool = False, what: str = "") -> int | None:
+    value = _get(cfg, key)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{key} must be {bound}{what}, got {value!r}")
+    return int(value)
+
+
+def _number(cfg: DictConfig, key: str, *, low: float, high: float | None = None, low_open: bool = False) -> None:
+    value = _get(cfg, key)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (high is None or value <= high)
+    if not ok:
+        span = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+        raise ConfigError(f"{key} must be a number {span}, got {value!r}")
+
+
+def check_run_config(cfg: DictConfig) -> None:
+    """The values of a training or evaluation config: sizes, batch sizes, workers, learning rate, steps, scale."""
+    _get(cfg, "scale")
+    task = _get(cfg, "task.name")
+    size = _int(cfg, "model.image_size", minimum=1)
+    if task == "detection":
+        max_level = _get(cfg, "neck.max_level")
+        stride = 2 ** int(max_level) if isinstance(max_level, numbers.Integral) else None
+        if stride and size % stride:
+            near = sorted({max(size // stride, 1) * stride, (size // stride + 1) * stride})
+            raise ConfigError(
+                f"model.image_size={size} is not a multiple of {stride}, the stride of the coarsest feature level "
+                f"(P{max_level}): anchors and feature maps would disagree; use {' or '.join(map(str, near))}"
+            )
+    _int(cfg, "data.batch_size", minimum=1)
+    _int(cfg, "data.val_batch_size", minimum=1, optional=True)
+    _int(cfg, "data.num_workers", minimum=0)
+    if _get(cfg, "task.module.optimizer.lr") is not None:
+        _number(cfg, "task.module.optimizer.lr", low=0.0, low_open=True)
+    if _get(cfg, "trainer") is not None:
+        _int(cfg, "trainer.max_steps", minimum=-1, optional=True, what=" (-1: no limit)")
+        _int(cfg, "trainer.max_epochs", minimum=-1, optional=True, what=" (-1: no limit)")
+
+
+def check_predict_config(cfg: DictConfig) -> None:
+    """The values of ``tools/predict.py``'s config."""
+    _int(cfg, "batch_size", minimum=1)
+    _number(cfg, "score_threshold", low=0.0, high=1.0)
+
+
+def check_export_config(cfg: DictConfig) -> None:
+    """The values of ``tools/export.py``'s config: batch size, input size and the ONNX opset."""
+    import torch.onnx
+
+    _int(cfg, "batch_size", minimum=1)
+    _int(cfg, "image_size", minimum=1, optional=True)
+    newest = getattr(torch.onnx, "_constants", None)
+    high = getattr(newest, "ONNX_MAX_OPSET", None) if newest is not None else None
+    opset = _int(cfg, "opset", minimum=1)
+    low = 13  # the oldest opset whose operators the exported graph needs (per-axis quantisation, Resize)
+    if opset < low or (high is not None and opset > high):
+        raise ConfigError(f"opset must be between {low} and {high or 'the newest torch.onnx knows'}, got {opset}")
