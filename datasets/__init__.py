@@ -5,6 +5,7 @@ Every loader raises :class:`DatasetError` (bad data) or :class:`DatasetNotFoundE
 message that names the file, so the tools can print one line instead of a traceback.
 """
 
+from ._imageio import check_image_file
 from .cityscapes import (
     CITYSCAPES_CLASSES,
     CITYSCAPES_LABELS,
@@ -18,7 +19,6 @@ from .cityscapes import (
 )
 from .coco import LABEL_MODES, CocoDetection, collate_detection, load_coco_annotations
 from .coco_names import COCO_CATEGORIES, coco_label_names
-from ._imageio import check_image_file
 from .errors import DatasetError, DatasetNotFoundError
 from .segmentation import (
     IGNORE_INDEX,
@@ -39,7 +39,6 @@ from .synthetic_cityscapes import (
 from .transforms import DetectionTransform, build_eval_transform, build_train_transform
 
 __all__ = [
-    "check_image_file",
     "CITYSCAPES_CLASSES",
     "CITYSCAPES_LABELS",
     "CITYSCAPES_PALETTE",
@@ -64,6 +63,7 @@ __all__ = [
     "build_segmentation_eval_transform",
     "build_segmentation_train_transform",
     "build_train_transform",
+    "check_image_file",
     "coco_label_names",
     "collate_detection",
     "collate_segmentation",

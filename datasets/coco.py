@@ -384,14 +384,16 @@ class CocoDetection(Dataset):
         self.num_degenerate = int((~ok).sum())
         if self.num_degenerate:
             log.warning(
-                "%s: dropped %d of %d boxes narrower or shorter than %g px (after clipping to the image), in training "
-                "and evaluation", self.ann_file, self.num_degenerate, len(kept), self.min_box_size,
+                "%s: dropped %d of %d boxes narrower or shorter than %g px (after clipping to the image) from training; "
+                "those without area are not ground truths in the evaluation either", self.ann_file,
+                self.num_degenerate, len(kept), self.min_box_size,
             )
-            # Nor a ground truth in the evaluation: marked as a crowd region (COCO's "ignore"), which a detection can
-            # match only by covering it, and these have next to no area. The evaluator reads these same dicts.
-            for ann, keep in zip(kept, ok):
-                if not keep:
-                    ann["iscrowd"] = 1
+        # A box with no area (no width or no height inside the image) is no ground truth in the evaluation either:
+        # marked as a crowd region (COCO's "ignore"), which no detection can match. The evaluator reads these dicts.
+        no_area = ((boxes[:, 2] - boxes[:, 0]) <= 0) | ((boxes[:, 3] - boxes[:, 1]) <= 0)
+        for ann, empty in zip(kept, no_area):
+            if empty:
+                ann["iscrowd"] = 1
         img_idx, labels, boxes = img_idx[ok], labels[ok], boxes[ok]
         order = np.argsort(img_idx, kind="stable")  # keeps the file's annotation order within an image
         counts = np.bincount(img_idx, minlength=len(self.image_ids))

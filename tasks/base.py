@@ -232,10 +232,9 @@ class DenseTask(L.LightningModule):
         backbone = getattr(model, "backbone", None)
         mean = tuple(mean) if mean is not None else getattr(backbone, "input_mean", IMAGENET_MEAN)
         std = tuple(std) if std is not None else getattr(backbone, "input_std", IMAGENET_STD)
-        #: The normalisation in use, as plain numbers (stored in the run config, so checkpoints carry it).
-        self.normalization = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("mean", torch.empty(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.empty(1, 3, 1, 1), persistent=False)
+        self.set_normalization(mean, std)
         #: Set by the runner: the resolved run config, stored in every checkpoint so it is self-describing.
         self.run_config: dict | None = None
         #: Set by the runner before a final evaluation: where per-image outputs (prediction files) go.
@@ -244,6 +243,17 @@ class DenseTask(L.LightningModule):
         self.last_metrics: dict[str, Any] = {}
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+
+    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Normalise inputs with ``mean`` and ``std`` (0..1 scale, per channel); also recorded in :attr:`run_config`
+        when there is one, so checkpoints carry it."""
+        #: The normalisation in use, as plain numbers.
+        self.normalization = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+        with torch.no_grad():
+            self.mean.copy_(torch.tensor(self.normalization["mean"]).view(1, 3, 1, 1) * 255.0)
+            self.std.copy_(torch.tensor(self.normalization["std"]).view(1, 3, 1, 1) * 255.0)
+        if getattr(self, "run_config", None) is not None:
+            self.run_config["task"]["module"].update(self.normalization)
 
     def setup(self, stage: str) -> None:
         if self.channels_last_request == "auto" and not self.channels_last:

@@ -216,10 +216,12 @@ class SaveLastAtMaxSteps(Checkpoint):
 class SaveLastAtEpochEnd(Checkpoint):
     """Writes ``last.ckpt`` at the end of every training epoch, for runs that do not validate after every epoch (the
     main checkpoint callback writes it after validation), so a stopped run loses at most the epoch it was in.
-    Skipped where :class:`SaveLastAtMaxSteps` (one of ``others``) has just written the step."""
+    Skipped where ``checkpoint`` (after a validation) or :class:`SaveLastAtMaxSteps` (one of ``others``) has just
+    written the step."""
 
-    def __init__(self, dirpath: str | Path, *others: SaveLastAtMaxSteps) -> None:
+    def __init__(self, dirpath: str | Path, checkpoint: ModelCheckpoint, *others: SaveLastAtMaxSteps) -> None:
         self.dirpath = Path(dirpath)
+        self.checkpoint = checkpoint
         self.others = others
         #: The global step of the last checkpoint written (``None``: none yet).
         self.saved_step: int | None = None
@@ -228,6 +230,8 @@ class SaveLastAtEpochEnd(Checkpoint):
         if trainer.sanity_checking or trainer.fast_dev_run or self.saved_step == trainer.global_step:
             return
         if any(other.saved_step == trainer.global_step for other in self.others):
+            return
+        if getattr(self.checkpoint, "_last_global_step_saved", None) == trainer.global_step:
             return
         trainer.save_checkpoint(str(_last_checkpoint_path(self.dirpath)))
         self.saved_step = trainer.global_step

@@ -129,6 +129,12 @@ def merge_checkpoint_config(
             merged[key] = OmegaConf.to_container(value, resolve=False) if OmegaConf.is_config(value) else value
     if mode == "eval" and "task" in ck:
         stored_normalization(merged)
+    elif mode == "finetune" and isinstance(merged.get("task"), dict):
+        # The composed recipe, with the normalisation the weights were trained with unless it sets its own.
+        module = merged["task"].get("module")
+        stored = stored_normalization({"task": {"module": dict((ckpt_config.get("task") or {}).get("module") or {})}})
+        if isinstance(module, dict) and module.get("mean") is None and module.get("std") is None:
+            module["mean"], module["std"] = (stored["task"]["module"][k] for k in ("mean", "std"))
     # A stored config is resolved: model.{backbone,neck,head} are copies of the top-level nodes. Point them back
     # at those nodes so overrides (and the class count when fine-tuning) reach the model.
     model = merged.get("model")

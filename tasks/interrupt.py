@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .distributed import is_distributed
@@ -25,9 +26,12 @@ class StopOnSignal(Checkpoint):
     written there, as a step-interval checkpoint would be (so the resumed run repeats the uninterrupted one), and
     ``resume_command`` is printed. A second Ctrl-C stops at once, without a checkpoint.
 
-    Under DDP the processes agree at every step whether one of them was signalled (one small all-reduce), so all
-    stop after the same step. A :class:`~lightning.pytorch.callbacks.Checkpoint`: Lightning runs it after the other
-    callbacks' ``on_train_batch_end`` (the step's EMA update is in the checkpoint).
+    The stop comes at the end of an optimizer step (not inside a gradient-accumulation window); a signal during
+    validation takes effect at the next step. Lightning's own SIGTERM handling (which would end the run with status 0
+    at its next check, without a checkpoint) is not called. Under DDP the processes agree at every step whether one
+    of them was signalled (one small all-reduce), so all stop after the same step. A
+    :class:`~lightning.pytorch.callbacks.Checkpoint`: Lightning runs it after the other callbacks'
+    ``on_train_batch_end`` (the step's EMA update is in the checkpoint).
     """
 
     def __init__(self, dirpath: str | Path, resume_command: str) -> None:
@@ -36,20 +40,19 @@ class StopOnSignal(Checkpoint):
         #: The signal received (``signal.SIGINT`` / ``SIGTERM``), or ``None``.
         self.received: int | None = None
         self._previous: dict[int, object] = {}
+        self._checked_step: int | None = None
 
     def _handle(self, signum: int, frame) -> None:
         if self.received == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signum
-        if signum == signal.SIGINT:
+        if signum == signal.SIGINT and rank_zero_only.rank == 0:
             print("\nstopping after this step (Ctrl-C again to stop at once, without a checkpoint)", file=sys.stderr,
                   flush=True)
-        previous = self._previous.get(signum)
-        if signum == signal.SIGTERM and callable(previous):  # Lightning's own handler (SLURM requeue and the like)
-            previous(signum, frame)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.received = None
+        self._checked_step = trainer.global_step
         for signum in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -85,6 +88,9 @@ class StopOnSignal(Checkpoint):
         return flag
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._checked_step:  # no optimizer step in this batch (gradient accumulation)
+            return
+        self._checked_step = trainer.global_step
         if not self._signalled():
             return
         if trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step:

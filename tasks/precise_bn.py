@@ -57,12 +57,11 @@ def recompute_norm_statistics(
 
     def accumulate(name: str):
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach()
+            x = args[0].detach().float()
             dims = [d for d in range(x.ndim) if d != 1]
-            x64 = x.to(torch.float64)
-            moments = torch.stack([
+            moments = torch.stack([  # sums in float64, with no float64 copy of the map
                 torch.full((x.shape[1],), x.numel() / x.shape[1], dtype=torch.float64, device=x.device),
-                x64.sum(dims), x64.square().sum(dims),
+                x.sum(dims, dtype=torch.float64), x.square().sum(dims, dtype=torch.float64),
             ])
             sums[name] = sums[name] + moments if name in sums else moments
         return hook
@@ -127,7 +126,7 @@ class PreciseBN(L.Callback):
 
     Put it after the EMA callback: that one swaps the averaged weights into the module when validation starts, so
     the statistics are those of the averaged weights, and they stay with the average when it swaps back (checkpoints
-    written after validation hold them). The batches come from the data module's
+    written after validation hold them). When training ends they are made for the final weights. The batches come from the data module's
     ``norm_statistics_dataloader(num_batches, transform=...)``: the same training images each time, with a fixed
     augmentation. The statistics of the last recompute are kept (:attr:`statistics`, :attr:`step`), so a second
     validation at the same step (the final evaluation) reuses them.
@@ -171,3 +170,9 @@ class PreciseBN(L.Callback):
         if trainer.sanity_checking:
             return
         self.refresh(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The final weights (the EMA callback, listed before, has copied the average in), while the module is still
+        # on its device: the statistics the final checkpoint is given (see tasks.runner).
+        if not trainer.fast_dev_run:
+            self.refresh(trainer, pl_module)

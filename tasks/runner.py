@@ -28,7 +28,7 @@ from .callbacks import (
     SharedLastCheckpoint,
     SyncNormLayers,
 )
-from .checkpoint import CheckpointError, merge_checkpoint_config, read_checkpoint
+from .checkpoint import CheckpointError, merge_checkpoint_config, read_checkpoint, stored_normalization
 from .config_checks import check_run_config
 from .interrupt import StopOnSignal
 from .precise_bn import PreciseBN
@@ -81,7 +81,7 @@ def _callbacks(cfg: DictConfig, ckpt_dir: Path, task: L.LightningModule, resume:
     at_max_steps = SaveLastAtMaxSteps(ckpt_dir)
     savers: list[L.Callback] = [at_max_steps]
     if not _validates_every_epoch(cfg):  # last.ckpt at every epoch end all the same
-        savers.append(SaveLastAtEpochEnd(ckpt_dir, at_max_steps))
+        savers.append(SaveLastAtEpochEnd(ckpt_dir, checkpoint, at_max_steps))
     # SaveLastOnTrainEnd before EMA (see its docstring); Lightning runs the Checkpoint callbacks last.
     callbacks: list[L.Callback] = [checkpoint, SaveLastOnTrainEnd(checkpoint, *savers), *savers,
                                    StopOnSignal(ckpt_dir, resume)]
@@ -188,9 +188,9 @@ def _check_new_run_dir(run_dir: Path, ckpt_dir: Path) -> None:
         )
 
 
-def _check_resume(path: str, task: L.LightningModule) -> None:
+def _check_resume(path: str, task: L.LightningModule) -> dict:
     """:class:`CheckpointError` naming ``path`` when it is not a checkpoint this task can resume from (unreadable,
-    truncated, or of another model: other backbone, scale or class count)."""
+    truncated, or of another model: other backbone, scale or class count); returns the checkpoint."""
     ckpt = read_checkpoint(path)
     problems = state_dict_mismatches(task.state_dict(), ckpt["state_dict"], source_name="checkpoint", show=3)
     if problems:
@@ -198,6 +198,7 @@ def _check_resume(path: str, task: L.LightningModule) -> None:
             f"{path}: cannot resume this run from it, it holds another model (check backbone=, scale and "
             "data.num_classes, or start a new run with init_from=): " + "; ".join(problems)
         )
+    return ckpt
 
 
 def _keep_earlier_logs(log_dir: Path) -> None:
@@ -263,7 +264,13 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     ckpt_dir = run_dir / "checkpoints"
     resume = _resolve_resume(cfg.ckpt_path, ckpt_dir)
     if resume is not None:  # before anything is written: a bad checkpoint leaves the run directory as it was
-        _check_resume(resume, task)
+        stored = _check_resume(resume, task).get("effdense_config")
+        if stored and cfg.task.module.get("mean") is None and cfg.task.module.get("std") is None:
+            # The normalisation the run was trained with (ImageNet's for runs started before it was stored).
+            module = stored_normalization({"task": {"module": dict(stored.get("task", {}).get("module", {}))}})
+            mean, std = module["task"]["module"]["mean"], module["task"]["module"]["std"]
+            if mean is not None and std is not None:
+                task.set_normalization(mean, std)
         # The data module resumes the training order itself (its state is in the checkpoint); Lightning's warning
         # that the loader cannot does not apply.
         warnings.filterwarnings("ignore", message=r".*not resumable.*")
@@ -295,14 +302,13 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
 
 
 def _finish_last_checkpoint(trainer: L.Trainer, task, precise: PreciseBN, path: Path) -> None:
-    """Give the final ``last.ckpt`` the BatchNorm statistics recomputed for the final weights, so evaluating,
-    predicting with or exporting it uses the network that the final evaluation measured.
+    """Give the final ``last.ckpt`` the BatchNorm statistics recomputed for the final weights (when training ended),
+    so evaluating, predicting with or exporting it uses the network that the final evaluation measured.
 
     Only the inference weights' running statistics change (``state_dict``); the raw weights, optimizer and loop state
-    that resuming reads stay as written. A checkpoint of an earlier step (training stopped between saves) is left."""
-    if precise.step != trainer.global_step:  # no evaluation after the last step: recompute for the final weights
-        precise.refresh(trainer, task)
-    if not trainer.is_global_zero or not path.is_file():
+    stay as written. A run extended from this checkpoint starts its EMA's BatchNorm buffers from these statistics
+    (they are recomputed again before every evaluation). A checkpoint of an earlier step is left."""
+    if precise.step != trainer.global_step or not trainer.is_global_zero or not path.is_file():
         return
     ckpt = read_checkpoint(path)
     if ckpt.get("global_step") != trainer.global_step:
