@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 
 import pytest
 import torch
+from gloo_processes import run_on_two_processes
 from torch import nn
 
 from tasks.config import compose
@@ -86,40 +85,17 @@ def test_a_layer_no_batch_reaches_keeps_its_statistics():
     assert torch.equal(net["unused"].running_mean, torch.full((3,), 7.0))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, port: int, queue) -> None:
-    import torch.distributed as dist
-
+def _statistics_on(rank: int) -> dict:
     from tasks.distributed import all_reduce_sum
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        net = _net()
-        stats = recompute_norm_statistics(net, _batches()[rank::2], all_reduce=all_reduce_sum)
-        queue.put((rank, {k: (m.tolist(), v.tolist()) for k, (m, v) in stats.items()}))
-    finally:
-        dist.destroy_process_group()
+    stats = recompute_norm_statistics(_net(), _batches()[rank::2], all_reduce=all_reduce_sum)
+    return {k: (m.tolist(), v.tolist()) for k, (m, v) in stats.items()}
 
 
 def test_two_gloo_processes_give_the_statistics_of_one_over_the_same_images():
-    ctx = torch.multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    procs = [ctx.Process(target=_ddp_worker, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = run_on_two_processes(_statistics_on)
     single = recompute_norm_statistics(_net(), _batches())
-    for _, stats in results:
+    for stats in results:
         assert list(stats) == list(single)
         for name, (mean, var) in stats.items():
             assert torch.allclose(torch.tensor(mean), single[name][0], atol=1e-6, rtol=0)

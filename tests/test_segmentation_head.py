@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
+from gloo_processes import run_on_two_processes
 
 from backbones import FeatureSpec, TimmBackbone
 from heads import SegmentationHead, SegmentationLoss, SegmentationOutput, ohem_cross_entropy, upsample_logits
@@ -217,41 +216,19 @@ def test_target_out_of_range_is_an_error():
         m.update(torch.tensor([0, 1]), torch.tensor([0, 7]))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _reduce_worker(rank: int, port: int, queue) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        m = ConfusionMatrix(2)
-        if rank == 0:
-            m.update(torch.tensor([0, 0, 1]), torch.tensor([0, 1, 1]))
-        else:
-            m.update(torch.tensor([1, 1]), torch.tensor([1, 0]))
-        queue.put((rank, m.compute()["mIoU"], m.reduced().tolist()))
-    finally:
-        dist.destroy_process_group()
+def _reduce_on(rank: int) -> tuple[float, list]:
+    m = ConfusionMatrix(2)
+    if rank == 0:
+        m.update(torch.tensor([0, 0, 1]), torch.tensor([0, 1, 1]))
+    else:
+        m.update(torch.tensor([1, 1]), torch.tensor([1, 0]))
+    return m.compute()["mIoU"], m.reduced().tolist()
 
 
 def test_confusion_matrix_reduces_across_two_processes():
-    ctx = torch.multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    procs = [ctx.Process(target=_reduce_worker, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = run_on_two_processes(_reduce_on)
     single = ConfusionMatrix(2)
     single.update(torch.tensor([0, 0, 1, 1, 1]), torch.tensor([0, 1, 1, 1, 0]))
-    for _, miou, matrix in results:
+    for miou, matrix in results:
         assert matrix == single.reduced().tolist() == [[1, 1], [1, 2]]
         assert math.isclose(miou, single.compute()["mIoU"])
