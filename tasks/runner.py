@@ -222,7 +222,13 @@ def _keep_earlier_logs(log_dir: Path) -> None:
 
 
 def _final_validation(trainer: L.Trainer, task, datamodule, run_dir: Path) -> dict[str, Any]:
-    """Validate once more with per-image outputs enabled; rank zero writes metrics.json and the task's files."""
+    """Validate once more with per-image outputs enabled; rank zero writes metrics.json and the task's files.
+
+    The whole val split, whatever ``trainer.limit_val_batches`` limited validation during training to."""
+    if trainer.limit_val_batches != 1.0:
+        log.info("final evaluation on the whole val split (trainer.limit_val_batches=%s limited validation during "
+                 "training)", trainer.limit_val_batches)
+        trainer.limit_val_batches = 1.0
     task.output_dir = run_dir
     try:
         trainer.validate(task, datamodule=datamodule, verbose=False)

@@ -378,3 +378,40 @@ def test_resuming_an_older_run_keeps_the_normalisation_it_was_trained_with(tmp_p
     resumed = torch.load(last, map_location="cpu", weights_only=True)
     assert resumed["global_step"] == 2
     assert resumed["effdense_config"]["task"]["module"]["mean"] == [0.485, 0.456, 0.406]
+
+
+@pytest.mark.slow
+def test_no_validation_during_training_still_ends_with_the_final_evaluation(tmp_path):
+    """trainer.limit_val_batches=0 (a listed Trainer option, no '+'): training validates nothing, and the final
+    evaluation runs on the whole val split; last.ckpt holds the final step and its recomputed statistics."""
+    run = tmp_path / "run"
+    result = train(compose("train", [*TINY_DET, f"cache_dir={tmp_path / 'cache'}", "trainer.max_steps=2",
+                                     "trainer.limit_val_batches=0"]), run)
+    written = json.loads((run / "metrics.json").read_text())
+    assert written["data"]["images"] == 7 and written["AP"] == result["metrics"]["AP"]
+    assert len({p["image_id"] for p in json.loads((run / "predictions.json").read_text())}) == 7
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2 and ckpt["effdense_norm_statistics"]["step"] == 2
+
+
+def test_the_common_trainer_options_are_set_without_a_plus():
+    cfg = compose("train", ["trainer.limit_val_batches=0", "trainer.val_check_interval=0.5",
+                            "trainer.accumulate_grad_batches=2", "trainer.max_time=00:01:00:00",
+                            "trainer.limit_train_batches=10", "trainer.overfit_batches=2", "trainer.profiler=simple"])
+    assert cfg.trainer.limit_val_batches == 0 and cfg.trainer.accumulate_grad_batches == 2
+    assert cfg.trainer.profiler == "simple"
+
+
+def test_the_configs_compose_with_hydras_own_api_and_no_set_up(tmp_path):
+    """In a fresh interpreter, Hydra's compose API alone (as in a notebook): the project's resolvers (${effdet:...})
+    are registered by its Hydra plugin module, so the config resolves."""
+    script = (
+        "from hydra import compose, initialize_config_dir\n"
+        "from omegaconf import OmegaConf\n"
+        f"with initialize_config_dir(config_dir={str(ROOT / 'configs')!r}, version_base='1.3'):\n"
+        "    cfg = compose('train', ['data=synthetic', 'backbone=b3'])\n"
+        "print(OmegaConf.to_container(cfg, resolve=True)['model']['image_size'])\n"
+    )
+    proc = _tool("-c", script, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "896"
