@@ -19,6 +19,7 @@ from models.weight_casts import low_precision_weights
 
 from .distributed import broadcast_from_rank_zero, is_distributed, rank_and_world
 from .optim import WarmupCosine, param_groups
+from .precise_bn import check_settings
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DenseTask", "NonFiniteLossError"]
 
@@ -603,11 +604,7 @@ def _precise_bn_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
     out = {**defaults, **settings}
     if not isinstance(out["enabled"], bool):
         raise TypeError(f"task.module.precise_bn.enabled must be true or false, got {out['enabled']!r}")
-    n = out["num_batches"]
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"task.module.precise_bn.num_batches must be a positive integer, got {n!r}")
-    if out["transform"] not in ("train", "eval"):
-        raise ValueError(f"task.module.precise_bn.transform must be 'train' or 'eval', got {out['transform']!r}")
+    check_settings(num_batches=out["num_batches"], transform=out["transform"])
     return out
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "merge_checkpoint_config",
     "read_checkpoint",
     "stored_normalization",
+    "trained_normalization",
 ]
 
 log = logging.getLogger(__name__)
@@ -132,9 +133,8 @@ def merge_checkpoint_config(
     elif mode == "finetune" and isinstance(merged.get("task"), dict):
         # The composed recipe, with the normalisation the weights were trained with unless it sets its own.
         module = merged["task"].get("module")
-        stored = stored_normalization({"task": {"module": dict((ckpt_config.get("task") or {}).get("module") or {})}})
         if isinstance(module, dict) and module.get("mean") is None and module.get("std") is None:
-            module["mean"], module["std"] = (stored["task"]["module"][k] for k in ("mean", "std"))
+            module["mean"], module["std"] = trained_normalization(ckpt_config)
     # A stored config is resolved: model.{backbone,neck,head} are copies of the top-level nodes. Point them back
     # at those nodes so overrides (and the class count when fine-tuning) reach the model.
     model = merged.get("model")
@@ -163,6 +163,14 @@ def stored_normalization(config: dict[str, Any]) -> dict[str, Any]:
         module.setdefault("mean", [0.485, 0.456, 0.406])
         module.setdefault("std", [0.229, 0.224, 0.225])
     return config
+
+
+def trained_normalization(config: dict[str, Any]) -> tuple[list[float] | None, list[float] | None]:
+    """``(mean, std)`` a checkpoint's model was trained with, from its config (see :func:`stored_normalization`);
+    ``None`` where the config leaves it to the backbone."""
+    module = dict(((config or {}).get("task") or {}).get("module") or {})
+    module = stored_normalization({"task": {"module": module}})["task"]["module"]
+    return module["mean"], module["std"]
 
 
 def _check_task(cfg: DictConfig, ck: DictConfig, parsed: list[tuple[str, str]], *, mode: str, source) -> None:

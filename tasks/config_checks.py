@@ -82,6 +82,6 @@ def check_export_config(cfg: DictConfig) -> None:
     newest = getattr(torch.onnx, "_constants", None)
     high = getattr(newest, "ONNX_MAX_OPSET", None) if newest is not None else None
     opset = _int(cfg, "opset", minimum=1)
-    low = 13  # the oldest opset whose operators the exported graph needs (per-axis quantisation, Resize)
+    low = 13  # the oldest opset the export is checked with (docs/data.md)
     if opset < low or (high is not None and opset > high):
         raise ConfigError(f"opset must be between {low} and {high or 'the newest torch.onnx knows'}, got {opset}")

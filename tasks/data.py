@@ -118,11 +118,10 @@ class _FolderDataModule(L.LightningDataModule):
     def _check_val_images(self) -> None:
         """Before training: every validation image decodes (a corrupt one is named now, not after the first epoch).
         With ``skip_bad`` the dataset skips such images itself."""
-        ds = self.val_dataset
-        if getattr(self, "skip_bad", False) or not hasattr(ds, "image_path"):
+        if self.skip_bad:
             return
-        for i in range(len(ds)):
-            check_image_file(ds.image_path(i))
+        for i in range(len(self.val_dataset)):
+            check_image_file(self.val_dataset.image_path(i))
 
     def _loader(self, ds, *, batch_size: int, shuffle: bool, drop_last: bool, sampler=None,
                 persistent: bool = True) -> DataLoader:

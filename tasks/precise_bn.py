@@ -121,6 +121,14 @@ def load_norm_statistics(model: nn.Module, stats: NormStatistics) -> None:
             norms[name].running_var.copy_(var)
 
 
+def check_settings(*, num_batches: Any, transform: Any) -> None:
+    """A ``ValueError`` naming the setting (``task.module.precise_bn.*``) when a value cannot work."""
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"task.module.precise_bn.num_batches must be a positive integer, got {num_batches!r}")
+    if transform not in ("train", "eval"):
+        raise ValueError(f"task.module.precise_bn.transform must be 'train' or 'eval', got {transform!r}")
+
+
 class PreciseBN(L.Callback):
     """Recomputes the BatchNorm statistics of the evaluated weights before every validation (not the sanity check).
 
@@ -133,10 +141,7 @@ class PreciseBN(L.Callback):
     """
 
     def __init__(self, *, num_batches: int = 50, transform: str = "train") -> None:
-        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-            raise ValueError(f"precise_bn.num_batches must be a positive integer, got {num_batches!r}")
-        if transform not in ("train", "eval"):
-            raise ValueError(f"precise_bn.transform must be 'train' or 'eval', got {transform!r}")
+        check_settings(num_batches=num_batches, transform=transform)
         self.num_batches = num_batches
         self.transform = transform
         #: The statistics of the last recompute, and the global step it was made at.

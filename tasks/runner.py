@@ -28,7 +28,7 @@ from .callbacks import (
     SharedLastCheckpoint,
     SyncNormLayers,
 )
-from .checkpoint import CheckpointError, merge_checkpoint_config, read_checkpoint, stored_normalization
+from .checkpoint import CheckpointError, merge_checkpoint_config, read_checkpoint, trained_normalization
 from .config_checks import check_run_config
 from .interrupt import StopOnSignal
 from .precise_bn import PreciseBN
@@ -273,8 +273,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
         stored = _check_resume(resume, task).get("effdense_config")
         if stored and cfg.task.module.get("mean") is None and cfg.task.module.get("std") is None:
             # The normalisation the run was trained with (ImageNet's for runs started before it was stored).
-            module = stored_normalization({"task": {"module": dict(stored.get("task", {}).get("module", {}))}})
-            mean, std = module["task"]["module"]["mean"], module["task"]["module"]["std"]
+            mean, std = trained_normalization(stored)
             if mean is not None and std is not None:
                 task.set_normalization(mean, std)
         # The data module resumes the training order itself (its state is in the checkpoint); Lightning's warning
