@@ -1,0 +1,47 @@
+"""Checkpoints written by earlier code keep loading and give the numbers they gave then.
+
+tests/fixtures/checkpoints holds tiny detection and segmentation checkpoints written before the package layout
+changed, with the metrics and predictions that ``tools/eval.py`` gave for them at the time. The config stored in a
+checkpoint names classes by ``_target_`` path, so this also checks that those paths still resolve.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks.config import compose
+from tasks.runner import evaluate
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "checkpoints"
+
+
+def _eval(tmp_path: Path, kind: str) -> tuple[dict, Path]:
+    run = tmp_path / "eval"
+    # The checkpoint's own config names its synthetic data; only where to cache it and the device are given here.
+    cfg = compose("eval", [f"ckpt={FIXTURES / f'{kind}.ckpt'}", f"cache_dir={tmp_path / 'cache'}",
+                           "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "data.num_workers=0"])
+    return evaluate(cfg, run), run
+
+
+@pytest.mark.slow
+def test_old_detection_checkpoint_evaluates_and_predicts_as_before(tmp_path):
+    metrics, run = _eval(tmp_path, "detection")
+    expected = json.loads((FIXTURES / "detection_metrics.json").read_text())
+    assert metrics == pytest.approx(expected, abs=1e-6)
+    before = json.loads((FIXTURES / "detection_predictions.json").read_text())
+    after = json.loads((run / "predictions.json").read_text())
+    assert len(after) == len(before)
+    for a, b in zip(after, before):
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3) and a["score"] == pytest.approx(b["score"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_old_segmentation_checkpoint_evaluates_as_before(tmp_path):
+    metrics, _ = _eval(tmp_path, "segmentation")
+    expected = json.loads((FIXTURES / "segmentation_metrics.json").read_text())
+    assert metrics["mIoU"] == pytest.approx(expected["mIoU"], abs=1e-6)
+    assert metrics["IoU"] == pytest.approx(expected["IoU"], abs=1e-6)
