@@ -32,10 +32,6 @@ class HeadNet(nn.Module):
         bias_init: constant for the prediction conv's bias.
     """
 
-    #: Its convolutions run once per level in a forward pass (:func:`models.weight_casts.low_precision_weights`
-    #: leaves them to autocast's per-use casts when autocast runs without its cast cache).
-    reuses_layers = True
-
     def __init__(
         self,
         in_specs: Mapping[str, FeatureSpec],

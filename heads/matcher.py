@@ -65,14 +65,15 @@ class IoUMatcher:
 
     ``impl`` chooses how :meth:`match` finds the best IoUs from the boxes: ``"torch"`` builds the ``[B, G, A]`` IoU
     matrix (:func:`box_iou`) and reduces it; ``"triton"`` computes them in one kernel without the matrix
-    (:func:`heads.match_kernel.iou_reductions`, the same values); ``"auto"`` (the default) uses the kernel on CUDA once
-    a first run there matched PyTorch's answer, and PyTorch elsewhere and while tracing or compiling. Calling the
+    (:func:`heads.match_kernel.iou_reductions`, the same values); ``"auto"`` uses the kernel on CUDA once a first run
+    there matched PyTorch's answer, and PyTorch elsewhere and while tracing or compiling. The default is ``"torch"``:
+    the kernel has not been timed on a GPU yet (docs/benchmarks.md). Calling the
     matcher on a ready IoU matrix (``matcher(iou, gt_valid)``) always uses PyTorch.
     """
 
     def __init__(
         self, *, threshold: float = 0.5, low_threshold: float | None = None, allow_low_quality: bool = True,
-        impl: str = "auto",
+        impl: str = "torch",
     ) -> None:
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")

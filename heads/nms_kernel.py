@@ -6,11 +6,11 @@ Kept boxes stay in registers (at most ``max_keep`` of them), and the walk stops 
 never builds the pairwise IoU matrix, never synchronises with the host and has fixed output shapes: the whole
 post-processing can be replayed inside a CUDA graph.
 
-The IoU is computed as :func:`heads.postprocess.dense_greedy_nms` and :func:`torchvision.ops.nms` compute it
+The IoU is computed as :func:`torchvision.ops.nms` computes it
 (``inter / (area_i + area_j - inter)``, IEEE division, no fused multiply-adds), so the decisions are the same.
 
 With ``TRITON_INTERPRET=1`` in the environment before import, the kernel runs on CPU tensors (Triton's
-interpreter); the tests check it that way against the dense implementation.
+interpreter); the tests check it that way against a reference NMS.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ._triton import available, checked, lazy_kernel
 
 __all__ = ["MAX_KEEP_LIMIT", "available", "greedy_nms_scan", "usable"]
 
-#: Most boxes one program keeps (in registers); post-processing with more detections per image uses the dense NMS.
+#: Most boxes one program keeps (in registers); post-processing with more detections per image uses torchvision's NMS.
 MAX_KEEP_LIMIT = 1024
 
 
@@ -88,7 +88,7 @@ def greedy_nms_scan(
     ``valid [B, n]`` (bool) -> ``index [B, max_keep]`` (int64: the first ``max_keep`` kept candidates of each
     image in score order, -1 after the last) and ``count [B]`` (int64, at most ``max_keep``).
 
-    The kept set is the one :func:`heads.postprocess.dense_greedy_nms` returns, cut after ``max_keep``.
+    The kept set is greedy NMS's (as :func:`torchvision.ops.nms` per image and class), cut after ``max_keep``.
     ``stop [B, n]`` (bool, optional) promises that where it is set, that candidate and all later ones of its row
     are invalid (sorted scores below the threshold): the walk ends there instead of visiting them.
     """
@@ -130,4 +130,4 @@ def usable(device: torch.device) -> bool:
     """:func:`available`, and a first kernel built and run on ``device`` gave the right answer (checked once per
     device; where Triton is installed but cannot build kernels, say without a C compiler, a warning says why and
     the answer is False)."""
-    return checked("NMS", device, _probe, "the dense NMS")
+    return checked("NMS", device, _probe, "torchvision's NMS")

@@ -9,7 +9,7 @@ from ._triton import tracing as _tracing
 from ._triton import use_kernel
 from .box_coder import BoxCoder
 
-__all__ = ["DetectionPostProcess", "dense_greedy_nms"]
+__all__ = ["DetectionPostProcess"]
 
 
 class DetectionPostProcess:
@@ -31,12 +31,12 @@ class DetectionPostProcess:
     the beginning of the full ranking.
 
     ``nms_impl``: ``"torchvision"`` runs :func:`torchvision.ops.nms` once per (image, class) pair present among
-    the candidates (once over the batch in traced graphs, every pair moved to its own region of the plane); ``"dense"`` runs :func:`dense_greedy_nms`, pairwise IoUs per
-    image as batched tensor algebra (no quadratic all-batch mask, a handful of launches); ``"triton"`` runs
+    the candidates (once over the batch in traced graphs, every pair moved to its own region of the plane);
+    ``"triton"`` runs
     :func:`heads.nms_kernel.greedy_nms_scan`, one GPU program per image that walks its candidates in score order
     and stops at ``max_detections`` kept (no pairwise matrix, no prefix, no host synchronisation: the whole
-    post-processing can be captured in a CUDA graph). ``"auto"`` picks triton on CUDA (dense where Triton is
-    missing) and torchvision elsewhere. All give the same detections.
+    post-processing can be captured in a CUDA graph). ``"auto"`` picks triton on CUDA (torchvision where the
+    kernel cannot run) and torchvision elsewhere. Both give the same detections.
 
     Returns ``boxes [B, D, 4]`` (xyxy, float32), ``scores [B, D]``, ``labels [B, D]`` (-1 for padding),
     ``num_detections [B]``; rows are sorted by score and padded with zeros.
@@ -69,8 +69,8 @@ class DetectionPostProcess:
         if nms_prefix is not None and nms_prefix < 1:
             raise ValueError(f"nms_prefix must be >= 1 or None, got {nms_prefix}")
         self.nms_prefix = nms_prefix
-        if nms_impl not in ("auto", "dense", "torchvision", "triton"):
-            raise ValueError(f"nms_impl must be auto, dense, torchvision or triton, got {nms_impl!r}")
+        if nms_impl not in ("auto", "torchvision", "triton"):
+            raise ValueError(f"nms_impl must be auto, torchvision or triton, got {nms_impl!r}")
         self.nms_impl = nms_impl
 
     @torch.no_grad()
@@ -125,8 +125,6 @@ class DetectionPostProcess:
         impl = self._impl(device)
         if impl == "triton":
             return self._kernel_output(boxes, scores, labels)
-        if impl == "dense":
-            return self._dense_output(boxes, scores, labels)
         image_idx = torch.arange(b, device=device)[:, None].expand(b, k)
 
         flat_boxes, flat_scores = boxes.reshape(-1, 4), scores.reshape(-1)
@@ -166,8 +164,8 @@ class DetectionPostProcess:
         from . import nms_kernel
 
         fits = self.nms_impl == "triton" or self.max_detections <= nms_kernel.MAX_KEEP_LIMIT
-        chosen = fits and use_kernel(self.nms_impl, device, nms_kernel, "nms_impl", "'auto', 'dense' or 'torchvision'")
-        return "triton" if chosen else "dense"
+        chosen = fits and use_kernel(self.nms_impl, device, nms_kernel, "nms_impl", "'auto' or 'torchvision'")
+        return "triton" if chosen else "torchvision"
 
     def _kernel_output(self, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The first ``max_detections`` survivors of each image from :func:`heads.nms_kernel.greedy_nms_scan`,
@@ -185,22 +183,6 @@ class DetectionPostProcess:
             "labels": torch.where(shown, torch.gather(labels, 1, at), -1),
             "num_detections": count,
         }
-
-    def _dense_output(self, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Greedy NMS of each image's candidates (already sorted by score) as batched tensor algebra, then the
-        first ``max_detections`` survivors of each image: no per-box host work, few kernel launches."""
-        b, n = scores.shape
-        d = self.max_detections
-        keep = torch.empty(b, n, dtype=torch.bool, device=scores.device)
-        chunk = max(1, _DENSE_PAIRS // (n * n))  # images per step, bounding the [chunk, n, n] pair tensors
-        for i in range(0, b, chunk):
-            sl = slice(i, i + chunk)
-            keep[sl] = dense_greedy_nms(boxes[sl], labels[sl], scores[sl] >= self.score_threshold, self.iou_threshold)
-        rank = torch.cumsum(keep, 1) - 1
-        # Every candidate is written: the ones not shown go to the spare column d (no host-side selection).
-        slot = torch.where(keep & (rank < d), rank, torch.full_like(rank, d))
-        rows = torch.arange(b, device=scores.device)[:, None].expand(b, n)
-        return _padded_detections(b, d, rows, slot, boxes, scores, labels, keep.sum(1))
 
 
 def _padded_detections(
@@ -222,46 +204,6 @@ def _padded_detections(
         "labels": out_labels[:, :d].contiguous(),
         "num_detections": counts.clamp(max=d),
     }
-
-
-#: Largest number of (box, box) pairs the dense NMS holds at once (about 0.5 GB of temporaries).
-_DENSE_PAIRS = 1 << 25
-
-
-def dense_greedy_nms(
-    boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, iou_threshold: float
-) -> torch.Tensor:
-    """Class-wise greedy NMS of score-sorted candidates, for a batch at once: ``boxes [B, n, 4]`` (xyxy),
-    ``labels [B, n]``, ``valid [B, n]`` -> ``keep [B, n]``.
-
-    Candidate ``i`` is kept when valid and no kept earlier candidate ``j < i`` of its class overlaps it with
-    IoU > ``iou_threshold`` (IoU computed as :func:`torchvision.ops.nms` does, so decisions are identical).
-    That rule defines ``keep`` uniquely (by induction over ``i``), so ``keep`` is found as the fixed point of
-    ``keep <- valid & ~any_j(suppresses[i, j] & keep[j])`` starting from ``valid``: after ``t`` rounds the first
-    ``t`` candidates are final, and in practice it settles after a few rounds (the longest suppression chain).
-    """
-    n = boxes.shape[1]
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    area = (x2 - x1) * (y2 - y1)
-    w = (torch.minimum(x2[:, :, None], x2[:, None, :]) - torch.maximum(x1[:, :, None], x1[:, None, :])).clamp(min=0)
-    h = (torch.minimum(y2[:, :, None], y2[:, None, :]) - torch.maximum(y1[:, :, None], y1[:, None, :])).clamp(min=0)
-    inter = w * h
-    iou = inter / (area[:, :, None] + area[:, None, :] - inter)
-    earlier = torch.ones(n, n, dtype=torch.bool, device=boxes.device).tril(-1)  # [i, j]: j < i
-    suppresses = (iou > iou_threshold) & (labels[:, :, None] == labels[:, None, :]) & earlier & valid[:, None, :]
-    del w, h, inter, iou
-
-    def step(keep: torch.Tensor) -> torch.Tensor:
-        return valid & ~(suppresses & keep[:, None, :]).any(-1)
-
-    keep = valid
-    for _ in range(n // 2 + 1):  # n rounds make every candidate final
-        once = step(keep)
-        twice = step(once)
-        if torch.equal(once, twice):  # `once` is the fixed point (one host synchronisation per two rounds)
-            return once
-        keep = twice
-    return keep
 
 
 def _topk(cls_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,7 +261,7 @@ def _grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor
     are ranked); returns the kept indices in ascending order.
 
     One :func:`torchvision.ops.nms` call per group, on the boxes as given: IoUs are computed in their float32 as
-    the dense and Triton paths compute them, so the three decide alike also at an IoU that rounds to the threshold,
+    the Triton kernel computes them, so the two decide alike also at an IoU that rounds to the threshold,
     and one image's non-finite boxes cannot touch another's. The candidates' positions are the scores NMS ranks by,
     so equal scores too are taken in candidate order, as in the other paths.
 

@@ -14,9 +14,6 @@ import lightning as L
 import torch
 from torch import nn
 
-from models.norm_counts import counted_norms, deferred_counts
-from models.weight_casts import low_precision_weights
-
 from .distributed import broadcast_from_rank_zero, is_distributed, rank_and_world
 from .optim import WarmupCosine, param_groups
 from .precise_bn import check_settings
@@ -31,20 +28,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: The keyword arguments of ``torch.compile`` that ``compile_options`` may set.
 COMPILE_OPTIONS = frozenset({"backend", "mode", "dynamic", "fullgraph", "options"})
-
-
-def training_forward(model: nn.Module, images: torch.Tensor, *, fused_weight_casts: bool):
-    """``model(images)`` for a training step of an eager model: with ``fused_weight_casts`` under autocast, the
-    weights cast to its dtype in one pass (:func:`models.weight_casts.low_precision_weights`; the same values,
-    fewer operations); the batch counters of its BatchNorm layers (:func:`models.norm_counts.counted_norms`, found
-    once per model) advanced in one operation instead of one per layer (:func:`models.norm_counts.deferred_counts`;
-    the same counts and statistics)."""
-    device = images.device.type
-    with deferred_counts(counted_norms(model)):
-        if fused_weight_casts and torch.is_autocast_enabled(device):
-            with low_precision_weights(model, torch.get_autocast_dtype(device)):
-                return model(images)
-        return model(images)
 
 
 #: The captured-step state of a task that has none yet: the step (made at the first training step of a fit), the
@@ -124,15 +107,6 @@ class DenseTask(L.LightningModule):
         compile_options: keyword arguments of ``torch.compile`` (``backend``, ``mode``, ``dynamic``,
             ``fullgraph``, ``options``); ``dynamic`` defaults to ``False`` (training crops have one size; each
             other shape, e.g. a smaller last validation batch, is compiled once more).
-        fused_weight_casts: in mixed-precision training (autocast), cast the convolution weights to the low
-            precision in one pass per step (:func:`models.weight_casts.low_precision_weights`) instead of one cast
-            per layer and one cast back of each gradient: hundreds fewer kernel launches per step. Values and
-            gradients are bit for bit those of autocast as it runs (with or without its weight-cast cache;
-            Lightning's has none, and there the head's layers, run once per level, keep their per-use casts), except
-            that a convolution taking part in no output gets a zero gradient instead of none (weight decay then
-            moves it). Off by default: on an H100 it leaves the step's GPU time as it is and adds host time (the
-            views and autograd nodes of the copies cost more than the launches saved; docs/benchmarks.md). Not
-            used under DDP (the gradient all-reduce would wait for the whole backward pass) nor with ``compile``.
         cuda_graph: capture the whole training step (normalisation, forward, target assignment, loss, backward,
             gradient clipping, optimizer step) as one CUDA graph and replay it every step: one launch instead of
             thousands, for training steps that are bound by the host launching kernels (EfficientDet's small maps on a
@@ -172,7 +146,6 @@ class DenseTask(L.LightningModule):
         max_nonfinite_steps: int = 10,
         compile: bool = False,
         compile_options: Mapping[str, Any] | None = None,
-        fused_weight_casts: bool = False,
         cuda_graph: bool = False,
         precise_bn: Mapping[str, Any] | None = None,
     ) -> None:
@@ -180,7 +153,6 @@ class DenseTask(L.LightningModule):
         #: Settings of the BatchNorm statistics recomputed before evaluation (:class:`tasks.precise_bn.PreciseBN`,
         #: added by the runner): ``{"enabled": bool, "num_batches": int, "transform": "train" | "eval"}``.
         self.precise_bn = _precise_bn_settings(precise_bn)
-        self.fused_weight_casts = bool(fused_weight_casts)
         if not isinstance(compile, bool):
             raise TypeError(f"compile must be true or false, got {compile!r}")
         if not isinstance(cuda_graph, bool):
@@ -287,11 +259,7 @@ class DenseTask(L.LightningModule):
                              "Set task.module.cuda_graph=false")
 
     def run_model(self, images: torch.Tensor):
-        """``self.model(images)``; in training, through :func:`training_forward` (fewer operations, the same
-        values)."""
-        if self.training and torch.is_grad_enabled() and not self.model_compiled:
-            return training_forward(self.model, images, fused_weight_casts=self.fused_weight_casts and
-                                    not is_distributed())
+        """``self.model(images)``: the one place the tasks call the network."""
         return self.model(images)
 
     @property

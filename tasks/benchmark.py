@@ -17,7 +17,7 @@ prints one JSON line per measurement and a table. Measurements:
 - ``train``: images/s of a training step at ``train_batch_size`` (forward, target assignment, loss, backward,
   SGD step; detection with ``train_boxes`` random boxes per image; segmentation: forward, the task's loss on label-sized logits, backward, SGD step), with bf16 autocast /
   channels-last / compilation as configured (norms are not folded in training). The training measures (``train``,
-  ``train_graph``, ``fit`` and the step of ``ops``) run at ``train_image_size``: by default the size training runs
+  ``fit`` and the step of ``ops``) run at ``train_image_size``: by default the size training runs
   at, the model's resolution for detection and the training crop (``data.crop_size``) for segmentation, or
   ``image_size`` when that is given;
 - ``ops`` (any device, eager): tensor operations dispatched by one predict call (at ``batch_size``) and by one
@@ -29,14 +29,10 @@ prints one JSON line per measurement and a table. Measurements:
   ``train_batch_size``, on one in-memory batch moved to the device every step (the ``data`` measure covers the
   loader), and the operations and host synchronisations of one whole step; ``vs_train`` is its time over the
   bare ``train`` step's when both are measured (the loop's overhead), and ``ratio`` its time over effdet's bare
-  ``train`` step's (effdet has no trainer; with ``compare=effdet`` and ``fit`` but neither ``train`` nor
-  ``train_graph``, effdet's step is measured alone for it, so this project's network is not compiled a second
+  ``train`` step's (effdet has no trainer; with ``compare=effdet`` and ``fit`` but not ``train``, effdet's step is measured alone for it, so this project's network is not compiled a second
   time for a bare step); ``task.module.compile`` follows ``fast.compile``, and
   ``task.module.cuda_graph=true`` measures the loop with the captured training step (CUDA only; with
   ``fast.compile`` on, the step captures the compiled network);
-- ``train_graph`` (CUDA only): the same step captured whole as one CUDA graph (:class:`tasks.graphed.GraphedTrainStep`),
-  which this project's sync-free target assignment allows; effdet's step cannot be captured (its anchor labeller
-  selects each image's valid boxes with boolean indexing, a host synchronisation), so its row is its ``train`` step.
 
 Both implementations run in the same process on the same input, batch and precision, alternating in
 ``rounds`` so that a machine's drift hits both; ``ratio`` is this project's time over effdet's (below 1 is
@@ -69,7 +65,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from heads import flatten_levels
 
-from .base import training_forward
 from .inference import CapturedCall, FastPaths, FlatDetector, compile_module, prepare_predictor
 
 __all__ = ["BenchmarkError", "calibrate_bn", "format_table", "run_benchmark"]
@@ -79,7 +74,7 @@ class BenchmarkError(ValueError):
     """A benchmark request that cannot be carried out (unknown measure, no effdet equivalent, no CUDA)."""
 
 
-MEASURES = ("params", "flops", "agreement", "ops", "predict", "latency", "train", "train_graph", "fit", "data")
+MEASURES = ("params", "flops", "agreement", "ops", "predict", "latency", "train", "fit", "data")
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -396,8 +391,6 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
         _int_option(cfg, name, least)
     device = _device(cfg.device)
     # Measures that need CUDA fail here, before anything is measured, not after the others ran.
-    if device.type != "cuda" and "train_graph" in cfg.measures:
-        raise BenchmarkError("measure 'train_graph' (a CUDA-graph training step) needs device=cuda")
     if device.type != "cuda" and "fit" in cfg.measures and cfg.task.module.get("cuda_graph", False):
         raise BenchmarkError("task.module.cuda_graph=true (the captured training step) needs device=cuda")
     torch.set_flush_denormal(True)  # as training and evaluation run: denormals make CPU timings erratic
@@ -409,7 +402,7 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
     train_size = _train_image_size(cfg, task_name, size)
     if list(cfg.measures) == ["data"]:
         return _data_rows(cfg, emit)
-    if compare and train_size != size and {"ops", "train", "train_graph", "fit"} & set(cfg.measures):
+    if compare and train_size != size and {"ops", "train", "fit"} & set(cfg.measures):
         raise BenchmarkError(f"compare=effdet builds effdet's model for image_size {size[0]}x{size[1]}: its "
                              f"training measures run at that size too, so train_image_size "
                              f"{train_size[0]}x{train_size[1]} cannot be compared; leave it unset")
@@ -427,7 +420,7 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
     paths = FastPaths(**OmegaConf.to_container(cfg.fast)).resolve(device)
     theirs = _effdet_paths(cfg, paths)
     batch, train_batch = _batches(cfg, device, task_name)
-    if train_batch == 1 and {"ops", "train", "train_graph", "fit"} & set(cfg.measures):
+    if train_batch == 1 and {"ops", "train", "fit"} & set(cfg.measures):
         stride = max(spec.stride for spec in task.model.out_specs.values())
         if all(-(-side // stride) == 1 for side in train_size):
             raise BenchmarkError(
@@ -480,9 +473,9 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
     g = torch.Generator().manual_seed(cfg.seed)
     images = torch.randn(batch, 3, *size, generator=g).to(device)
     train_fields = {"image_size": list(train_size)}  # the training measures' rows say their input's size
-    # effdet's bare step, for the loop's ratio, unless 'train' or 'train_graph' (effdet's row: the same step) times it
-    effdet_step_for_fit = bool(ref) and "fit" in measures and not {"train", "train_graph"} & set(measures)
-    if {"ops", "train", "train_graph"} & set(measures) or effdet_step_for_fit:
+    # effdet's bare step, for the loop's ratio, unless 'train' times it
+    effdet_step_for_fit = bool(ref) and "fit" in measures and "train" not in measures
+    if {"ops", "train"} & set(measures) or effdet_step_for_fit:
         # (images, boxes, labels) for detection, (images, masks) for segmentation
         train_inputs = _train_inputs(task_name, images, train_batch, train_size, task.num_classes, cfg.seed,
                                      _train_boxes(cfg))
@@ -539,16 +532,14 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
             _profile(f"{measure} batch {n}", fns, device)
         unit = "images/s" if measure == "predict" else "ms"
         add_pair(measure, times, n, unit=unit, batch=n, **({"model": ref.name} if ref else {}))
-    for measure, graphed in (("train", False), ("train_graph", True)):
-        if measure not in measures:
-            continue
-        fns = {"effdense": _our_train_step(task, paths, device, *train_inputs, graphed=graphed)}
-        if ref:  # effdet's step cannot be captured (its labeller selects each image's boxes on the host): its 'train'
+    if "train" in measures:
+        fns = {"effdense": _our_train_step(task, paths, device, *train_inputs)}
+        if ref:
             fns["effdet"] = _effdet_train_step(ref, theirs, device, *train_inputs)
         times = _time_rounds(fns, **timing)
         if cfg.profile:
-            _profile(f"{'graphed ' * graphed}train batch {train_batch}", fns, device)
-        add_pair(measure, times, train_batch, unit="images/s", batch=train_batch, ours=_loss_fields(task, device),
+            _profile(f"train batch {train_batch}", fns, device)
+        add_pair("train", times, train_batch, unit="images/s", batch=train_batch, ours=_loss_fields(task, device),
                  **train_fields)
     if effdet_step_for_fit:  # the loop's ratio is to effdet's bare step: that alone, not this project's too
         fns = {"effdet": _effdet_train_step(ref, theirs, device, *train_inputs)}
@@ -562,7 +553,7 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
         train_row = next((r for r in rows if r["measure"] == "train" and r["impl"] == "effdense"), None)
         if train_row is not None:
             fit["vs_train"] = round(fit["ms_per_call"] / train_row["ms_per_call"], 3)
-        effdet_row = next((r for r in rows if r["measure"] in ("train", "train_graph") and r["impl"] == "effdet"), None)
+        effdet_row = next((r for r in rows if r["measure"] == "train" and r["impl"] == "effdet"), None)
         if effdet_row is not None:  # effdet has no training loop: its bare step is what the loop is held to
             fit["ratio"] = round(fit["ms_per_call"] / effdet_row["ms_per_call"], 3)
             fit["ratio_to"] = "effdet train step"
@@ -891,9 +882,9 @@ def _print_profile(prof, device: torch.device, title: str) -> None:
     print(f"\n### profile: {title} (wall {wall_ms:.1f} ms, profiler included)\n{table}", file=sys.stderr, flush=True)
 
 
-def _our_train_step(task, paths: FastPaths, device, x, *targets, graphed: bool = False) -> Callable[[], None]:
+def _our_train_step(task, paths: FastPaths, device, x, *targets) -> Callable[[], None]:
     """This project's training step on ``x`` and its ``targets`` (detection: boxes, labels; segmentation: masks):
-    forward, loss, backward, SGD step; ``graphed``: captured whole as one CUDA graph (:mod:`tasks.graphed`)."""
+    forward, loss, backward, SGD step."""
     from .detection import DetectionTask
     from .inference import _anchors_for
 
@@ -902,8 +893,7 @@ def _our_train_step(task, paths: FastPaths, device, x, *targets, graphed: bool =
         x = x.contiguous(memory_format=torch.channels_last)
     detection = isinstance(task, DetectionTask)
     net = FlatDetector(model, task.num_classes) if detection else model
-    if not graphed:
-        net = compile_module(net, paths, training=True)
+    net = compile_module(net, paths, training=True)
     opt = _sgd(model)
     if detection:
         anchors = _anchors_for(task, model, tuple(x.shape[-2:]), device)
@@ -917,24 +907,10 @@ def _our_train_step(task, paths: FastPaths, device, x, *targets, graphed: bool =
         def criterion(out, masks: torch.Tensor) -> torch.Tensor:
             return task.loss(out, masks.long())["loss"]
 
-    # As DenseTask.run_model: eager training goes through training_forward (the weights cast to the low precision in
-    # one pass when asked, the BatchNorm counters advanced in one operation). The graph-captured step runs the network
-    # uncompiled, so it does too.
-    fused = getattr(task, "fused_weight_casts", False)
-
     def loss(images: torch.Tensor, *gt: torch.Tensor) -> torch.Tensor:
-        with paths.autocast(device, cache_enabled=not graphed):
-            if paths.compile and not graphed:
-                out = net(images)
-            else:
-                out = training_forward(net, images, fused_weight_casts=fused)
+        with paths.autocast(device):
+            out = net(images)
         return criterion(out, *gt)
-
-    if graphed:
-        from .graphed import GraphedTrainStep
-
-        graph = GraphedTrainStep(loss, opt, (x, *targets))
-        return partial(graph, x, *targets)
 
     def step() -> None:
         loss(x, *targets).backward()

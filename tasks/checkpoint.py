@@ -44,6 +44,10 @@ STRUCTURE_KEYS = ("scale", "padding", "backbone", "neck", "head", "model", "anch
 CLASS_COUNT_KEYS = ("head.num_classes", "task.module.num_classes", "task.module.loss.num_classes")
 _DATA_KEYS = ("data", "data_root", "cache_dir", "dataset")
 _MODEL_GROUPS = ("task", "backbone", "neck", "head", "scale", "padding")
+#: Options that checkpoints of earlier versions may store and this version no longer has: dropped when read.
+RETIRED_OPTIONS = ("task.module.fused_weight_casts",)
+#: Option values this version no longer has, with what replaces them when a stored config names them.
+RETIRED_VALUES = {("task.module.postprocess.nms_impl", "dense"): "auto"}
 
 
 class CheckpointError(RuntimeError):
@@ -105,7 +109,7 @@ def merge_checkpoint_config(
     if not ckpt_config:
         return cfg
     parsed = _parse_overrides(overrides)
-    ck = OmegaConf.create(ckpt_config)
+    ck = _without_retired(OmegaConf.create(ckpt_config))
     # Group choices on the command line must agree with the checkpoint.
     for key, _ in parsed:
         if key in _MODEL_GROUPS:
@@ -153,6 +157,19 @@ def merge_checkpoint_config(
     apply_overrides(out, overrides, under=taken)
     log.info("model config from %s (%s)", source, ", ".join(k for k in taken if k in ck))
     return out
+
+
+def _without_retired(ck: DictConfig) -> DictConfig:
+    """A stored config with the options of earlier versions that this one dropped removed or replaced."""
+    for path in RETIRED_OPTIONS:
+        parent, _, key = path.rpartition(".")
+        node = OmegaConf.select(ck, parent)
+        if isinstance(node, DictConfig) and key in node:
+            node.pop(key)
+    for (path, old), new in RETIRED_VALUES.items():
+        if OmegaConf.select(ck, path, throw_on_resolution_failure=False) == old:
+            OmegaConf.update(ck, path, new, merge=False)
+    return ck
 
 
 def stored_normalization(config: dict[str, Any]) -> dict[str, Any]:

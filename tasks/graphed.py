@@ -1,22 +1,9 @@
-"""A whole training step (forward, target assignment, loss, backward, optimizer step) captured as one CUDA graph.
+"""A training step captured as one CUDA graph and replayed (:class:`CapturedStep`).
 
-An EfficientDet training step launches thousands of small kernels (depthwise convolutions, norms, activations
-and their gradients). On a fast GPU the CPU cannot launch them as quickly as the GPU runs them, so the step is
-bound by launch overhead, not by arithmetic. Captured once as a CUDA graph, the step is replayed with a single
-launch. That needs static shapes and no host synchronisation anywhere in the step; this project's target
-assignment (:class:`heads.TargetAssigner`) and loss are written to have none (ground truth padded to a fixed
-number of boxes per image, labels -1 for padding).
-
-Limits of a captured step (the price of one launch per step):
-
-- inputs keep the shapes of the example (copy each batch into the static inputs: :meth:`GraphedTrainStep.__call__`
-  does it);
-- hyper-parameters read as Python numbers at capture time stay fixed: a learning-rate schedule that changes
-  ``param_group["lr"]`` has no effect on the replayed graph unless the optimizer takes ``lr`` as a tensor;
-- the capture runs ``warmup`` real steps first (on a side stream, as CUDA graph capture requires), which update
-  the parameters like any other step;
-- the gradients live in the graph's memory: do not call ``optimizer.zero_grad(set_to_none=True)`` between
-  replays (each replay overwrites them anyway).
+An EfficientDet training step launches thousands of small kernels; on a fast GPU the host cannot launch them as
+quickly as the GPU runs them. Captured once, the step is replayed with a single launch. That needs static shapes
+and no host synchronisation in the step; the target assignment (:class:`heads.TargetAssigner`) and loss are
+written to have none (ground truth padded to a fixed number of boxes per image, labels -1 for padding).
 """
 
 from __future__ import annotations
@@ -25,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["CapturedStep", "GraphedTrainStep", "warm_up"]
+__all__ = ["CapturedStep", "warm_up"]
 
 
 def warm_up(fn: Callable[[], object], times: int, device: torch.device | None = None) -> None:
@@ -46,7 +33,7 @@ def _check_cuda_inputs(inputs: Sequence[torch.Tensor], what: str) -> None:
     devices = {t.device for t in inputs}
     if len(devices) != 1 or next(iter(devices)).type != "cuda":
         raise RuntimeError(
-            f"a graphed training step needs CUDA tensors on one device, got inputs on {sorted(map(str, devices))}"
+            f"a captured training step needs CUDA tensors on one device, got inputs on {sorted(map(str, devices))}"
         )
 
 
@@ -136,51 +123,3 @@ class CapturedStep:
                 )
             if new.data_ptr() != static.data_ptr():
                 static.copy_(new, non_blocking=True)
-
-
-class GraphedTrainStep:
-    """``loss_fn(*inputs) -> scalar loss``, its backward pass and ``optimizer.step()`` as one replayable CUDA graph.
-
-    Args:
-        loss_fn: computes the loss from the inputs (and any module it closes over); run under autocast it must use
-            ``cache_enabled=False`` (cached casts would outlive the capture).
-        optimizer: steps the parameters that ``loss_fn`` trains.
-        example_inputs: CUDA tensors with the shapes and dtypes every later call will have; they are copied into
-            the graph's static inputs.
-        warmup: eager steps before the capture (lets lazily created state, e.g. momentum buffers, exist first).
-
-    Calling the step with new inputs copies them in, replays the graph and returns the loss (a tensor that the
-    next call overwrites: clone it to keep it).
-    """
-
-    def __init__(
-        self,
-        loss_fn: Callable[..., torch.Tensor],
-        optimizer: torch.optim.Optimizer,
-        example_inputs: Sequence[torch.Tensor],
-        *,
-        warmup: int = 3,
-    ) -> None:
-        _check_cuda_inputs(example_inputs, "example_inputs")
-        if warmup < 1:
-            raise ValueError(f"warmup must be >= 1, got {warmup}")
-        self.loss_fn = loss_fn
-        self.optimizer = optimizer
-        self._captured = CapturedStep(self._step, warmup=warmup)
-        for _ in range(warmup):
-            self._captured(*example_inputs)
-        self._captured.capture(*example_inputs)
-        self.static_inputs = self._captured.static_inputs
-        self.static_loss = self._captured.static_output
-        self.graph = self._captured.graph
-
-    def _step(self, *inputs: torch.Tensor) -> torch.Tensor:
-        # Set to None, the gradients are created by the backward pass: in the graph's memory when captured.
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(*inputs)
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach()
-
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self._captured(*inputs)

@@ -114,10 +114,11 @@ def test_assigner_targets_equal_with_real_anchors_and_padded_boxes():
 
 @needs_triton
 def test_backend_choice_and_no_host_synchronisation():
-    assert IoUMatcher().backend(torch.device("cpu")) == "torch"  # auto: the kernel on CUDA only
+    assert IoUMatcher(impl="auto").backend(torch.device("cpu")) == "torch"  # auto: the kernel on CUDA only
     assert IoUMatcher(impl="triton").backend(DEVICE) == "triton"
+    assert IoUMatcher().backend(DEVICE) == "torch"  # the default until a GPU run measures the kernel
     if DEVICE.type == "cuda":
-        assert IoUMatcher().backend(DEVICE) == "triton"
+        assert IoUMatcher(impl="auto").backend(DEVICE) == "triton"
     with pytest.raises(ValueError, match="impl must be"):
         IoUMatcher(impl="fast")
     assert "impl='triton'" in repr(IoUMatcher(impl="triton"))
@@ -166,16 +167,16 @@ def test_auto_falls_back_to_the_iou_matrix_when_the_kernel_cannot_run(monkeypatc
     refused_kernel(match_kernel, "iou_reductions", DEVICE, f"matching kernel gave a wrong answer on {DEVICE}",
                    one_index_off)
     monkeypatch.setattr(match_kernel, "usable", lambda device: False)
-    assert IoUMatcher().backend(torch.device("cuda")) == "torch"
+    assert IoUMatcher(impl="auto").backend(torch.device("cuda")) == "torch"
 
 
 def test_backend_rules_without_running_a_kernel(monkeypatch):
     from heads import _triton as shared
 
     monkeypatch.setattr(match_kernel, "usable", lambda device: True)
-    assert IoUMatcher().backend(torch.device("cuda")) == "triton"
-    assert IoUMatcher(impl="torch").backend(torch.device("cuda")) == "torch"
-    assert IoUMatcher().backend(torch.device("cpu")) == "torch"
+    assert IoUMatcher(impl="auto").backend(torch.device("cuda")) == "triton"
+    assert IoUMatcher().backend(torch.device("cuda")) == "torch"
+    assert IoUMatcher(impl="auto").backend(torch.device("cpu")) == "torch"
     monkeypatch.setattr(shared, "tracing", lambda: True)  # traced, exported or compiled: PyTorch operations
     assert IoUMatcher(impl="triton").backend(torch.device("cuda")) == "torch"
 

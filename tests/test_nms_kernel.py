@@ -1,4 +1,5 @@
-"""The greedy NMS kernel (heads.nms_kernel) keeps what the dense fixed-point NMS keeps, cut after max_keep.
+"""The greedy NMS kernel (heads.nms_kernel) keeps what the reference NMS keeps (tests/nms_reference.py), cut after
+max_keep.
 
 Without a GPU it runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET before Triton is imported).
 """
@@ -7,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from nms_reference import dense_greedy_nms
 
 from heads import _triton, nms_kernel
-from heads.postprocess import dense_greedy_nms
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not nms_kernel.available(DEVICE), reason="needs Triton")
@@ -27,7 +28,7 @@ def _case(g: torch.Generator, b: int, n: int, *, grid: bool):
 
 @pytest.mark.parametrize("threshold", [0.5, 0.0, 1.0, 1 / 3])
 @pytest.mark.parametrize("grid", [False, True])
-def test_kernel_keeps_what_dense_nms_keeps(threshold, grid):
+def test_kernel_keeps_what_reference_nms_keeps(threshold, grid):
     g = torch.Generator().manual_seed(int(threshold * 100) + grid)
     boxes, labels, valid = _case(g, 3, 90, grid=grid)
     keep = dense_greedy_nms(boxes, labels, valid, threshold)
@@ -80,7 +81,7 @@ def test_walk_stops_at_the_first_candidate_below_the_threshold_with_nan_first():
             assert torch.equal(index[i, : len(expected)].cpu(), expected)
 
 
-def test_auto_falls_back_to_dense_when_the_kernel_cannot_run(monkeypatch, refused_kernel):
+def test_auto_falls_back_to_torchvision_when_the_kernel_cannot_run(monkeypatch, refused_kernel):
     monkeypatch.setattr(_triton, "_CHECKED", {})
     assert nms_kernel.usable(DEVICE)  # the interpreter on the CPU, the GPU where there is one
     refused_kernel(nms_kernel, "greedy_nms_scan", DEVICE, f"cannot run on {DEVICE} .*no C compiler")
@@ -92,7 +93,7 @@ def test_explicit_triton_impl_is_checked_and_not_exported(monkeypatch):
 
     many = postprocess.DetectionPostProcess(box_coder=BoxCoder(), max_detections=nms_kernel.MAX_KEEP_LIMIT + 1)
     monkeypatch.setattr(nms_kernel, "usable", lambda device: True)
-    assert many._impl(torch.device("cuda")) == "dense"  # more kept boxes than a program holds
+    assert many._impl(torch.device("cuda")) == "torchvision"  # more kept boxes than a program holds
     assert postprocess.DetectionPostProcess(box_coder=BoxCoder())._impl(torch.device("cuda")) == "triton"
     post = postprocess.DetectionPostProcess(box_coder=BoxCoder(), nms_impl="triton")
     monkeypatch.setattr(postprocess, "_tracing", lambda: True)

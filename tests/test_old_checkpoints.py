@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks.checkpoint import merge_checkpoint_config
 from tasks.config import compose
 from tasks.runner import evaluate
 
@@ -45,3 +46,14 @@ def test_old_segmentation_checkpoint_evaluates_as_before(tmp_path):
     expected = json.loads((FIXTURES / "segmentation_metrics.json").read_text())
     assert metrics["mIoU"] == pytest.approx(expected["mIoU"], abs=1e-6)
     assert metrics["IoU"] == pytest.approx(expected["IoU"], abs=1e-6)
+
+
+def test_options_of_earlier_versions_are_dropped_or_replaced():
+    from tasks.checkpoint import read_checkpoint
+
+    stored = read_checkpoint(FIXTURES / "detection.ckpt")["effdense_config"]
+    assert stored["task"]["module"]["fused_weight_casts"] is False  # an option this version no longer has
+    stored["task"]["module"]["postprocess"]["nms_impl"] = "dense"  # a value it no longer has
+    cfg = merge_checkpoint_config(compose("eval", ["data=synthetic"]), stored, [], mode="eval", source="old.ckpt")
+    assert "fused_weight_casts" not in cfg.task.module
+    assert cfg.task.module.postprocess.nms_impl == "auto"

@@ -20,9 +20,9 @@ def _logit(p) -> torch.Tensor:
     return torch.logit(torch.as_tensor(p, dtype=torch.float64)).float()
 
 
-@pytest.fixture(params=["torchvision", "dense", "triton"], autouse=True)
+@pytest.fixture(params=["torchvision", "triton"], autouse=True)
 def nms_impl(request, monkeypatch):
-    """Every test runs with each NMS implementation (triton is the default on CUDA, dense on CUDA without Triton).
+    """Every test runs with each NMS implementation (triton is the default on CUDA, torchvision elsewhere).
     Without a GPU the Triton kernel runs in Triton's interpreter (``tests/conftest.py``)."""
     if request.param == "triton" and not nms_kernel.available(torch.device("cpu" if not torch.cuda.is_available()
                                                                           else "cuda")):
@@ -130,7 +130,7 @@ def test_iou_exactly_at_threshold_is_kept(pair):
 
 def test_iou_is_decided_in_float32_by_every_implementation():
     """Two boxes whose IoU is 0.50000006 in float32 (the arithmetic of torchvision's NMS on float32 boxes, and of the
-    dense and Triton paths) but exactly 0.5 in float64: suppressed at threshold 0.5 by every implementation."""
+    Triton kernel) but exactly 0.5 in float64: suppressed at threshold 0.5 by every implementation."""
     anchors = torch.tensor([[80.97738647460938, 237.1022186279297, 105.05278015136719, 285.92535400390625],
                             [89.00251770019531, 237.1022186279297, 113.07791137695312, 285.92535400390625]])
     boxes = CODER.decode(torch.zeros(2, 4), anchors)
@@ -422,12 +422,11 @@ def test_topk_with_nan_logits_ranks_them_first_like_topk():
     assert torch.equal(index, ref_index)
 
 
-def test_dense_nms_equals_torchvision_nms_and_settles_long_chains():
-    """A chain of boxes each overlapping the next: greedy keeps every other one; the fixed-point iteration
-    must reach exactly that, as must the torchvision path."""
+def test_reference_nms_equals_torchvision_nms_and_settles_long_chains():
+    """The tests' reference NMS (tests/nms_reference.py) is greedy NMS: a chain of boxes each overlapping the next
+    keeps every other one, and random cases keep what torchvision keeps."""
+    from nms_reference import dense_greedy_nms
     from torchvision.ops import nms
-
-    from heads.postprocess import dense_greedy_nms
 
     n = 41
     x = torch.arange(n, dtype=torch.float32) * 4.0

@@ -114,7 +114,7 @@ def test_channels_last_bad_value_is_an_error():
 
 
 @pytest.mark.slow
-def test_training_with_the_gpu_defaults_runs_on_the_cpu(tmp_path, monkeypatch):
+def test_training_with_the_gpu_defaults_runs_on_the_cpu(tmp_path):
     """What `auto` picks on a GPU (bf16-mixed, channels-last), forced on the CPU: Lightning trains with it and the
     checkpoint holds ordinary float32 weights."""
     import csv
@@ -139,28 +139,6 @@ def test_training_with_the_gpu_defaults_runs_on_the_cpu(tmp_path, monkeypatch):
     with open(run / "logs" / "metrics.csv") as f:
         losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
     assert losses and all(math.isfinite(v) for v in losses)
-    # fused_weight_casts (opt-in): used at every training step, the checkpoint holds the float32 (channels-last)
-    # parameters, not the copies, and the run is bit for bit the one without it (Lightning's autocast has no cast
-    # cache: the head's layers, run once per level, keep their per-use casts).
-    import tasks.base
-
-    calls = []
-    real = tasks.base.low_precision_weights
-    monkeypatch.setattr(tasks.base, "low_precision_weights", lambda m, d: calls.append(d) or real(m, d))
-    assert cfg.task.module.fused_weight_casts is False  # the default
-    cfg.task.module.fused_weight_casts = False
-    train(cfg, tmp_path / "per_layer")
-    assert calls == [] and len(ckpt["state_dict"]) > 100
-    assert all(torch.equal(v, ckpt["state_dict"][k]) for k, v in torch.load(
-        tmp_path / "per_layer" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"].items())
-    cfg.task.module.fused_weight_casts = True
-    train(cfg, tmp_path / "fused")
-    assert calls == [torch.bfloat16] * 3
-    fused = torch.load(tmp_path / "fused" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert fused["global_step"] == 3 and fused["state_dict"].keys() == ckpt["state_dict"].keys()
-    for k, v in fused["state_dict"].items():
-        assert torch.equal(v, ckpt["state_dict"][k]), k
-        assert v.stride() == ckpt["state_dict"][k].stride(), k
 
 
 def test_compile_options_are_checked():

@@ -1,4 +1,4 @@
-"""A training step captured as one CUDA graph does what the eager step does."""
+"""A predict call captured as a CUDA graph gives what the eager call gives."""
 
 from __future__ import annotations
 
@@ -7,69 +7,8 @@ import copy
 import pytest
 import torch
 
-from tasks.benchmark import _random_targets
 from tasks.config import compose
-from tasks.graphed import GraphedTrainStep
-from tasks.inference import FlatDetector, _anchors_for
 from tasks.runner import build_model, build_task
-
-
-def test_needs_cuda_tensors():
-    w = torch.nn.Parameter(torch.ones(3))
-    opt = torch.optim.SGD([w], lr=0.1)
-    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
-        GraphedTrainStep(lambda x: (w * x).sum(), opt, (torch.ones(3),))
-    with pytest.raises(TypeError, match="non-empty sequence of tensors"):
-        GraphedTrainStep(lambda: w.sum(), opt, ())
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_graphed_detection_step_equals_eager_steps():
-    torch.manual_seed(0)
-    cfg = compose("benchmark", ["image_size=256", "backbone.drop_path_rate=0.0"])
-    task = build_task(cfg, build_model(cfg))
-    device = torch.device("cuda")
-    size = (256, 256)
-    batches = []
-    for seed in range(4):
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(2, 3, *size, generator=g).to(device)
-        batches.append((x, *_random_targets(2, size, task.num_classes, per_image=5, device=device, seed=seed)))
-
-    def make():
-        model = copy.deepcopy(task.model).to(device).train()
-        net = FlatDetector(model, task.num_classes)
-        anchors = _anchors_for(task, model, size, device)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-        def loss(x, boxes, labels):
-            cls, box = net(x)
-            return task.loss(cls, box, *task.assigner(anchors, boxes, labels))["loss"]
-
-        return model, opt, loss
-
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    eager, opt, loss = make()
-    eager_losses = []
-    for x, boxes, labels in [batches[0]] * 3 + batches[1:]:  # the graphed step warms up on its example 3 times
-        value = loss(x, boxes, labels)
-        value.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        eager_losses.append(float(value))
-
-    graphed, opt, loss = make()
-    step = GraphedTrainStep(loss, opt, batches[0], warmup=3)
-    graphed_losses = [float(step(*b)) for b in batches[1:]]
-    torch.testing.assert_close(torch.tensor(graphed_losses), torch.tensor(eager_losses[3:]), rtol=1e-4, atol=1e-5)
-    for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
-        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5, msg=name)
-    with pytest.raises(ValueError, match="fixed shapes and dtypes"):
-        step(batches[1][0][:1], batches[1][1][:1], batches[1][2][:1])
-    with pytest.raises(ValueError, match="fixed shapes and dtypes"):
-        step(batches[1][0], batches[1][1], batches[1][2].int())
 
 
 @pytest.mark.gpu
@@ -77,7 +16,7 @@ def test_graphed_detection_step_equals_eager_steps():
 @pytest.mark.parametrize("compiled", [False, True])
 def test_captured_predict_equals_eager_predict(monkeypatch, compiled):
     """On CUDA, prepare_predictor replays network and post-processing (the Triton NMS) as one CUDA graph per input
-    shape. Its detections are those of the eager pipeline with the dense NMS, and each call's results stay valid
+    shape. Its detections are those of the eager pipeline with torchvision's NMS, and each call's results stay valid
     after later calls (they are copies, not the graph's buffers)."""
     from heads.postprocess import DetectionPostProcess
     from tasks.inference import FastPaths, prepare_predictor
@@ -95,7 +34,7 @@ def test_captured_predict_equals_eager_predict(monkeypatch, compiled):
     plain_task = copy.deepcopy(task)
     plain_task.postprocess = DetectionPostProcess(
         box_coder=task.postprocess.box_coder, topk=task.postprocess.topk, max_detections=task.postprocess.max_detections,
-        score_threshold=task.postprocess.score_threshold, iou_threshold=task.postprocess.iou_threshold, nms_impl="dense",
+        score_threshold=task.postprocess.score_threshold, iou_threshold=task.postprocess.iou_threshold, nms_impl="torchvision",
     )
     plain, info = prepare_predictor(plain_task, FastPaths(precision="fp32", compile=False, cudagraphs=False), "cuda")
     assert info["captured"] == "nothing"
