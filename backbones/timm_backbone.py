@@ -10,6 +10,8 @@ import timm
 import torch
 from torch import nn
 
+from utils.state_dicts import WeightsMismatchError, state_dict_mismatches
+
 from .contract import FeatureSpec, level_name
 
 __all__ = [
@@ -19,7 +21,6 @@ __all__ = [
     "inplace_activations_for_inference",
     "load_backbone_weights",
     "out_of_place_activations",
-    "state_dict_mismatches",
 ]
 
 log = logging.getLogger(__name__)
@@ -71,10 +72,6 @@ def inplace_activations_for_inference(module: nn.Module) -> int:
             m.inplace = True
             changed += 1
     return changed
-
-
-class WeightsMismatchError(RuntimeError):
-    """A weights file does not fit the model it is loaded into."""
 
 
 class TimmBackbone(nn.Module):
@@ -201,25 +198,6 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsMismatchError(f"{path}: does not hold a state dict of tensors")
     return obj
-
-
-def state_dict_mismatches(
-    target: dict[str, torch.Tensor], source: dict[str, torch.Tensor], *, source_name: str = "file", show: int = 5
-) -> list[str]:
-    """Describe how ``source`` fails to fit ``target`` (shape mismatches, missing keys, unexpected keys);
-    an empty list means every key and shape matches."""
-    missing = [k for k in target if k not in source]
-    unexpected = [k for k in source if k not in target]
-    shapes = [
-        f"{k}: {source_name} {tuple(source[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in target.items()
-        if k in source and source[k].shape != v.shape
-    ]
-    problems = []
-    for what, items in (("shape mismatches", shapes), ("missing keys", missing), ("unexpected keys", unexpected)):
-        if items:
-            problems.append(f"{len(items)} {what}, e.g. {items[:show]}")
-    return problems
 
 
 def load_backbone_weights(backbone: TimmBackbone, path: str | Path) -> None:

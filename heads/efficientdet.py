@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from backbones.contract import FeatureSpec
-from necks.layers import ActLayer, NormLayer, SeparableConv2d, default_norm_layer
+from layers.conv import ActLayer, NormLayer, SeparableConv2d, default_norm_layer
 
 __all__ = ["DetectionOutput", "EfficientDetHead", "HeadNet", "flatten_levels"]
 
@@ -75,7 +75,7 @@ class HeadNet(nn.Module):
     def fold_batchnorm_(self) -> int:
         """Inference only: give every level its own copy of the shared pointwise convs with that level's norm
         folded in (depthwise convs stay shared). Returns the number of norms folded."""
-        from models.fusion import fold_conv_norm
+        from layers.norm_folding import fold_conv_norm
 
         if self.folded is not None:
             return 0

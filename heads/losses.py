@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import tracing as _tracing
-from ._triton import use_kernel
+from layers.kernels.dispatch import tracing as _tracing
+from layers.kernels.dispatch import use_kernel
 
 __all__ = ["DetectionLoss", "huber_loss", "sigmoid_focal_loss"]
 
@@ -62,7 +62,7 @@ class DetectionLoss:
 
     ``focal_impl`` chooses how the classification loss (without label smoothing) is computed: ``"torch"`` with
     PyTorch operations (about twenty passes over the ``[B, A, C]`` logits, forward and backward), ``"triton"``
-    with :func:`heads.focal_kernel.focal_loss` (one pass forward, one backward; needs a CUDA device and Triton),
+    with :func:`layers.kernels.focal_loss.focal_loss` (one pass forward, one backward; needs a CUDA device and Triton),
     ``"auto"`` (default) with the kernel on CUDA once a first kernel has run correctly there, PyTorch otherwise.
     Inside ``torch.compile``, tracing or export both use the PyTorch operations (the compiler fuses them).
     """
@@ -123,7 +123,7 @@ class DetectionLoss:
         if backend == "smoothed":
             cls_loss = self._smoothed_cls_loss(cls_logits, cls_targets, positive) / normalizer
         elif backend == "triton":
-            from .focal_kernel import focal_loss
+            from layers.kernels.focal_loss import focal_loss
 
             cls_loss = focal_loss(cls_logits, cls_targets, normalizer, alpha=self.alpha, gamma=self.gamma)
         else:
@@ -141,13 +141,13 @@ class DetectionLoss:
 
     def focal_backend(self, device: torch.device) -> str:
         """How the classification loss is computed for logits on ``device``: ``"smoothed"`` (label smoothing:
-        PyTorch operations on one-hot targets), ``"triton"`` (:func:`heads.focal_kernel.focal_loss`) or
+        PyTorch operations on one-hot targets), ``"triton"`` (:func:`layers.kernels.focal_loss.focal_loss`) or
         ``"torch"`` (PyTorch operations on signed logits); see ``focal_impl``."""
         if self.label_smoothing > 0:
             return "smoothed"
         if self.focal_impl == "torch" or _tracing():
             return "torch"
-        from . import focal_kernel
+        from layers.kernels import focal_loss as focal_kernel
 
         chosen = use_kernel(self.focal_impl, device, focal_kernel, "focal_impl", "'auto' or 'torch'")
         return "triton" if chosen else "torch"

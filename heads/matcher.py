@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from layers.boxes import box_iou, matrix_reductions
+
 from .box_coder import BoxCoder
 
 __all__ = ["BACKGROUND", "IGNORE", "IoUMatcher", "TargetAssigner", "box_iou"]
@@ -12,39 +14,6 @@ __all__ = ["BACKGROUND", "IGNORE", "IoUMatcher", "TargetAssigner", "box_iou"]
 BACKGROUND = -1
 #: Match / class-target value of an anchor that the loss ignores.
 IGNORE = -2
-
-
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU of xyxy boxes, ``[..., N, 4] x [..., M, 4] -> [..., N, M]`` (float32).
-
-    Leading dimensions broadcast. Boxes with zero or negative width/height have zero area; a pair whose
-    union is empty has IoU 0 (never NaN).
-    """
-    ax1, ay1, ax2, ay2 = a.float().unbind(-1)  # [..., N] each
-    bx1, by1, bx2, by2 = b.float().unbind(-1)  # [..., M] each
-    area_a = (ax2 - ax1).clamp(min=0) * (ay2 - ay1).clamp(min=0)
-    area_b = (bx2 - bx1).clamp(min=0) * (by2 - by1).clamp(min=0)
-    iw = torch.minimum(ax2[..., :, None], bx2[..., None, :]) - torch.maximum(
-        ax1[..., :, None], bx1[..., None, :]
-    )
-    ih = torch.minimum(ay2[..., :, None], by2[..., None, :]) - torch.maximum(
-        ay1[..., :, None], by1[..., None, :]
-    )
-    inter = iw.clamp(min=0) * ih.clamp(min=0)
-    union = area_a[..., :, None] + area_b[..., None, :] - inter
-    # inter <= union, so inter is 0 wherever union is 0.
-    return inter / torch.where(union > 0, union, torch.ones_like(union))
-
-
-def matrix_reductions(
-    iou: torch.Tensor, gt_valid: torch.Tensor, *, per_gt: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``iou [B, G, A]``, ``gt_valid [B, G]`` (bool, on ``iou``'s device) -> each anchor's best IoU and ground truth
-    ``[B, A]`` and, with ``per_gt``, each ground truth's best IoU and anchor ``[B, G]`` (else None): the first index
-    on ties. Invalid ground truths count with IoU -1: below every threshold, and never an anchor's best."""
-    iou = iou.float().masked_fill(~gt_valid[..., None], -1.0)
-    best_iou, best_gt = iou.max(dim=1)
-    return (best_iou, best_gt, *iou.max(dim=2)) if per_gt else (best_iou, best_gt, None, None)
 
 
 class IoUMatcher:
@@ -65,7 +34,7 @@ class IoUMatcher:
 
     ``impl`` chooses how :meth:`match` finds the best IoUs from the boxes: ``"torch"`` builds the ``[B, G, A]`` IoU
     matrix (:func:`box_iou`) and reduces it; ``"triton"`` computes them in one kernel without the matrix
-    (:func:`heads.match_kernel.iou_reductions`, the same values); ``"auto"`` uses the kernel on CUDA once a first run
+    (:func:`layers.kernels.matching.iou_reductions`, the same values); ``"auto"`` uses the kernel on CUDA once a first run
     there matched PyTorch's answer, and PyTorch elsewhere and while tracing or compiling. The default is ``"torch"``:
     the kernel has not been timed on a GPU yet (docs/benchmarks.md). Calling the
     matcher on a ready IoU matrix (``matcher(iou, gt_valid)``) always uses PyTorch.
@@ -90,10 +59,10 @@ class IoUMatcher:
 
     def backend(self, device: torch.device) -> str:
         """How :meth:`match` finds the best IoUs for boxes on ``device``: ``"triton"``
-        (:func:`heads.match_kernel.iou_reductions`, no IoU matrix) or ``"torch"`` (:func:`box_iou`'s ``[B, G, A]``
+        (:func:`layers.kernels.matching.iou_reductions`, no IoU matrix) or ``"torch"`` (:func:`box_iou`'s ``[B, G, A]``
         matrix and its reductions); see ``impl``."""
-        from . import match_kernel
-        from ._triton import tracing, use_kernel
+        from layers.kernels import matching as match_kernel
+        from layers.kernels.dispatch import tracing, use_kernel
 
         if self.impl == "torch" or tracing():
             return "torch"
@@ -102,7 +71,7 @@ class IoUMatcher:
     def match(self, gt_boxes: torch.Tensor, anchors: torch.Tensor, gt_valid: torch.Tensor) -> torch.Tensor:
         """``gt_boxes [B, G, 4]`` (xyxy), ``anchors [A, 4]`` (xyxy), ``gt_valid [B, G]`` (bool) -> ``[B, A]``
         int64: gt index, -1 or -2; the same as ``self(box_iou(gt_boxes, anchors[None]), gt_valid)``."""
-        from . import match_kernel
+        from layers.kernels import matching as match_kernel
 
         if type(self).__call__ is not IoUMatcher.__call__:  # a subclass with rules of its own keeps them
             return self(box_iou(gt_boxes, anchors[None]), gt_valid)

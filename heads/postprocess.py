@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torchvision.ops import nms
 
-from ._triton import tracing as _tracing
-from ._triton import use_kernel
+from layers.kernels.dispatch import tracing as _tracing
+from layers.kernels.dispatch import use_kernel
+
 from .box_coder import BoxCoder
 
 __all__ = ["DetectionPostProcess"]
@@ -33,7 +34,7 @@ class DetectionPostProcess:
     ``nms_impl``: ``"torchvision"`` runs :func:`torchvision.ops.nms` once per (image, class) pair present among
     the candidates (once over the batch in traced graphs, every pair moved to its own region of the plane);
     ``"triton"`` runs
-    :func:`heads.nms_kernel.greedy_nms_scan`, one GPU program per image that walks its candidates in score order
+    :func:`layers.kernels.nms.greedy_nms_scan`, one GPU program per image that walks its candidates in score order
     and stops at ``max_detections`` kept (no pairwise matrix, no prefix, no host synchronisation: the whole
     post-processing can be captured in a CUDA graph). ``"auto"`` picks triton on CUDA (torchvision where the
     kernel cannot run) and torchvision elsewhere. Both give the same detections.
@@ -161,16 +162,16 @@ class DetectionPostProcess:
         # An exported graph cannot hold the kernel; auto keeps torchvision's NMS off CUDA.
         if _tracing() or (self.nms_impl == "auto" and device.type != "cuda"):
             return "torchvision"
-        from . import nms_kernel
+        from layers.kernels import nms as nms_kernel
 
         fits = self.nms_impl == "triton" or self.max_detections <= nms_kernel.MAX_KEEP_LIMIT
         chosen = fits and use_kernel(self.nms_impl, device, nms_kernel, "nms_impl", "'auto' or 'torchvision'")
         return "triton" if chosen else "torchvision"
 
     def _kernel_output(self, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The first ``max_detections`` survivors of each image from :func:`heads.nms_kernel.greedy_nms_scan`,
+        """The first ``max_detections`` survivors of each image from :func:`layers.kernels.nms.greedy_nms_scan`,
         gathered into the padded output: fixed shapes, no host synchronisation."""
-        from .nms_kernel import greedy_nms_scan
+        from layers.kernels.nms import greedy_nms_scan
 
         # Scores are sorted (NaN first, as top-k ranks it): after the first score below the threshold, all are.
         index, count = greedy_nms_scan(boxes, labels, scores >= self.score_threshold, self.iou_threshold,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backbones.contract import FeatureSpec
-from necks.layers import ActLayer, ConvNorm, NormLayer, SeparableConv2d, default_norm_layer
+from layers.conv import ActLayer, ConvNorm, NormLayer, SeparableConv2d, default_norm_layer
 
 __all__ = ["SegmentationHead", "SegmentationOutput", "upsample_logits"]
 

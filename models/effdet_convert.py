@@ -38,8 +38,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from backbones.timm_backbone import WeightsMismatchError, state_dict_mismatches
 from necks.bifpn import bifpn_topology
+from utils.state_dicts import WeightsMismatchError, state_dict_mismatches
 
 from .detector import DenseModel, efficientdet
 from .scaling import get_scale

@@ -1,7 +1,8 @@
 """Necks: fuse a backbone's multiscale maps into a pyramid of equal width."""
 
+from layers.conv import PAD_MODES, ConvNorm, MaxPoolDown, SeparableConv2d, default_norm_layer
+
 from .bifpn import FUSION_KINDS, BiFPN, BiFPNLayer, FusionNode, bifpn_topology
-from .layers import PAD_MODES, ConvNorm, MaxPoolDown, SeparableConv2d, default_norm_layer
 
 __all__ = [
     "FUSION_KINDS",

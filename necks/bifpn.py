@@ -15,8 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from backbones.contract import FeatureSpec, level_name, level_of
-
-from .layers import PAD_MODES, ActLayer, ConvNorm, MaxPoolDown, NormLayer, SeparableConv2d, default_norm_layer
+from layers.conv import (
+    PAD_MODES,
+    ActLayer,
+    ConvNorm,
+    MaxPoolDown,
+    NormLayer,
+    SeparableConv2d,
+    default_norm_layer,
+)
 
 __all__ = ["FUSION_KINDS", "BiFPN", "BiFPNLayer", "FusionNode", "bifpn_topology"]
 

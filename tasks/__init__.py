@@ -1,4 +1,4 @@
-"""Lightning glue: tasks (LightningModules), data modules, callbacks and the train/eval/predict/export runners.
+"""Training: tasks (LightningModules), data modules, callbacks, checkpoints and the train/eval runners.
 
 Names are imported on first use, so ``tasks.config`` (used by every tool at start-up) does not pull in
 Lightning.
@@ -15,7 +15,6 @@ _EXPORTS = {
     "SegmentationDataModule": ".data",
     "DetectionTask": ".detection",
     "SegmentationTask": ".segmentation",
-    "Predictor": ".predictor",
 }
 
 __all__ = sorted(_EXPORTS)  # noqa: PLE0605 -- the lazily imported names below

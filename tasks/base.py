@@ -14,7 +14,8 @@ import lightning as L
 import torch
 from torch import nn
 
-from .distributed import broadcast_from_rank_zero, is_distributed, rank_and_world
+from utils.distributed import broadcast_from_rank_zero, is_distributed, rank_and_world
+
 from .optim import WarmupCosine, param_groups
 from .precise_bn import check_settings
 
@@ -374,7 +375,7 @@ class DenseTask(L.LightningModule):
 
         Counts the optimizer step for Lightning, steps the learning-rate schedule (in place on the device tensor the
         graph reads), logs the losses and notes whether the step was finite (read one step later)."""
-        from .graphed import CapturedStep
+        from .captured_step import CapturedStep
 
         inputs = self.graph_inputs(batch)
         lightning_opt = self.optimizers()
@@ -556,7 +557,7 @@ class DenseTask(L.LightningModule):
     def write_eval_outputs(self, run_dir: Path, *, data: Mapping[str, Any] | None = None) -> None:
         """Write the files of a final evaluation (rank zero only): ``metrics.json`` here, with ``data`` (what was
         evaluated: format, folder, split, image count) under its ``"data"`` key; tasks add their own."""
-        from .coco_eval import atomic_write_json
+        from evaluation.coco import atomic_write_json
 
         metrics = {**self.last_metrics, **({"data": dict(data)} if data is not None else {})}
         atomic_write_json(Path(run_dir) / "metrics.json", _json_safe(metrics), indent=2)

@@ -16,7 +16,7 @@ from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from .distributed import broadcast_from_rank_zero
+from utils.distributed import broadcast_from_rank_zero
 
 __all__ = [
     "EMA", "AtomicCheckpointIO", "SaveLastAtEpochEnd", "SaveLastAtMaxSteps", "SaveLastOnTrainEnd", "SharedLastCheckpoint",

@@ -29,8 +29,8 @@ from datasets import (
     synthetic_cityscapes_root,
     synthetic_coco_root,
 )
+from utils.distributed import is_distributed, rank_and_world
 
-from .distributed import is_distributed, rank_and_world
 from .samplers import ResumableRandomSampler, UnpaddedDistributedSampler
 
 __all__ = ["CocoDataModule", "SegmentationDataModule", "worker_init"]
@@ -322,7 +322,7 @@ class CocoDataModule(_FolderDataModule):
         return list(self.val_dataset.class_names)
 
     def make_evaluator(self):
-        from .coco_eval import CocoEvaluator
+        from evaluation.coco import CocoEvaluator
 
         return CocoEvaluator(self.val_dataset.coco, backend=self.eval_backend)
 
@@ -486,7 +486,7 @@ class SegmentationDataModule(_FolderDataModule):
 
     def make_writer(self, out_dir: Path):
         """A writer of prediction PNGs (dataset label ids) and, with ``overlays``, colour overlays."""
-        from .seg_writer import SegmentationWriter
+        from evaluation.seg_writer import SegmentationWriter
 
         return SegmentationWriter(self.val_dataset, out_dir, overlays=self.overlays)
 

@@ -106,7 +106,7 @@ class DetectionTask(DenseTask):
         return self.guard_loss(losses["loss"])
 
     def attach_evaluator(self, evaluator, category_ids: Sequence[int]) -> None:
-        """Use ``evaluator`` (a :class:`tasks.coco_eval.CocoEvaluator`) for validation; ``category_ids[k]`` is
+        """Use ``evaluator`` (a :class:`evaluation.coco.CocoEvaluator`) for validation; ``category_ids[k]`` is
         the dataset category id of contiguous label ``k``."""
         self.evaluator = evaluator
         self.category_ids = torch.as_tensor(list(category_ids), dtype=torch.long)

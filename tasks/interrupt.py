@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .distributed import is_distributed
+from utils.distributed import is_distributed
 
 __all__ = ["StopOnSignal"]
 

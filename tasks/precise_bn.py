@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from .distributed import all_reduce_sum, is_distributed
+from utils.distributed import all_reduce_sum, is_distributed
 
 __all__ = ["PreciseBN", "load_norm_statistics", "norm_layers", "recompute_norm_statistics"]
 

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
-from backbones.timm_backbone import state_dict_mismatches
+from utils.state_dicts import state_dict_mismatches
 
 from .callbacks import (
     EMA,
@@ -133,7 +133,7 @@ def trainer_kwargs(cfg: DictConfig, *, training: bool = True) -> dict[str, Any]:
 
 
 def _native_bf16_gpu(accelerator: str, strategy: Any) -> bool:
-    from .inference import native_bf16_cuda
+    from utils.devices import native_bf16_cuda
 
     if str(accelerator) not in ("auto", "gpu", "cuda"):
         return False

@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
+from evaluation.miou import ConfusionMatrix, format_iou_table
 from heads import SegmentationLoss, SegmentationOutput, upsample_logits
 
 from .base import DenseTask
-from .seg_metrics import ConfusionMatrix, format_iou_table
 
 __all__ = ["INFERENCE_MODES", "SegmentationTask"]
 

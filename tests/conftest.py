@@ -15,7 +15,7 @@ torch.set_flush_denormal(True)
 # One intra-op thread per pytest-xdist worker: several processes spinning OpenMP threads on 2 cores slow each
 # other down many times over.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
-# Without a GPU, Triton kernels (heads.nms_kernel) run on CPU tensors in Triton's interpreter. Triton reads this
+# Without a GPU, Triton kernels (layers.kernels.nms) run on CPU tensors in Triton's interpreter. Triton reads this
 # when it is first imported, so it is set before any test can import it.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -29,8 +29,8 @@ def _no_c_compiler(*args, **kwargs):
 def refused_kernel(monkeypatch):
     """``check(module, attr, device, match, replacement=<raises 'no C compiler'>)``: with ``module.attr`` (what the
     kernel's first-run probe calls) replaced, ``module.usable(device)`` probes anew through
-    ``heads._triton.checked``, warns with ``match`` and answers False."""
-    from heads import _triton
+    ``layers.kernels.dispatch.checked``, warns with ``match`` and answers False."""
+    from layers.kernels import dispatch as _triton
 
     def check(module, attr: str, device: torch.device, match: str, replacement=_no_c_compiler) -> None:
         monkeypatch.setattr(_triton, "_CHECKED", {})

@@ -126,7 +126,7 @@ def test_the_data_measure_times_after_the_prefetched_batches(monkeypatch):
     timing from the first batch counted up to 15 ready batches as instant ones)."""
     from omegaconf import OmegaConf
 
-    import tasks.benchmark as bench
+    import benchmarks.harness as bench
 
     taken, clock_reads = [0], []
     real_perf_counter = bench.time.perf_counter
@@ -173,8 +173,8 @@ def test_the_data_measure_times_after_the_prefetched_batches(monkeypatch):
 def test_effdet_compile_sets_effdets_compilation_alone():
     from omegaconf import OmegaConf
 
-    from tasks.benchmark import _effdet_paths
-    from tasks.inference import FastPaths
+    from benchmarks.harness import _effdet_paths
+    from inference.fast_paths import FastPaths
 
     ours = FastPaths(compile=True, cudagraphs=True)
     assert _effdet_paths(OmegaConf.create({"effdet_compile": None}), ours) is ours
@@ -190,7 +190,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
 
 
 def test_segmentation_and_data_measures(tmp_path, synthetic_coco):
-    from tasks.benchmark import format_table, run_benchmark
+    from benchmarks.harness import format_table, run_benchmark
     from tasks.config import compose
 
     cfg = compose("benchmark", ["task=segmentation", "backbone=b0", "measures=[params,ops,predict,train]",
@@ -250,7 +250,7 @@ def test_segmentation_and_data_measures(tmp_path, synthetic_coco):
     ],
 )
 def test_training_measures_run_at_the_training_size(task, overrides, expected):
-    from tasks.benchmark import _image_size, _train_image_size
+    from benchmarks.harness import _image_size, _train_image_size
     from tasks.config import compose
 
     cfg = compose("benchmark", [f"task={task}", *overrides])
@@ -258,7 +258,7 @@ def test_training_measures_run_at_the_training_size(task, overrides, expected):
 
 
 def test_train_boxes_sets_the_boxes_per_training_image():
-    from tasks.benchmark import _train_inputs
+    from benchmarks.harness import _train_inputs
 
     images = torch.zeros(2, 3, 128, 128)
     x, boxes, labels = _train_inputs("detection", images, 2, (128, 128), 90, 0, 100)
@@ -268,7 +268,7 @@ def test_train_boxes_sets_the_boxes_per_training_image():
 
 
 def test_calibrate_bn_sets_the_statistics_of_one_training_pass_and_restores_the_module():
-    from tasks.benchmark import _calibration_images, calibrate_bn
+    from benchmarks.harness import _calibration_images, calibrate_bn
 
     g = torch.Generator().manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8, momentum=0.01), torch.nn.SiLU(),
@@ -293,9 +293,9 @@ def test_calibrate_bn_sets_the_statistics_of_one_training_pass_and_restores_the_
 def test_calibrated_statistics_give_the_random_detector_spread_logits():
     """A randomly initialised detector's activations shrink through its identity-statistics norms: its class logits
     are all its bias (every score ties). After calibration they spread, and no two top scores tie."""
-    from tasks.benchmark import _calibration_images, calibrate_bn
+    from benchmarks.harness import _calibration_images, calibrate_bn
+    from inference.fast_paths import FlatDetector
     from tasks.config import compose
-    from tasks.inference import FlatDetector
     from tasks.runner import build_model, build_task
 
     torch.manual_seed(0)
@@ -314,7 +314,7 @@ def test_calibrated_statistics_give_the_random_detector_spread_logits():
 
 
 def test_count_ops_counts_kernels_and_host_synchronisations():
-    from tasks.benchmark import count_ops
+    from benchmarks.harness import count_ops
 
     x = torch.randn(5, 4)
     assert count_ops(lambda: x.t().reshape(-1).view(2, 10)).operations == 1  # the reshape of a transpose copies
@@ -334,7 +334,7 @@ def test_count_ops_counts_kernels_and_host_synchronisations():
 def test_fit_measures_the_lightning_loop(task):
     """`fit` runs tools/train.py's Lightning loop (EMA, clipping, schedule, logging) on an in-memory batch: its
     images/s, and the operations of one whole step, which include the EMA update (5 operations)."""
-    from tasks.benchmark import format_table, run_benchmark
+    from benchmarks.harness import format_table, run_benchmark
     from tasks.config import compose
 
     small = ["device=cpu", "image_size=128", "model.image_size=128", "train_batch_size=2", "warmup=2", "iters=2",
@@ -363,7 +363,7 @@ def test_fit_measures_the_lightning_loop(task):
 def test_fit_against_effdet_measures_effdets_step_alone_for_the_ratio():
     """`measures=[fit] compare=effdet`: effdet's bare training step is timed alone (this project's bare step is not,
     so its network is not compiled twice), and the loop's ratio is to it."""
-    from tasks.benchmark import format_table, run_benchmark
+    from benchmarks.harness import format_table, run_benchmark
     from tasks.config import compose
 
     rows = run_benchmark(compose("benchmark", ["compare=effdet", "measures=[fit]", "device=cpu", "image_size=128",
@@ -377,7 +377,7 @@ def test_fit_against_effdet_measures_effdets_step_alone_for_the_ratio():
 
 
 def test_fit_profile_prints_three_lightning_steps(capsys):
-    from tasks.benchmark import run_benchmark
+    from benchmarks.harness import run_benchmark
     from tasks.config import compose
 
     run_benchmark(compose("benchmark", [
@@ -392,7 +392,7 @@ def test_fit_profile_prints_three_lightning_steps(capsys):
 @pytest.mark.slow
 def test_fit_with_compilation_reports_no_operation_count():
     """Compiled code does not run under the counting dispatch mode, so a compiled `fit` reports no count."""
-    from tasks.benchmark import run_benchmark
+    from benchmarks.harness import run_benchmark
     from tasks.config import compose
 
     cfg = compose("benchmark", [
@@ -407,7 +407,7 @@ def test_fit_with_compilation_reports_no_operation_count():
 def test_sync_rules_for_host_values_and_copies(monkeypatch):
     """Without CUDA every read counts (as it would wait on a GPU); in a CUDA process a value kept on the host is
     read for free, but a copy from the device into pageable host memory still waits."""
-    from tasks.benchmark import _is_sync
+    from benchmarks.harness import _is_sync
 
     host = torch.ones(())
     device = torch.empty((), device="meta")  # stands in for a GPU tensor
@@ -424,7 +424,7 @@ def test_sync_rules_for_host_values_and_copies(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_segmentation_training_step_on_the_gpu():
     """The segmentation training step on the GPU (bf16, channels-last): no host synchronisation."""
-    from tasks.benchmark import run_benchmark
+    from benchmarks.harness import run_benchmark
     from tasks.config import compose
 
     rows = run_benchmark(compose("benchmark", [

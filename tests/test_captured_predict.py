@@ -19,7 +19,7 @@ def test_captured_predict_equals_eager_predict(monkeypatch, compiled):
     shape. Its detections are those of the eager pipeline with torchvision's NMS, and each call's results stay valid
     after later calls (they are copies, not the graph's buffers)."""
     from heads.postprocess import DetectionPostProcess
-    from tasks.inference import FastPaths, prepare_predictor
+    from inference.fast_paths import FastPaths, prepare_predictor
 
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
@@ -55,7 +55,7 @@ def test_captured_predict_equals_eager_predict(monkeypatch, compiled):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_captured_segmentation_predict_equals_eager():
-    from tasks.inference import FastPaths, prepare_predictor
+    from inference.fast_paths import FastPaths, prepare_predictor
 
     torch.manual_seed(0)
     cfg = compose("benchmark", ["task=segmentation", "backbone=b0", "image_size=256"])

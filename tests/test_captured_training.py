@@ -3,7 +3,7 @@
 On the CPU the capture itself cannot run, so the task-level logic around it (manual optimization, the step count,
 the learning-rate schedule on a device tensor, gradient clipping, the fused optimizer's on-device skip of
 non-finite steps, the box padding, logging, checkpoints) runs with :class:`EagerSteps` in place of
-:class:`tasks.graphed.CapturedStep`: the same step function, called eagerly every time. The GPU tests capture and
+:class:`tasks.captured_step.CapturedStep`: the same step function, called eagerly every time. The GPU tests capture and
 replay for real and compare with eager training.
 """
 
@@ -42,7 +42,7 @@ ADAMW = ["optim=adamw", "+task.module.optimizer.eps=1e-3"]
 
 
 class EagerSteps:
-    """Stands in for :class:`tasks.graphed.CapturedStep` on the CPU: calls the step function eagerly each time, and
+    """Stands in for :class:`tasks.captured_step.CapturedStep` on the CPU: calls the step function eagerly each time, and
     after ``warmup`` calls holds the shapes a capture would have fixed (``matches``), counting the calls a graph
     would have replayed (``replays``) and those run eagerly for other shapes (``eager_calls``)."""
 
@@ -80,9 +80,9 @@ class EagerSteps:
 
 @pytest.fixture
 def eager_capture(monkeypatch):
-    import tasks.graphed
+    import tasks.captured_step
 
-    monkeypatch.setattr(tasks.graphed, "CapturedStep", EagerSteps)
+    monkeypatch.setattr(tasks.captured_step, "CapturedStep", EagerSteps)
     monkeypatch.setattr(DenseTask, "_check_cuda_graph_setup", lambda self: None)
 
 
@@ -103,18 +103,18 @@ def compiled_calls(monkeypatch):
 
 @pytest.fixture
 def recorded_step(monkeypatch):
-    """The real :class:`tasks.graphed.CapturedStep`, recording the last one made: ``recorded_step["step"]``."""
-    import tasks.graphed
+    """The real :class:`tasks.captured_step.CapturedStep`, recording the last one made: ``recorded_step["step"]``."""
+    import tasks.captured_step
 
     steps = {}
-    original = tasks.graphed.CapturedStep
+    original = tasks.captured_step.CapturedStep
 
     class Recording(original):
         def __init__(self, fn, **kwargs):
             super().__init__(fn, **kwargs)
             steps["step"] = self
 
-    monkeypatch.setattr(tasks.graphed, "CapturedStep", Recording)
+    monkeypatch.setattr(tasks.captured_step, "CapturedStep", Recording)
     return steps
 
 
@@ -401,7 +401,7 @@ def test_the_capture_lets_other_threads_use_cuda(monkeypatch):
     thread-local, as the default (global) mode fails on any other thread's CUDA call."""
     import contextlib
 
-    import tasks.graphed
+    import tasks.captured_step
 
     modes = []
 
@@ -410,10 +410,10 @@ def test_the_capture_lets_other_threads_use_cuda(monkeypatch):
         modes.append(capture_error_mode)
         yield
 
-    monkeypatch.setattr(tasks.graphed, "_check_cuda_inputs", lambda inputs, what: None)
+    monkeypatch.setattr(tasks.captured_step, "_check_cuda_inputs", lambda inputs, what: None)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
     monkeypatch.setattr(torch.cuda, "graph", graph)
-    step = tasks.graphed.CapturedStep(lambda x: x * 2, warmup=1)
+    step = tasks.captured_step.CapturedStep(lambda x: x * 2, warmup=1)
     step.capture(torch.ones(2))
     assert modes == ["thread_local"] and step.captured and torch.equal(step.static_output, torch.full((2,), 2.0))
 

@@ -16,7 +16,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from datasets.errors import DatasetError
-from tasks.coco_eval import (
+from evaluation.coco import (
     METRIC_NAMES,
     CocoEvaluator,
     EvalPayload,

@@ -239,7 +239,7 @@ def test_convert_then_predict_matches_effdet_on_an_image_file(tmp_path, name, si
     import cv2
     import numpy as np
 
-    from tasks.predictor import Predictor
+    from inference.predictor import Predictor
 
     sys.path.insert(0, str(ROOT / "tools"))
     from convert_weights import convert

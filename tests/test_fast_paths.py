@@ -9,8 +9,8 @@ import torch
 from torchvision.ops import box_iou
 
 from heads import flatten_levels
+from inference.fast_paths import FastPaths, optimize_model, prepare_predictor
 from tasks.config import compose
-from tasks.inference import FastPaths, optimize_model, prepare_predictor
 from tasks.runner import build_model, build_task
 
 #: bf16 autocast against float32, for a D0 detector (stated in docs/benchmarks.md); the detections of a trained
@@ -117,7 +117,7 @@ def task():
 def test_predictor_applies_fast_paths_to_a_copy(task):
     import numpy as np
 
-    from tasks.predictor import Predictor
+    from inference.predictor import Predictor
 
     before = {k: v.clone() for k, v in task.model.state_dict().items()}
     fast = Predictor(task, config={}, device="cpu")

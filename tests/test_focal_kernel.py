@@ -1,4 +1,4 @@
-"""The one-pass focal loss kernel (heads.focal_kernel) gives the eager loss and its autograd gradient.
+"""The one-pass focal loss kernel (layers.kernels.focal_loss) gives the eager loss and its autograd gradient.
 
 Without a GPU it runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET before Triton is imported).
 """
@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heads import _triton, focal_kernel
 from heads.losses import IGNORE, DetectionLoss
+from layers.kernels import dispatch as _triton
+from layers.kernels import focal_loss as focal_kernel
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not focal_kernel.available(DEVICE), reason="needs Triton")

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from layers.norm_folding import fold_batchnorm
 from models import efficientdet
-from models.fusion import fold_batchnorm
 
 
 def _randomise_norms(model: torch.nn.Module, seed: int = 0) -> None:

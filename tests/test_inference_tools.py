@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+from inference.predictor import Predictor
 from tasks.checkpoint import CheckpointError, merge_checkpoint_config, read_checkpoint
 from tasks.config import compose
-from tasks.predictor import Predictor
 from tasks.runner import evaluate, load_finetune_weights, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -279,7 +279,7 @@ def test_custom_head_example_from_the_docs_runs():
 def test_output_names_do_not_collide(tmp_path):
     """Pictures are named by the input's stem; repeated stems (same name in two folders, or two extensions) get
     their path below the common folder, so no output overwrites another."""
-    from tasks.predict_runner import output_names
+    from inference.predict_runner import output_names
 
     paths = [tmp_path / "camA" / "0001.jpg", tmp_path / "camB" / "0001.jpg", tmp_path / "camA" / "frame.jpg",
              tmp_path / "camA" / "frame.png", tmp_path / "camB" / "solo.jpg"]
@@ -296,7 +296,7 @@ def test_images_are_read_as_stored_like_the_datasets(tmp_path):
     from PIL import Image
 
     from datasets._imageio import decode_image, read_file
-    from tasks.predictor import read_rgb
+    from inference.predictor import read_rgb
 
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees to display

@@ -1,4 +1,4 @@
-"""The matching kernel (heads.match_kernel) finds the best IoUs that the [B, G, A] IoU matrix gives, exactly.
+"""The matching kernel (layers.kernels.matching) finds the best IoUs that the [B, G, A] IoU matrix gives, exactly.
 
 Without a GPU it runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET before Triton is imported).
 """
@@ -8,9 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heads import AnchorGenerator, BoxCoder, IoUMatcher, TargetAssigner, _triton, match_kernel
+from benchmarks.harness import count_ops
+from heads import AnchorGenerator, BoxCoder, IoUMatcher, TargetAssigner
 from heads.matcher import box_iou
-from tasks.benchmark import count_ops
+from layers.kernels import dispatch as _triton
+from layers.kernels import matching as match_kernel
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_triton = pytest.mark.skipif(not match_kernel.available(DEVICE), reason="needs Triton")
@@ -171,7 +173,7 @@ def test_auto_falls_back_to_the_iou_matrix_when_the_kernel_cannot_run(monkeypatc
 
 
 def test_backend_rules_without_running_a_kernel(monkeypatch):
-    from heads import _triton as shared
+    from layers.kernels import dispatch as shared
 
     monkeypatch.setattr(match_kernel, "usable", lambda device: True)
     assert IoUMatcher(impl="auto").backend(torch.device("cuda")) == "triton"

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from backbones import FeatureSpec, check_features
+from layers.conv import MaxPoolDown
 from necks import BiFPN, FusionNode, bifpn_topology
-from necks.layers import MaxPoolDown
 
 SPECS = {
     "p3": FeatureSpec(channels=40, stride=8),

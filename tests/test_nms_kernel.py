@@ -1,4 +1,4 @@
-"""The greedy NMS kernel (heads.nms_kernel) keeps what the reference NMS keeps (tests/nms_reference.py), cut after
+"""The greedy NMS kernel (layers.kernels.nms) keeps what the reference NMS keeps (tests/nms_reference.py), cut after
 max_keep.
 
 Without a GPU it runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET before Triton is imported).
@@ -10,7 +10,8 @@ import pytest
 import torch
 from nms_reference import dense_greedy_nms
 
-from heads import _triton, nms_kernel
+from layers.kernels import dispatch as _triton
+from layers.kernels import nms as nms_kernel
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not nms_kernel.available(DEVICE), reason="needs Triton")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from heads import nms_kernel
 from heads.box_coder import BoxCoder
 from heads.postprocess import DetectionPostProcess
+from layers.kernels import nms as nms_kernel
 
 CODER = BoxCoder()
 

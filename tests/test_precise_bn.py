@@ -86,7 +86,7 @@ def test_a_layer_no_batch_reaches_keeps_its_statistics():
 
 
 def _statistics_on(rank: int) -> dict:
-    from tasks.distributed import all_reduce_sum
+    from utils.distributed import all_reduce_sum
 
     stats = recompute_norm_statistics(_net(), _batches()[rank::2], all_reduce=all_reduce_sum)
     return {k: (m.tolist(), v.tolist()) for k, (m, v) in stats.items()}

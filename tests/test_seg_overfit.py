@@ -9,11 +9,11 @@ import torch
 
 from backbones import TimmBackbone
 from datasets import CityscapesSegmentation, build_segmentation_eval_transform, collate_segmentation
+from evaluation.miou import ConfusionMatrix
 from heads import SegmentationHead, SegmentationLoss, upsample_logits
 from models import DenseModel
 from necks import BiFPN
 from tasks.base import IMAGENET_MEAN, IMAGENET_STD
-from tasks.seg_metrics import ConfusionMatrix
 
 
 @pytest.mark.slow

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from gloo_processes import run_on_two_processes
 
 from backbones import FeatureSpec, TimmBackbone
+from evaluation.miou import ConfusionMatrix, format_iou_table, iou_from_confusion
 from heads import SegmentationHead, SegmentationLoss, SegmentationOutput, ohem_cross_entropy, upsample_logits
 from models import DenseModel
 from necks import BiFPN
-from tasks.seg_metrics import ConfusionMatrix, format_iou_table, iou_from_confusion
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_weighted_smoothed_loss_is_cross_entropy_mean():
 @pytest.mark.parametrize("ohem", [None, 0.7])
 def test_loss_does_not_wait_for_the_device(ohem):
     """No host synchronisation (a training step with it can be captured as a CUDA graph)."""
-    from tasks.benchmark import _OpCounter
+    from benchmarks.harness import _OpCounter
 
     logits = torch.randn(2, 3, 4, 4, requires_grad=True)
     target = torch.randint(0, 3, (2, 8, 8))

@@ -278,7 +278,7 @@ def test_a_box_dropped_from_training_is_not_a_ground_truth_in_the_evaluation(tmp
     from test_coco_eval import _batch, _gt_dataset, _perfect
 
     from datasets import CocoDetection
-    from tasks.coco_eval import CocoEvaluator
+    from evaluation.coco import CocoEvaluator
 
     data = _gt_dataset()
     data["annotations"].append({"id": 6, "image_id": 2, "category_id": 5, "bbox": [30.0, 40.0, 0.0, 20.0],
@@ -299,7 +299,7 @@ def test_a_box_dropped_from_training_is_not_a_ground_truth_in_the_evaluation(tmp
 def test_an_evaluation_without_ground_truth_says_so(caplog):
     from test_coco_eval import _batch, _gt_dataset
 
-    from tasks.coco_eval import CocoEvaluator, load_coco
+    from evaluation.coco import CocoEvaluator, load_coco
 
     data = _gt_dataset()
     data["annotations"] = []

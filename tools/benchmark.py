@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 def main(cfg: DictConfig) -> None:
     from pathlib import Path
 
-    from tasks.benchmark import BenchmarkError, environment, format_table, run_benchmark, write_rows
+    from benchmarks.harness import BenchmarkError, environment, format_table, run_benchmark, write_rows
 
     lines = [{"measure": "environment", **environment()}]  # what benchmark.jsonl holds: versions, then the rows
     print(json.dumps(lines[0]), flush=True)

@@ -55,7 +55,7 @@ def _check_config_builds(cfg: dict, state: dict) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from backbones.timm_backbone import state_dict_mismatches
+    from utils.state_dicts import state_dict_mismatches
 
     with torch.device("meta"):
         model = hydra.utils.instantiate(OmegaConf.create(cfg["model"]))

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
 def main(cfg: DictConfig) -> None:
-    from tasks.export_runner import export
+    from inference.export_runner import export
 
     with user_errors():
         export(cfg, HydraConfig.get().runtime.output_dir)

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")
 def main(cfg: DictConfig) -> None:
-    from tasks.predict_runner import predict
+    from inference.predict_runner import predict
 
     with user_errors():
         predict(cfg, HydraConfig.get().runtime.output_dir)

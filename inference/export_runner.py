@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import CheckpointError
-from .coco_eval import atomic_write_json
+from evaluation.coco import atomic_write_json
+from tasks.checkpoint import CheckpointError
+
 from .export import ExportModule, check_onnx, check_torchscript, export_onnx, export_torchscript
 from .predictor import Predictor
 
@@ -38,7 +39,7 @@ def _export_size(cfg: DictConfig, predictor: Predictor) -> tuple[int, int]:
 
 
 def export(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    from .config_checks import check_export_config
+    from tasks.config_checks import check_export_config
 
     check_export_config(cfg)
     run_dir = Path(run_dir)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements recorded in docs/benchmarks.md, one benchmark process per part, within a time budget.
-# Usage: OUT=outputs/bench_gpu BUDGET=545 [PARTS="d0 d0_train d0_fit graph_fit d0_fused d0_step d0_step_fused d3_step focal d3 d3_profile fit_profile seg seg_train d0_train_compiled d3_compiled d3_train_compiled train_compiled graph_fit_compiled match"] bash tools/bench_gpu.sh
+# Usage: OUT=outputs/bench_gpu BUDGET=545 [PARTS="d0 d0_train d0_fit graph_fit d0_step d3_step focal d3 d3_profile fit_profile seg seg_train d0_train_compiled d3_compiled d3_train_compiled train_compiled graph_fit_compiled match"] bash benchmarks/gpu_parts.sh
 # JSON lines go to $OUT/<part>.jsonl, logs to $OUT/<part>.log (parts of the same name append); a part that
 # would overrun the budget is cut short (the lines it printed so far are kept). FOCAL_IMPLS="torch" limits the
 # focal part to the PyTorch loss (the default, auto, is what the other parts measure), FOCAL_BACKBONES="b0" to D0;
@@ -41,13 +41,8 @@ for p in $PARTS; do
     fi ;;
   d0_step)  # the D0 training step alone (both eager), profiled: where its GPU time goes
     run d0_step 90 backbone=b0 compare=effdet fast.compile=false measures=[train] iters=5 profile=true ;;
-  d0_step_fused)  # the same with the one-pass weight casts (task.module.fused_weight_casts=true; off by default)
-    run d0_step_fused 90 backbone=b0 compare=effdet fast.compile=false measures=[train] iters=5 profile=true \
-      task.module.fused_weight_casts=true ;;
   d3_step)  # the D3 training step alone (both eager), profiled
     run d3_step 120 backbone=b3 compare=effdet fast.compile=false measures=[train] iters=3 profile=true ;;
-  d0_fused)  # D0 training with the one-pass weight casts (task.module.fused_weight_casts=true; off by default)
-    run d0_fused 90 backbone=b0 compare=effdet fast.compile=false measures=[ops,train,fit] iters=5 task.module.fused_weight_casts=true ;;
   graph_fit)  # the Lightning loop with the training step captured as one CUDA graph (task.module.cuda_graph=true),
     # D0 and D3, against effdet's bare eager step in the same process
     for b in ${GRAPH_BACKBONES:-b0 b3}; do
@@ -73,11 +68,11 @@ for p in $PARTS; do
     run fit_profile 150 backbone=b3 fast.compile=false measures=[train,fit] iters=3 profile=true ;;
   d3_profile)  # D3 predict, training step (both with effdet) and the Lightning loop, all eager and profiled
     run d3_profile 150 backbone=b3 compare=effdet fast.compile=false measures=[predict,train,fit] iters=3 profile=true ;;
-  d3)  # D3 predict (batch 16) and training (batch 8), both eager (bf16, channels-last); ours also as one CUDA graph
-    run d3 150 backbone=b3 compare=effdet fast.compile=false measures=[agreement,predict,train,train_graph,fit] iters=5 ;;
-  d0_train)  # D0 training step at batch 32, both eager; ours also as one CUDA graph, and in the Lightning loop (fit)
-    run d0_train 120 backbone=b0 compare=effdet fast.compile=false measures=[ops,train,train_graph,fit] iters=5 profile=true ;;
-  d0_fit)  # the same without the graph and the profiles: operations and syncs, the bare step and the Lightning loop
+  d3)  # D3 predict (batch 16) and training (batch 8), both eager (bf16, channels-last), and the Lightning loop
+    run d3 150 backbone=b3 compare=effdet fast.compile=false measures=[agreement,predict,train,fit] iters=5 ;;
+  d0_train)  # D0 training step at batch 32, both eager, and in the Lightning loop (fit)
+    run d0_train 120 backbone=b0 compare=effdet fast.compile=false measures=[ops,train,fit] iters=5 profile=true ;;
+  d0_fit)  # the same without the profiles: operations and syncs, the bare step and the Lightning loop
     run d0_fit 90 backbone=b0 compare=effdet fast.compile=false measures=[ops,train,fit] iters=5 ;;
   focal)  # the training step with the focal loss as PyTorch operations, then as the Triton kernel (the CUDA default); D0, D3
     for impl in ${FOCAL_IMPLS:-torch auto}; do  # each with effdet in the same process, so the ratios compare across processes
@@ -89,9 +84,10 @@ for p in $PARTS; do
     for b in b0 b1 b2 b3; do
       run seg 60 task=segmentation backbone=$b measures=[params,predict,train] fast.compile=false iters=5 rounds=2
     done ;;
-  seg_train)  # the segmentation training step at the 512x1024 crop, eager and captured as one CUDA graph, b0..b3
+  seg_train)  # the segmentation training step at the 512x1024 crop, eager, then the loop with the captured step, b0..b3
     for b in b0 b1 b2 b3; do
-      run seg_train 60 task=segmentation backbone=$b measures=[ops,train,train_graph] fast.compile=false iters=5 rounds=2
+      run seg_train 60 task=segmentation backbone=$b measures=[ops,train] fast.compile=false iters=5 rounds=2
+      run seg_train 60 task=segmentation backbone=$b measures=[fit] fast.compile=false iters=5 rounds=2 task.module.cuda_graph=true
     done ;;
   d0_train_compiled)  # training with both networks compiled (compilation of forward + backward takes minutes)
     run d0_train 300 backbone=b0 compare=effdet measures=[train] iters=5 ;;

@@ -37,7 +37,7 @@ class SeparableConv2d(nn.Module):
     Stride is always 1 here, where "same" and symmetric padding coincide, so one padding serves both modes.
     """
 
-    #: ``pointwise`` feeds ``norm`` (see :func:`models.fusion.fold_batchnorm`).
+    #: ``pointwise`` feeds ``norm`` (see :func:`layers.norm_folding.fold_batchnorm`).
     batchnorm_fold_pairs = (("pointwise", "norm"),)
 
     def __init__(

@@ -30,9 +30,9 @@ from torch.utils._pytree import tree_map
 
 from backbones.timm_backbone import inplace_activations_for_inference
 from heads import flatten_levels
-from models.fusion import fold_batchnorm
-
-from .graphed import warm_up
+from layers.norm_folding import fold_batchnorm
+from tasks.captured_step import warm_up
+from utils.devices import native_bf16_cuda
 
 log = logging.getLogger(__name__)
 
@@ -42,25 +42,10 @@ __all__ = [
     "FlatDetector",
     "SegmentationPredictor",
     "compile_module",
-    "native_bf16_cuda",
     "prepare_predictor",
 ]
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def native_bf16_cuda(device: torch.device | str | None = None) -> bool:
-    """Whether the CUDA GPU ``device`` (default: the current one) computes in bfloat16 natively (compute capability
-    8.0+). Older GPUs emulate it, slower than float32, so ``"auto"`` precisions (inference and training) only pick
-    bf16 where it is native."""
-    if not torch.cuda.is_available():
-        return False
-    device = torch.device(device) if device is not None else None
-    with torch.cuda.device(device) if device is not None and device.index is not None else contextlib.nullcontext():
-        try:
-            return torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # torch before the argument existed: emulation was not counted
-            return torch.cuda.is_bf16_supported()
 
 
 @dataclass(frozen=True)

@@ -64,8 +64,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from heads import flatten_levels
-
-from .inference import CapturedCall, FastPaths, FlatDetector, compile_module, prepare_predictor
+from inference.fast_paths import CapturedCall, FastPaths, FlatDetector, compile_module, prepare_predictor
 
 __all__ = ["BenchmarkError", "calibrate_bn", "format_table", "run_benchmark"]
 
@@ -207,7 +206,7 @@ class _Effdet:
 
 # ----------------------------------------------------------------------------------------------- pieces
 class _GraphedModule(torch.nn.Module):
-    """``module`` called through :class:`tasks.inference.CapturedCall` (a module, so it can stand in for one)."""
+    """``module`` called through :class:`inference.fast_paths.CapturedCall` (a module, so it can stand in for one)."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         super().__init__()
@@ -371,7 +370,7 @@ def _effdet_paths(cfg: DictConfig, paths: FastPaths) -> FastPaths:
 
 def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: None) -> list[dict]:
     """Run the measurements of ``cfg`` (configs/benchmark.yaml); ``emit`` sees each row as it is made."""
-    from .runner import build_model, build_task
+    from tasks.runner import build_model, build_task
 
     unknown = [m for m in cfg.measures if m not in MEASURES]
     if unknown:
@@ -570,7 +569,7 @@ def _fit(cfg: DictConfig, task, paths: FastPaths, device: torch.device, batch: i
 
     from lightning.pytorch.loggers import CSVLogger
 
-    from .runner import build_task, loop_callbacks, trainer_kwargs
+    from tasks.runner import build_task, loop_callbacks, trainer_kwargs
 
     graph = bool(cfg.task.module.get("cuda_graph", False))  # CUDA only (checked by run_benchmark)
     warmup = max(int(cfg.warmup), 3)  # the counted step (warmup - 2) comes after the first, which creates state
@@ -885,8 +884,8 @@ def _print_profile(prof, device: torch.device, title: str) -> None:
 def _our_train_step(task, paths: FastPaths, device, x, *targets) -> Callable[[], None]:
     """This project's training step on ``x`` and its ``targets`` (detection: boxes, labels; segmentation: masks):
     forward, loss, backward, SGD step."""
-    from .detection import DetectionTask
-    from .inference import _anchors_for
+    from inference.fast_paths import _anchors_for
+    from tasks.detection import DetectionTask
 
     model = _working_copy(task.model, paths, device, train=True)
     if paths.channels_last:

@@ -31,7 +31,7 @@ class ExportModule(nn.Module):
 
     def __init__(self, task, *, postprocess: bool = True) -> None:
         super().__init__()
-        from .segmentation import SegmentationTask
+        from tasks.segmentation import SegmentationTask
 
         # The plain pieces, not the LightningModule (tracing must not touch Trainer-bound attributes).
         self.model = task.model

@@ -19,7 +19,7 @@ import contextlib
 
 import torch
 
-from ._triton import available, checked, lazy_kernel
+from .dispatch import available, checked, lazy_kernel
 
 __all__ = ["MAX_KEEP_LIMIT", "available", "greedy_nms_scan", "usable"]
 

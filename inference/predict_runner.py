@@ -10,10 +10,11 @@ import cv2
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .coco_eval import atomic_write_json
-from .inference import FastPaths
+from evaluation.coco import atomic_write_json
+from evaluation.seg_writer import write_image_atomic
+
+from .fast_paths import FastPaths
 from .predictor import Predictor, list_images, read_rgb
-from .seg_writer import write_image_atomic
 from .visualize import draw_detections, overlay_segmentation
 
 __all__ = ["output_names", "predict"]
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 def predict(cfg: DictConfig, run_dir: str | Path) -> list[dict[str, Any]]:
     """Predict on ``cfg.inputs`` with ``cfg.ckpt``; returns the entries written to predictions.json."""
-    from .config_checks import check_predict_config
+    from tasks.config_checks import check_predict_config
 
     check_predict_config(cfg)
     run_dir = Path(run_dir)

@@ -51,7 +51,7 @@ def overlay_segmentation(
     image: np.ndarray, mask: np.ndarray, class_names: Sequence[str], *, alpha: float = 0.5
 ) -> np.ndarray:
     """``image`` (HxWx3 uint8 RGB) blended with the class colours of ``mask`` (HxW class map, 255 = none)."""
-    from .seg_writer import colorize
+    from evaluation.seg_writer import colorize
 
     colours = colorize(mask, palette_for(class_names))
     blended = cv2.addWeighted(image, 1.0 - alpha, colours, alpha, 0.0)

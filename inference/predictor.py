@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from .checkpoint import CheckpointError, apply_overrides, read_checkpoint, stored_normalization
-from .inference import FastPaths, optimize_model
+from tasks.checkpoint import CheckpointError, apply_overrides, read_checkpoint, stored_normalization
+
+from .fast_paths import FastPaths, optimize_model
 
 __all__ = ["IMAGE_SUFFIXES", "Predictor", "list_images", "read_rgb"]
 
@@ -84,7 +85,7 @@ class Predictor:
         config: the run config (resolved dict) the task was built from.
         class_names: names of the labels, in label order.
         device: where to run.
-        fast: inference speed-ups (:class:`tasks.inference.FastPaths`; by default BatchNorm folding,
+        fast: inference speed-ups (:class:`inference.fast_paths.FastPaths`; by default BatchNorm folding,
             channels-last and, on CUDA, bf16 autocast; no compilation, since image sizes vary). They apply to
             a copy of the model: ``task`` is not changed. ``FastPaths(fold_bn=False, channels_last=False,
             precision="fp32")`` predicts exactly as evaluation does.
@@ -92,12 +93,12 @@ class Predictor:
 
     def __init__(self, task, *, config: dict[str, Any], class_names: Sequence[str] | None = None,
                  device: str | torch.device = "cpu", fast: FastPaths | None = None) -> None:
-        from .segmentation import SegmentationTask
+        from tasks.segmentation import SegmentationTask
 
         self.device = torch.device(device)
         self.fast = (fast or FastPaths(compile=False)).resolve(self.device)
         if self.fast.compile:
-            raise ValueError("Predictor does not compile (image sizes vary); use tasks.inference.prepare_predictor")
+            raise ValueError("Predictor does not compile (image sizes vary); use inference.fast_paths.prepare_predictor")
         self.task = task.eval()
         if self.fast.fold_bn or self.fast.channels_last:
             fast_model, _ = optimize_model(task.model, self.fast, self.device)
@@ -133,8 +134,8 @@ class Predictor:
         changes of the stored config (e.g. ``task.module.postprocess.iou_threshold=0.6``)."""
         from hydra.utils import instantiate
 
-        from .config import register_resolvers
-        from .runner import load_checkpoint_weights
+        from tasks.config import register_resolvers
+        from tasks.runner import load_checkpoint_weights
 
         register_resolvers()
         ckpt = read_checkpoint(path)

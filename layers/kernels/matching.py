@@ -24,7 +24,7 @@ import contextlib
 
 import torch
 
-from ._triton import available, checked, lazy_kernel
+from .dispatch import available, checked, lazy_kernel
 
 __all__ = ["available", "iou_reductions", "reference", "usable"]
 
@@ -148,7 +148,7 @@ def reference(
     gt_boxes: torch.Tensor, anchors: torch.Tensor, gt_valid: torch.Tensor, *, per_gt: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """:func:`iou_reductions` from PyTorch operations, through the ``[B, G, A]`` IoU matrix."""
-    from .matcher import box_iou, matrix_reductions
+    from ..boxes import box_iou, matrix_reductions
 
     return matrix_reductions(box_iou(gt_boxes, anchors[None]), gt_valid.to(torch.bool), per_gt=per_gt)
 

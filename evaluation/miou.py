@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from .distributed import is_distributed
+from utils.distributed import is_distributed
 
 __all__ = ["ConfusionMatrix", "format_iou_table", "iou_from_confusion"]
 

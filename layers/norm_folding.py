@@ -8,7 +8,7 @@ memory pass less per norm.
 Which conv feeds which norm is read from the module structure, never guessed from names alone:
 
 - modules that declare ``batchnorm_fold_pairs`` (``(conv attribute, norm attribute)`` pairs applied in that
-  order in ``forward``), as :class:`necks.layers.SeparableConv2d` and :class:`necks.layers.ConvNorm` do;
+  order in ``forward``), as :class:`layers.conv.SeparableConv2d` and :class:`layers.conv.ConvNorm` do;
 - the EfficientNet blocks of timm (stem, depthwise-separable, inverted-residual and edge-residual blocks),
   whose pairs are listed in :data:`TIMM_FOLD_PAIRS`;
 - ``conv`` immediately followed by a norm inside an ``nn.Sequential``;

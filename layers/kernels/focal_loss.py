@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from ._triton import available, checked, lazy_kernel
+from .dispatch import available, checked, lazy_kernel
 
 __all__ = ["available", "focal_loss", "focal_loss_and_grad", "usable"]
 

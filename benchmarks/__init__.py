@@ -1,0 +1,1 @@
+"""The speed benchmark behind ``tools/benchmark.py``: this project and effdet measured side by side."""
