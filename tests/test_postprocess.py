@@ -12,6 +12,7 @@ from torchvision.ops import box_iou
 from heads.box_coder import BoxCoder
 from heads.postprocess import DetectionPostProcess
 from layers.kernels import nms as nms_kernel
+from layers.nms import ranked_topk
 
 CODER = BoxCoder()
 
@@ -375,12 +376,11 @@ def test_topk_ranks_like_a_full_sort(b, a, c, k, dtype):
     """The two-step ranking (per-anchor maxima, then the logits of the best k anchors; k < A) gives the k largest
     logits of a full sort, ties by index; bf16 and fp16 logits have many ties; k >= A (down to k = A * C) takes
     one plain top-k, re-ordered the same way."""
-    from heads.postprocess import _topk
 
     g = torch.Generator().manual_seed(5)
     cls = (torch.randn(b, a, c, generator=g) * 2 - 4).to(dtype)
     cls[0, :10] += 8.0  # a few confident anchors
-    values, index = _topk(cls, k)
+    values, index = ranked_topk(cls, k)
     assert values.dtype == dtype and index.dtype == torch.long
     _assert_ranked(cls, k, values, index)
 
@@ -389,7 +389,6 @@ def test_topk_ranks_like_a_full_sort(b, a, c, k, dtype):
 def test_topk_with_special_values_ranks_like_a_full_sort(seed):
     """Small maps of NaN, +-inf, +-0 and a few repeated values, every k (both paths: k < A and k >= A): the first k
     of a stable descending sort, NaN before +inf also at the cut, and each k's ranking begins the next one's."""
-    from heads.postprocess import _topk
 
     g = torch.Generator().manual_seed(seed)
     pool = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1.0, 2.0, -1.0])
@@ -401,7 +400,7 @@ def test_topk_with_special_values_ranks_like_a_full_sort(seed):
         ref_values, ref_index = _ranked(cls, a * c)
         previous = None
         for k in range(1, a * c + 1):
-            values, index = _topk(cls, k)
+            values, index = ranked_topk(cls, k)
             torch.testing.assert_close(values, ref_values[:, :k], rtol=0, atol=0, equal_nan=True)
             assert torch.equal(index, ref_index[:, :k]), (cls, k)
             if previous is not None:
@@ -410,12 +409,11 @@ def test_topk_with_special_values_ranks_like_a_full_sort(seed):
 
 
 def test_topk_with_nan_logits_ranks_them_first_like_topk():
-    from heads.postprocess import _topk
 
     g = torch.Generator().manual_seed(7)
     cls = torch.randn(2, 500, 6, generator=g)
     cls[0, 123, 4] = cls[0, 7, 1] = cls[1, 499, 0] = float("nan")
-    values, index = _topk(cls, 50)
+    values, index = ranked_topk(cls, 50)
     ref_values, ref_index = _ranked(cls, 50)
     assert index[0, :2].tolist() == [7 * 6 + 1, 123 * 6 + 4] and index[1, 0].item() == 499 * 6
     torch.testing.assert_close(values, ref_values, rtol=0, atol=0, equal_nan=True)
@@ -460,7 +458,6 @@ def test_topk_of_tied_logits_ranks_no_more_than_k_anchors():
     synchronisation (so the predict call can be captured in a CUDA graph)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from heads.postprocess import _topk
 
     class Sizes(TorchDispatchMode):
         def __init__(self):
@@ -478,7 +475,7 @@ def test_topk_of_tied_logits_ranks_no_more_than_k_anchors():
     cls = torch.full((b, a, c), -4.6)
     cls[1, 7, 3] = 1.0
     with Sizes() as ops:
-        values, index = _topk(cls, k)
+        values, index = ranked_topk(cls, k)
     assert max(ops.ranked) == b * k * c  # the k best anchors' logits, not the b * a * c of the map
     assert not ops.names & {"nonzero", "_local_scalar_dense", "item", "masked_select"}
     _assert_ranked(cls, k, values, index)
@@ -507,14 +504,12 @@ def test_nms_prefix_gives_the_same_detections_as_all_candidates_even_with_ties(t
 
 def test_topk_of_an_image_does_not_depend_on_its_batch():
     """Each image is ranked on its own: the same rows alone and batched (one with 9,000 equal top logits)."""
-    from heads.postprocess import _topk
-
     k = 512
     g = torch.Generator().manual_seed(3)
     tied = torch.randn(1, 3000, 90, generator=g) - 10.0
     tied.view(1, -1)[0, torch.randperm(3000 * 90, generator=g)[:9000]] = 5.0  # 9,000 equal top logits
     plain = torch.randn(1, 3000, 90, generator=g)
-    alone = [_topk(x, k) for x in (tied, plain)]
-    batched = _topk(torch.cat([tied, plain]), k)
+    alone = [ranked_topk(x, k) for x in (tied, plain)]
+    batched = ranked_topk(torch.cat([tied, plain]), k)
     for i, (values, index) in enumerate(alone):
         assert torch.equal(batched[0][i], values[0]) and torch.equal(batched[1][i], index[0])
