@@ -1,8 +1,7 @@
 """The focal classification loss of :class:`heads.DetectionLoss` and its gradient in one pass (Triton).
 
 The eager loss makes about twenty passes over the ``[B, A, C]`` logits between forward and backward (casts, signs,
-weights, softplus, sigmoid, power, products and each of their gradients): at D0, batch 32, that is 141 M logits
-and some 30 GB of memory traffic per training step. Here one GPU program per block of anchors reads its logits and
+weights, softplus, sigmoid, power, products and each of their gradients). Here one GPU program per block of anchors reads its logits and
 targets and writes the block's loss sum (forward), or writes the gradient with respect to its logits already
 multiplied by the incoming gradient and divided by the normalizer (backward): two reads and one write of the
 logits in all, in their own dtype, and the gradient is rounded once.

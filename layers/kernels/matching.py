@@ -1,16 +1,13 @@
 """The IoU reductions of anchor matching as one GPU kernel (Triton), for :class:`heads.IoUMatcher` on CUDA.
 
 Matching needs, per anchor, its best ground truth (the highest IoU, the lowest index on ties) and, with low-quality
-matches, per ground truth its best anchor. Built from PyTorch operations, that means an IoU matrix ``[B, G, A]``,
-about 15 element-wise passes over it and two reductions: with the boxes of a batch padded to 100 per image (what
-the captured training step does), 157 M pairs at D0 with batch 32, about 22 GB of memory traffic per step (counted
-with a dispatch trace; 17 GB at D3 with batch 8). Here one program per block of anchors of one image walks the image's
-ground truths in chunks, computes the IoUs in registers and keeps the running best per anchor; the best anchor of
-each ground truth within the block is written out, and a small reduction over blocks finds the overall best. It
-reads the anchors and boxes and writes ``[B, A]`` results: no ``[B, G, A]`` tensor, no host synchronisation, fixed
-output shapes (so it can be captured in the training step's CUDA graph).
+matches, per ground truth its best anchor. PyTorch operations build the ``[B, G, A]`` IoU matrix and reduce it; here
+one program per block of anchors of one image walks the image's ground truths in chunks, keeps the running best per
+anchor in registers and writes each ground truth's best anchor within the block, and a small reduction over blocks
+finds the overall best: no ``[B, G, A]`` tensor, no host synchronisation, fixed output shapes (so it can be captured
+in the training step's CUDA graph).
 
-The IoU is computed as :func:`heads.matcher.box_iou` computes it (the same operations in the same order, IEEE
+The IoU is computed as :func:`layers.boxes.box_iou` computes it (the same operations in the same order, IEEE
 division, no fused multiply-adds), so every comparison with the thresholds, and every tie, is decided as the
 PyTorch path decides it.
 
