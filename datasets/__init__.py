@@ -17,18 +17,16 @@ from .cityscapes import (
     CityscapesSegmentation,
     train_ids_to_label_ids,
 )
-from .coco import LABEL_MODES, CocoDetection, collate_detection, load_coco_annotations
+from .coco import LABEL_MODES, CocoDetection, collate_detection
+from .coco_annotations import load_coco_annotations
 from .coco_names import COCO_CATEGORIES, coco_label_names
 from .errors import DatasetError, DatasetNotFoundError
-from .segmentation import (
-    IGNORE_INDEX,
-    SegmentationDataset,
-    SegmentationFolder,
+from .segmentation import IGNORE_INDEX, SegmentationDataset, collate_segmentation, default_palette
+from .segmentation_folder import SegmentationFolder
+from .segmentation_transforms import (
     SegmentationTransform,
     build_segmentation_eval_transform,
     build_segmentation_train_transform,
-    collate_segmentation,
-    default_palette,
 )
 from .synthetic import SYNTHETIC_CATEGORIES, synthetic_coco_root, write_synthetic_coco
 from .synthetic_cityscapes import (

@@ -155,8 +155,8 @@ class CityscapesSegmentation(SegmentationDataset):
         skip_bad: skip bad input instead of raising :class:`DatasetError`: images without an annotation are
             dropped (one warning counts them); a sample whose image or mask turns out corrupt, truncated, of the
             wrong size or holding unknown label ids is replaced by the next usable one and named in a warning.
-        decoded_cache: a folder keeping every pair decoded (see :class:`datasets.SegmentationDataset`): the
-            loader then reads a frame in about a millisecond instead of decoding two PNGs.
+        decoded_cache: a folder keeping every pair decoded, so a frame's two PNGs are decoded once (see
+            :class:`datasets.decoded_cache.DecodedCache`).
 
     Images are sorted by path. ``output_name(i)`` is ``"<city>_<seq>_<frame>"``: write a prediction as
     ``<output_name>_leftImg8bit.png`` holding ``label_ids_for_output(pred)`` for the official evaluation.

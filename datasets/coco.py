@@ -1,11 +1,9 @@
-"""COCO-format detection dataset (pycocotools) and the batch collate function."""
+"""COCO-format detection dataset and the batch collate function. The annotation file is read and checked by
+:mod:`datasets.coco_annotations`."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
-import json
 import logging
 import os
 from collections import Counter
@@ -21,9 +19,10 @@ from torch.utils.data import Dataset
 from ._imageio import decode_image, read_file
 from ._seeding import sample_key_split
 from ._skip import first_readable, skip_summary
+from .coco_annotations import load_checked, make_coco
 from .errors import DatasetError, DatasetNotFoundError
 
-__all__ = ["LABEL_MODES", "CocoDetection", "collate_detection", "load_coco_annotations"]
+__all__ = ["LABEL_MODES", "CocoDetection", "collate_detection"]
 
 log = logging.getLogger(__name__)
 
@@ -32,218 +31,6 @@ log = logging.getLogger(__name__)
 LABEL_MODES = ("contiguous", "category_id")
 
 _IMREAD_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # COCO boxes refer to the stored pixels
-_IMAGE_FIELDS = ("id", "file_name", "height", "width")
-_ANN_FIELDS = ("id", "image_id", "category_id", "bbox")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _contains(container, value) -> bool:
-    try:
-        return value in container
-    except TypeError:  # an unhashable id (a list, an object) is in no index
-        return False
-
-
-def _read_json(ann_file: Path) -> dict:
-    """The parsed file; the checks every COCO file must pass (what ``skip_bad`` cannot repair)."""
-    if not ann_file.is_file():
-        raise DatasetNotFoundError(f"annotation file not found: {ann_file}")
-    try:
-        with open(ann_file, "rb") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DatasetError(f"{ann_file}: not a readable JSON file ({err})") from err
-    if not isinstance(data, dict):
-        raise DatasetError(f"{ann_file}: expected a JSON object with images, annotations and categories")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise DatasetError(f"{ann_file}: missing or invalid '{key}' list")
-    if not data["categories"]:
-        raise DatasetError(f"{ann_file}: the 'categories' list is empty")
-    cat_ids = set()
-    for i, cat in enumerate(data["categories"]):
-        if not isinstance(cat, dict) or not {"id", "name"} <= cat.keys() or not _is_int(cat["id"]):
-            raise DatasetError(f"{ann_file}: categories[{i}] needs an integer id and a name")
-        if cat["id"] in cat_ids:
-            raise DatasetError(f"{ann_file}: category id {cat['id']} appears more than once")
-        cat_ids.add(cat["id"])
-    return data
-
-
-def _check_images(ann_file: Path, images: list, skip_bad: bool) -> tuple[list[dict], Counter, set]:
-    """The valid image entries; with ``skip_bad`` the others are dropped and counted, else the first raises."""
-    kept, skipped, skipped_ids, seen = [], Counter(), set(), set()
-    for i, img in enumerate(images):
-        problem = message = None
-        if not isinstance(img, dict) or not set(_IMAGE_FIELDS) <= img.keys() or not _is_int(img["id"]):
-            problem = "invalid image entry"
-            message = f"{ann_file}: images[{i}] needs id (an integer), file_name, height and width"
-        elif img["id"] in seen:  # which of the two would the annotations mean? Not repairable.
-            raise DatasetError(f"{ann_file}: image id {img['id']} appears more than once")
-        elif not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() and v > 0
-            for v in (img["height"], img["width"])
-        ):
-            problem = "invalid image size"
-            message = f"{ann_file}: image id {img['id']} has an invalid size {img['height']}x{img['width']}"
-        if problem is None:
-            seen.add(img["id"])
-            kept.append(img)
-            continue
-        if not skip_bad:
-            raise DatasetError(message)
-        skipped[problem] += 1
-        if isinstance(img, dict) and _is_int(img.get("id")):
-            skipped_ids.add(img["id"])
-    return kept, skipped, skipped_ids
-
-
-def _check_annotations(
-    ann_file: Path, anns: list, images: list[dict], cat_ids: set, skipped_image_ids: set, skip_bad: bool
-) -> tuple[list[dict], Counter]:
-    """The valid annotations; with ``skip_bad`` the others are dropped and counted, else the first raises.
-
-    Boxes that cross the border are valid (the dataset clips them); a box entirely outside its image, with a
-    negative width or height, or with non-finite numbers is not.
-    """
-    size_of = {img["id"]: (float(img["width"]), float(img["height"])) for img in images}
-    kept, sizes, skipped = [], [], Counter()
-    for i, ann in enumerate(anns):
-        problem = message = None
-        if not isinstance(ann, dict):
-            problem, message = "not a JSON object", f"{ann_file}: annotations[{i}] is not a JSON object"
-        elif missing := [k for k in _ANN_FIELDS if k not in ann]:
-            problem = f"no {missing[0]}"
-            message = (
-                f"{ann_file}: annotations[{i}] needs id, image_id, category_id and bbox "
-                f"(it has no {' and no '.join(missing)})"
-            )
-        elif _contains(skipped_image_ids, ann["image_id"]):
-            continue  # goes with its (skipped) image, which is counted already
-        elif not _contains(size_of, ann["image_id"]):
-            problem = "unknown image id"
-            message = f"{ann_file}: annotation id {ann['id']} refers to unknown image id {ann['image_id']}"
-        elif not _contains(cat_ids, ann["category_id"]):
-            problem = "unknown category id"
-            message = (
-                f"{ann_file}: annotation id {ann['id']} has category id {ann['category_id']}, "
-                "which is not in the categories list"
-            )
-        elif not (
-            isinstance(ann["bbox"], list) and len(ann["bbox"]) == 4
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in ann["bbox"])
-        ):
-            problem = "malformed bbox"
-            message = f"{ann_file}: annotation id {ann['id']} has a malformed bbox {ann['bbox']!r}"
-        if problem is None:
-            kept.append(ann)
-            sizes.append(size_of[ann["image_id"]])
-            continue
-        if not skip_bad:
-            raise DatasetError(message)
-        skipped[problem] += 1
-    if not kept:
-        return kept, skipped
-
-    boxes = np.asarray([a["bbox"] for a in kept], dtype=np.float64).reshape(-1, 4)
-    wh = np.asarray(sizes, dtype=np.float64).reshape(-1, 2)
-    with np.errstate(invalid="ignore"):
-        nonfinite = ~np.isfinite(boxes).all(1)
-        negative = ~nonfinite & ((boxes[:, 2] < 0) | (boxes[:, 3] < 0))
-        x0, y0 = boxes[:, 0], boxes[:, 1]
-        x1, y1 = x0 + boxes[:, 2], y0 + boxes[:, 3]
-        # No point in common with the image, not even its border (a box touching the border is degenerate, the
-        # dataset's min_box_size drops it).
-        outside = ~nonfinite & ~negative & ((x0 > wh[:, 0]) | (y0 > wh[:, 1]) | (x1 < 0) | (y1 < 0))
-    checks = (
-        (nonfinite, "non-finite bbox", "has a non-finite bbox {bbox!r}"),
-        (negative, "negative box size", "has a negative box size {bbox!r} (width and height must be >= 0)"),
-        (
-            outside,
-            "box outside the image",
-            "has a box {bbox!r} (x, y, w, h) entirely outside its image (image id {image_id}: {w:g} wide, {h:g} high)",
-        ),
-    )
-    bad = np.zeros(len(kept), dtype=bool)
-    for mask, problem, template in checks:
-        if not mask.any():
-            continue
-        if not skip_bad:
-            k = int(np.flatnonzero(mask)[0])
-            ann = kept[k]
-            detail = template.format(bbox=ann["bbox"], image_id=ann["image_id"], w=wh[k, 0], h=wh[k, 1])
-            raise DatasetError(f"{ann_file}: annotation id {ann['id']} {detail}")
-        skipped[problem] += int(mask.sum())
-        bad |= mask
-    if bad.any():
-        kept = [a for a, b in zip(kept, bad) if not b]
-    return kept, skipped
-
-
-def _load_checked(ann_file: Path, *, skip_bad: bool) -> tuple[dict, Counter, Counter]:
-    """The validated file contents (bad entries dropped with ``skip_bad``) and the counts of skipped annotations
-    and images by reason."""
-    data = _read_json(ann_file)
-    cat_ids = {c["id"] for c in data["categories"]}
-    images, image_skips, skipped_ids = _check_images(ann_file, data["images"], skip_bad)
-    anns, ann_skips = _check_annotations(ann_file, data["annotations"], images, cat_ids, skipped_ids, skip_bad)
-    return {**data, "images": images, "annotations": _for_evaluation(ann_file, anns)}, ann_skips, image_skips
-
-
-def _for_evaluation(ann_file: Path, anns: list[dict]) -> list[dict]:
-    """The annotations as COCO evaluation needs them, whatever tool wrote the file.
-
-    - ``iscrowd`` missing: 0; ``area`` missing: the box's area (pycocotools reads both for every annotation, and
-      ``area`` decides the small / medium / large ranges).
-    - Ids that are not unique positive integers are renumbered 1..N: pycocotools finds ground truths by id and
-      takes id 0 for "unmatched", so a box with id 0, or one of two with the same id, could never be matched
-      (many converters count from 0; merged files repeat ids). Nothing else uses these ids.
-    """
-    ids = [a["id"] for a in anns]
-    repeated = len(set(map(repr, ids))) != len(ids)  # repr: ids of any JSON type, hashable or not
-    renumber = repeated or not all(_is_int(i) and i > 0 for i in ids)
-    if renumber:
-        log.warning("%s: annotation ids are not unique positive integers (%s): renumbered 1..%d for evaluation",
-                    ann_file, "duplicates" if repeated else "0 or not an integer", len(anns))
-    out = []
-    for n, ann in enumerate(anns, 1):
-        fill = {}
-        if "iscrowd" not in ann:
-            fill["iscrowd"] = 0
-        if "area" not in ann:
-            fill["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
-        if renumber:
-            fill["id"] = n
-        out.append({**ann, **fill} if fill else ann)
-    return out
-
-
-def _make_coco(data: dict) -> COCO:
-    coco = COCO()
-    coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
-
-
-def load_coco_annotations(ann_file: str | Path, *, skip_bad: bool = False) -> COCO:
-    """Load and validate a COCO instances file into a pycocotools ``COCO`` (its prints suppressed).
-
-    Raises :class:`DatasetNotFoundError` when the file does not exist and :class:`DatasetError` naming the
-    file and the problem when it is not JSON or lacks what a detection dataset needs. With ``skip_bad`` the bad
-    annotations (unknown image or category id, no or malformed bbox, a box with a negative size or entirely
-    outside its image) and bad image entries are dropped instead, and one warning counts them by reason; what no
-    skipping can repair (not JSON, no categories, duplicate ids) still raises.
-    """
-    ann_file = Path(ann_file).expanduser()
-    data, ann_skips, image_skips = _load_checked(ann_file, skip_bad=skip_bad)
-    summary = skip_summary(str(ann_file), annotation=ann_skips, image=image_skips)
-    if summary:
-        log.warning("%s", summary)
-    return _make_coco(data)
 
 
 class CocoDetection(Dataset):
@@ -260,9 +47,9 @@ class CocoDetection(Dataset):
             ``"category_id"`` (label = category id - 1; ``cat_ids`` is ``1..num_classes``).
         num_classes: size of the label space for ``label_mode="category_id"`` (default: the largest id).
         skip_bad: skip bad input instead of raising :class:`DatasetError`. Bad annotations (see
-            :func:`load_coco_annotations`) and images whose file is missing are dropped when the dataset is built,
-            and one warning counts them by reason; an image found corrupt, truncated or of the wrong size when it
-            is read is replaced by the next readable image (index order) and named in a warning.
+            :func:`datasets.load_coco_annotations`) and images whose file is missing are dropped when the dataset
+            is built, and one warning counts them by reason; an image found corrupt, truncated or of the wrong size
+            when it is read is replaced by the next readable image (index order) and named in a warning.
 
     Crowd annotations stay in ``coco`` (evaluation uses them) but are not training targets. Images without
     objects are kept and train as pure background. Targets are precomputed into flat arrays at construction,
@@ -304,7 +91,7 @@ class CocoDetection(Dataset):
                 f"{self.ann_file}: no image left to use"
                 + (f" ({summary})" if summary else " (its 'images' list is empty)")
             )
-        self._coco: COCO | None = _make_coco(data)
+        self._coco: COCO | None = make_coco(data)
         self.transform = transform
         self.label_mode = label_mode
         self.min_box_size = float(min_box_size)
@@ -337,7 +124,7 @@ class CocoDetection(Dataset):
     def _load(self, *, check_folder: bool) -> tuple[dict, Counter, Counter]:
         """The validated annotations; with ``skip_bad`` without the bad entries and the images whose file is
         missing. ``check_folder``: an empty image folder is an error (the data is not where the config says)."""
-        data, ann_skips, image_skips = _load_checked(self.ann_file, skip_bad=self.skip_bad)
+        data, ann_skips, image_skips = load_checked(self.ann_file, skip_bad=self.skip_bad)
         images = data["images"]
         if check_folder and images:
             with os.scandir(self.image_dir) as entries:
@@ -384,8 +171,8 @@ class CocoDetection(Dataset):
         self.num_degenerate = int((~ok).sum())
         if self.num_degenerate:
             log.warning(
-                "%s: dropped %d of %d boxes narrower or shorter than %g px (after clipping to the image) from training; "
-                "those without area are not ground truths in the evaluation either", self.ann_file,
+                "%s: dropped %d of %d boxes narrower or shorter than %g px (after clipping to the image) from "
+                "training; those without area are not ground truths in the evaluation either", self.ann_file,
                 self.num_degenerate, len(kept), self.min_box_size,
             )
         # A box with no area (no width or no height inside the image) is no ground truth in the evaluation either:
@@ -406,7 +193,7 @@ class CocoDetection(Dataset):
         """The pycocotools ``COCO`` of the annotation file (all annotations, crowds included; with ``skip_bad``
         without what was skipped when the dataset was built)."""
         if self._coco is None:  # dropped when pickled to a loader worker; reloaded only if asked for
-            self._coco = _make_coco(self._load(check_folder=False)[0])
+            self._coco = make_coco(self._load(check_folder=False)[0])
         return self._coco
 
     def __getstate__(self) -> dict:

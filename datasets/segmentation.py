@@ -1,5 +1,5 @@
-"""Semantic segmentation data: the shared dataset base, a generic image/mask folder, the train and eval
-pipelines and the batch collate function.
+"""Semantic segmentation: the base every segmentation dataset derives from, the sample it yields and the batch
+collate function.
 
 Every segmentation dataset yields train ids: ``0..num_classes-1`` for the classes and ``255`` for pixels
 that are ignored by the loss and the metrics, whatever the file format stores. Each sample is a dict:
@@ -10,48 +10,43 @@ that are ignored by the loss and the metrics, whatever the file format stores. E
 * ``index``: int, the sample's index in the dataset (for ``output_name`` / ``label_ids_for_output``),
 * ``orig_size``: ``(H0, W0)`` of the image file,
 * ``valid_size``: ``(H, W)`` of the image content in ``image`` (what collate's padding leaves untouched).
+
+The pipelines are in :mod:`datasets.segmentation_transforms`, the generic image/mask folder in
+:mod:`datasets.segmentation_folder` and Cityscapes in :mod:`datasets.cityscapes`.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
-import albumentations as A
 import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ._imageio import decode_image, png_format, read_file
-from ._seeding import ProcessRandom, sample_key_split
+from ._seeding import sample_key_split
 from ._skip import first_readable, skip_summary
-from .errors import DatasetError, DatasetNotFoundError
+from .decoded_cache import DecodedCache
+from .errors import DatasetError
 
 __all__ = [
     "IGNORE_INDEX",
-    "IMAGE_EXTENSIONS",
     "SegmentationDataset",
-    "SegmentationFolder",
-    "SegmentationTransform",
-    "build_segmentation_eval_transform",
-    "build_segmentation_train_transform",
     "collate_segmentation",
     "default_palette",
+    "padded_size",
+    "pair_files",
 ]
 
 log = logging.getLogger(__name__)
 
 #: The train id of ignored pixels in every mask a segmentation dataset yields.
 IGNORE_INDEX = 255
-#: Image file extensions :class:`SegmentationFolder` picks up (case-insensitive).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 def default_palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:
@@ -108,19 +103,8 @@ class SegmentationDataset(Dataset):
     is appended to that message (what the values should be). With ``skip_bad`` a sample whose image or mask
     cannot be used (corrupt, truncated, wrong size, invalid values) is replaced by the next usable sample (index
     order, so the result does not depend on the loading order) and the file is named in a warning that also
-    names ``source`` (the data folder).
-
-    ``decoded_cache`` (a folder) keeps each pair once decoded and checked, as raw uint8 arrays (``.npy``: the
-    image, and the mask as train ids), and memory-maps them on later reads: a Cityscapes frame is then read in
-    about a millisecond instead of decoding two 2048x1024 PNGs (tens of milliseconds), and at scales above about
-    0.7 the train transform reads only the rows under its crop. An entry is keyed by both files' paths, sizes and
-    modification times (not their content: a rewrite that keeps both, e.g. ``cp -p``, is not noticed) and by the
-    label mapping, so a changed file is decoded again. Entries are written to a temporary file, flushed to disk
-    and renamed into place, so loader workers and processes can share the folder and a crash leaves no partial
-    entry; temporary files of killed writers are removed after an hour. Nothing is evicted: entries of files
-    that changed stay until the folder is deleted. A Cityscapes frame takes 8.4 MB (6.3 MB image, 2.1 MB mask).
-    An entry that cannot be read is decoded again and rewritten, with a warning; when the folder cannot be read
-    or written (disk full, read-only), one warning says so and samples are decoded each time.
+    names ``source`` (the data folder). ``decoded_cache`` (a folder; None or ``""``: off) keeps each pair once
+    decoded and checked, the image and the mask as train ids (:class:`datasets.decoded_cache.DecodedCache`).
     """
 
     def __init__(
@@ -168,9 +152,7 @@ class SegmentationDataset(Dataset):
         self._bad: dict[int, str] = {}  # index -> why it cannot be used (skip_bad; per process)
         #: Folder of decoded pairs (see the class docstring), or None.
         self.decoded_cache = None if decoded_cache in (None, "") else Path(decoded_cache).expanduser()
-        self._cache_warned = False
-        if self.decoded_cache is not None:
-            _remove_stale_temporaries(self.decoded_cache)
+        self._decoded = None if self.decoded_cache is None else DecodedCache(self.decoded_cache)
 
     # ------------------------------------------------------------------ files
     def __len__(self) -> int:
@@ -248,75 +230,20 @@ class SegmentationDataset(Dataset):
     def read_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """``(image HxWx3 uint8 RGB, mask HxW uint8 train ids)``, decoded and checked, or memory-mapped (read-only)
         from :attr:`decoded_cache` when it holds them."""
-        files = None if self.decoded_cache is None else self._cache_files(index)
-        cached = None if files is None else self._load_cached(files)
+        files = None if self._decoded is None else self._cache_files(index)
+        cached = None if files is None else self._decoded.load(files)
         if cached is not None:
             return cached
         image = self.read_image(index)
         mask = self.train_ids(self.read_mask(index, image.shape[:2]))
         if files is not None:
-            self._store_cached(files, (image, mask))
+            self._decoded.store(files, (image, mask))
         return image, mask
 
     def _cache_files(self, index: int) -> tuple[Path, Path]:
-        import hashlib
-
-        digest = hashlib.blake2b(digest_size=16)
-        for path in (self._image_paths[index], self._mask_paths[index]):
-            try:
-                st = os.stat(path)
-            except OSError:  # missing or unreadable: decoding raises the error that names the file
-                st = None
-            digest.update(f"{os.path.abspath(path)}|{st and st.st_size}|{st and st.st_mtime_ns}|".encode())
-        digest.update(self._lut.tobytes() + self._valid.tobytes() + bytes([self.check_labels, _CACHE_FORMAT]))
-        key = digest.hexdigest()
-        folder = self.decoded_cache / key[:2]
-        return folder / f"{key}.image.npy", folder / f"{key}.mask.npy"
-
-    def _load_cached(self, files: tuple[Path, Path]) -> tuple[np.ndarray, np.ndarray] | None:
-        try:
-            image, mask = (np.load(f, mmap_mode="r", allow_pickle=False) for f in files)
-        except (FileNotFoundError, NotADirectoryError):  # not cached (yet), or the folder is not usable
-            return None
-        except OSError as err:  # the folder cannot be read: the same for every sample, so warned about once
-            self._warn_cache_once(f"cannot read decoded copies ({err})")
-            return None
-        except Exception as err:  # noqa: BLE001 -- cut short, empty or not an array: decode again and rewrite
-            log.warning("%s: unreadable decoded copy (%s: %s); decoding the files again", files[0].parent,
-                        type(err).__name__, err)
-            return None
-        if image.dtype != np.uint8 or mask.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or (
-                mask.shape != image.shape[:2]):
-            log.warning("%s: decoded copy of unexpected shape %s / %s; decoding the files again", files[0],
-                        image.shape, mask.shape)
-            return None
-        return image, mask
-
-    def _store_cached(self, files: tuple[Path, Path], arrays: tuple[np.ndarray, np.ndarray]) -> None:
-        import uuid
-
-        written = []
-        try:
-            files[0].parent.mkdir(parents=True, exist_ok=True)
-            # The mask last: a pair counts as cached once both exist, and a reader finding only the image decodes.
-            for path, array in zip(files, arrays):
-                tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-                written.append(tmp)
-                with open(tmp, "wb") as f:
-                    np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-                    f.flush()
-                    os.fsync(f.fileno())  # on disk before it is renamed into place (a crash leaves no empty entry)
-                os.replace(tmp, path)
-        except OSError as err:
-            for tmp in written:
-                tmp.unlink(missing_ok=True)
-            self._warn_cache_once(f"cannot write decoded copies ({err})")
-
-    def _warn_cache_once(self, problem: str) -> None:
-        if not self._cache_warned:  # once per process: the cause is the same for every sample
-            self._cache_warned = True
-            log.warning("data.decoded_cache %s: %s; samples are decoded each time they are read",
-                        self.decoded_cache, problem)
+        """The decoded-cache entry of pair ``index``: keyed by its two files and by the label mapping."""
+        mapping = self._lut.tobytes() + self._valid.tobytes() + bytes([self.check_labels])
+        return self._decoded.entry_files((self._image_paths[index], self._mask_paths[index]), mapping)
 
     def _sample(self, index: int, sample_key: int | None = None) -> dict:
         image, mask = self.read_pair(index)
@@ -337,286 +264,6 @@ class SegmentationDataset(Dataset):
             "orig_size": (int(h0), int(w0)),
             "valid_size": valid_size,
         }
-
-
-class SegmentationFolder(SegmentationDataset):
-    """Your own data: images in ``image_dir`` and one single-channel mask per image in ``mask_dir``.
-
-    Images are the ``.jpg/.jpeg/.png/.bmp`` files of ``image_dir`` (sorted by name); the mask of ``<stem>.jpg``
-    is ``mask_dir/<stem><mask_suffix>``. Mask values are class indices ``0..len(class_names)-1`` or
-    ``ignore_index``; any other value raises :class:`DatasetError` naming the file and the values. The dataset
-    yields 255 for ``ignore_index`` pixels, so everything downstream uses 255 (``self.ignore_index``; the value
-    the files use is ``self.mask_ignore_index``). ``palette`` defaults to :func:`default_palette`.
-
-    ``output_name(i)`` is the image's stem; ``label_ids_for_output`` is the identity (uint8, 255 kept).
-    ``skip_bad``: images without a mask are dropped (one warning counts them) and unusable samples are replaced
-    (see :class:`SegmentationDataset`) instead of raising :class:`DatasetError`. ``decoded_cache``: see
-    :class:`SegmentationDataset`.
-    """
-
-    def __init__(
-        self,
-        *,
-        image_dir: str | Path,
-        mask_dir: str | Path,
-        class_names: Sequence[str],
-        ignore_index: int = IGNORE_INDEX,
-        transform: Callable | None = None,
-        mask_suffix: str = ".png",
-        palette: Sequence[Sequence[int]] | None = None,
-        skip_bad: bool = False,
-        decoded_cache: str | Path | None = None,
-    ) -> None:
-        if isinstance(class_names, str):
-            raise TypeError("class_names must be a sequence of names, not a single string")
-        num_classes = len(class_names)
-        if not 1 <= num_classes <= 255:
-            raise ValueError(f"need 1 to 255 class names (255 is the ignore value), got {num_classes}")
-        ignore_index = int(ignore_index)
-        if not 0 <= ignore_index <= 255 or ignore_index < num_classes:
-            raise ValueError(
-                f"ignore_index must be in [{num_classes}, 255] (masks are 8-bit and 0..{num_classes - 1} are "
-                f"classes), got {ignore_index}"
-            )
-        self.image_dir = Path(image_dir).expanduser()
-        self.mask_dir = Path(mask_dir).expanduser()
-        self.mask_ignore_index = ignore_index
-        images = self._scan()
-        if not self.mask_dir.is_dir():
-            raise DatasetNotFoundError(f"mask folder not found: {self.mask_dir}")
-        masks = [self.mask_dir / f"{p.stem}{mask_suffix}" for p in images]
-        images, masks, self.skipped = pair_files(images, masks, skip_bad=skip_bad, source=self.image_dir)
-        lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-        lut[:num_classes] = np.arange(num_classes, dtype=np.uint8)
-        valid = np.zeros(256, dtype=bool)
-        valid[:num_classes] = True
-        valid[ignore_index] = True
-        super().__init__(
-            image_paths=images,
-            mask_paths=masks,
-            output_names=[p.stem for p in images],
-            class_names=class_names,
-            palette=default_palette(num_classes) if palette is None else palette,
-            value_to_train_id=lut,
-            valid_values=valid,
-            transform=transform,
-            check_labels=True,
-            label_hint=f"expected class indices 0..{num_classes - 1} or the ignore value {ignore_index}",
-            skip_bad=skip_bad,
-            source=self.image_dir,
-            decoded_cache=decoded_cache,
-        )
-
-    def _scan(self) -> list[Path]:
-        if not self.image_dir.is_dir():
-            raise DatasetNotFoundError(f"image folder not found: {self.image_dir}")
-        images = sorted(
-            p for p in self.image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-        )
-        if not images:
-            raise DatasetNotFoundError(
-                f"{self.image_dir}: no images ({'/'.join(IMAGE_EXTENSIONS)}) found in the image folder"
-            )
-        seen: dict[str, Path] = {}
-        for p in images:
-            if p.stem in seen:
-                raise DatasetError(f"{p}: has the same name as {seen[p.stem]}; each image needs its own mask")
-            seen[p.stem] = p
-        return images
-
-
-# ---------------------------------------------------------------------- transforms
-def _pair(value, name: str) -> tuple[int, int]:
-    h, w = (int(v) for v in value)
-    if h < 1 or w < 1:
-        raise ValueError(f"{name} must be a positive (height, width), got {tuple(value)}")
-    return h, w
-
-
-class SegmentationTransform:
-    """Train or eval segmentation pipeline: ``(image HxWx3 uint8, mask HxW uint8) -> dict(image, mask)``.
-
-    Train: resize to ``base_size`` (H, W) when given, then by a factor drawn uniformly from ``scale_range``
-    (image bilinear, mask nearest, one resize each), pad bottom/right to at least ``crop_size`` (image 0, mask
-    255), take a random ``crop_size`` (H, W) crop, flip horizontally with probability ``hflip_prob`` and jitter
-    brightness, contrast and saturation of the image by up to ``color_jitter`` (0 disables it). Resize, pad and
-    crop are one step (:func:`_scaled_crop`), computed on the crop's window when the resized image is more than
-    twice the window's size: then the cost follows the crop size, not the resized image's.
-
-    Eval: resize the image to ``eval_size`` (H, W) when given (bilinear); the mask is returned unchanged, at the
-    original resolution.
-
-    Randomness: see :class:`datasets._seeding.ProcessRandom` (one generator per process, re-seeded in each
-    loader worker; ``seed`` fixes it in the main process).
-    """
-
-    def __init__(
-        self,
-        *,
-        train: bool,
-        crop_size: tuple[int, int] | None = None,
-        scale_range: tuple[float, float] = (0.5, 2.0),
-        base_size: tuple[int, int] | None = None,
-        hflip_prob: float = 0.5,
-        color_jitter: float = 0.2,
-        eval_size: tuple[int, int] | None = None,
-        seed: int | None = None,
-    ) -> None:
-        self.train = bool(train)
-        self.eval_size = None if eval_size is None else _pair(eval_size, "eval_size")
-        self.base_size = None if base_size is None else _pair(base_size, "base_size")
-        lo, hi = (float(v) for v in scale_range)
-        if not 0 < lo <= hi:
-            raise ValueError(f"scale_range must satisfy 0 < low <= high, got {tuple(scale_range)}")
-        if not 0.0 <= hflip_prob <= 1.0:
-            raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}")
-        if not 0.0 <= color_jitter < 1.0:
-            raise ValueError(f"color_jitter must be in [0, 1), got {color_jitter}")
-        self.scale_range = (lo, hi)
-        self.hflip_prob = float(hflip_prob)
-        self.color_jitter = float(color_jitter)
-        self.crop_size: tuple[int, int] | None = None
-        self.pipeline: A.Compose | None = None
-        self._random: ProcessRandom | None = None
-        if not self.train:
-            return
-        if crop_size is None:
-            raise ValueError("a train transform needs crop_size")
-        self.crop_size = _pair(crop_size, "crop_size")
-        # Scale, pad and crop are one step (:meth:`_scaled_crop`, computed on the crop only); then these:
-        steps = [A.HorizontalFlip(p=self.hflip_prob)]
-        if self.color_jitter > 0:
-            j = self.color_jitter
-            steps.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=0.0, p=1.0))
-        self.pipeline = A.Compose(steps)
-        self._random = ProcessRandom(seed, pipeline=self.pipeline)
-
-    def __repr__(self) -> str:
-        if self.train:
-            return (
-                f"{type(self).__name__}(train=True, crop_size={self.crop_size}, scale_range={self.scale_range}, "
-                f"base_size={self.base_size}, hflip_prob={self.hflip_prob}, color_jitter={self.color_jitter})"
-            )
-        return f"{type(self).__name__}(train=False, eval_size={self.eval_size})"
-
-    def __call__(self, image: np.ndarray, mask: np.ndarray, *, sample_key: int | None = None) -> dict:
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(
-                f"expected an HxWx3 uint8 image, got shape {image.shape} and dtype {image.dtype}"
-            )
-        if mask.shape != image.shape[:2] or mask.dtype != np.uint8:
-            raise ValueError(
-                f"expected an HxW uint8 mask the size of the image {image.shape[:2]}, got {mask.shape} {mask.dtype}"
-            )
-        h, w = image.shape[:2]
-        if not self.train:
-            if self.eval_size is not None and self.eval_size != (h, w):
-                image = cv2.resize(image, self.eval_size[::-1], interpolation=cv2.INTER_LINEAR)
-            return {"image": image, "mask": mask}
-
-        if sample_key is not None:  # augmentation fixed by the sample key (resumable, worker-independent)
-            self._random.seed_sample(sample_key)
-        else:
-            self._random.refresh()
-        bh, bw = self.base_size if self.base_size is not None else (h, w)
-        rng = self._random.rng
-        factor = float(rng.uniform(*self.scale_range))
-        nh, nw = max(1, round(bh * factor)), max(1, round(bw * factor))
-        ch, cw = self.crop_size
-        # The crop's place in the scaled image (top-left when the scaled image is smaller than the crop).
-        y0, x0 = int(rng.integers(0, max(nh - ch, 0) + 1)), int(rng.integers(0, max(nw - cw, 0) + 1))
-        image, mask = _scaled_crop(image, mask, (nh, nw), (y0, x0), self.crop_size)
-        out = self.pipeline(image=image, mask=mask)
-        return {"image": np.ascontiguousarray(out["image"]), "mask": np.ascontiguousarray(out["mask"])}
-
-
-#: Part of every decoded-cache key: raised when what an entry holds changes, so older entries are not used.
-_CACHE_FORMAT = 1
-#: Temporary files older than this in a decoded cache are left over from a killed writer and removed.
-_STALE_TEMPORARY_S = 3600
-
-
-def _remove_stale_temporaries(folder: Path) -> None:
-    """Remove the temporary files that writers killed mid-write left in a decoded cache (recent ones may belong
-    to a writer at work in another process and stay)."""
-    import time
-
-    now = time.time()
-    for tmp in folder.glob("*/.*.tmp"):
-        try:
-            if now - tmp.stat().st_mtime > _STALE_TEMPORARY_S:
-                tmp.unlink()
-        except OSError:
-            pass
-
-
-def _scaled_crop(image: np.ndarray, mask: np.ndarray, size: tuple[int, int], corner: tuple[int, int],
-                 crop: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """The ``crop`` (H, W) window at ``corner`` (y, x) of the image and mask resized to ``size`` (H, W), padded at
-    the bottom and right (image 0, mask 255) where the resized image ends: what resizing the whole image (bilinear;
-    the mask nearest) and cropping it would give. When the resized image is more than twice the window's size, it
-    is computed from the source pixels under the window only (a 2x scale of a 1024x2048 image resizes one
-    512x1024 window instead of 2048x4096 pixels); otherwise the whole image is resized and cropped.
-
-    The mask is exactly that of ``cv2.resize(..., INTER_NEAREST)`` and cropping; the image samples the same
-    source positions as ``cv2.resize(..., INTER_LINEAR)`` (pixel centres aligned, edges clamped), with OpenCV's
-    warping interpolation weights (1/32 pixel) instead of its resizing ones, so values may differ by a level or two.
-    """
-    h, w = mask.shape
-    (nh, nw), (y0, x0), (ch, cw) = size, corner, crop
-    wh, ww = min(ch, nh - y0), min(cw, nw - x0)  # the window's part inside the resized image
-    if (nh, nw) == (h, w):
-        img, msk = image[y0:y0 + wh, x0:x0 + ww], mask[y0:y0 + wh, x0:x0 + ww]
-    elif nh * nw <= 2 * wh * ww:  # the window is most of the resized image: resizing it all is as cheap
-        img = cv2.resize(np.asarray(image), (nw, nh), interpolation=cv2.INTER_LINEAR)[y0:y0 + wh, x0:x0 + ww]
-        msk = cv2.resize(np.asarray(mask), (nw, nh), interpolation=cv2.INTER_NEAREST)[y0:y0 + wh, x0:x0 + ww]
-    else:
-        # Nearest: OpenCV's resize takes source index floor(i * src / dst) (scale as a double, as it computes it).
-        ry, rx = 1.0 / (nh / h), 1.0 / (nw / w)
-        rows = np.minimum(np.floor(np.arange(y0, y0 + wh) * ry).astype(np.intp), h - 1)
-        cols = np.minimum(np.floor(np.arange(x0, x0 + ww) * rx).astype(np.intp), w - 1)
-        msk = mask.take(rows, axis=0).take(cols, axis=1)
-        # Bilinear with aligned pixel centres: output (i, j) samples source ((i + 0.5) * h / nh - 0.5, ...).
-        sy, sx = h / nh, w / nw
-        top, left = (y0 + 0.5) * sy - 0.5, (x0 + 0.5) * sx - 0.5
-        r0, c0 = max(0, int(np.floor(top))), max(0, int(np.floor(left)))
-        r1 = min(h, int(np.floor(top + (wh - 1) * sy)) + 2)
-        c1 = min(w, int(np.floor(left + (ww - 1) * sx)) + 2)
-        matrix = np.array([[sx, 0.0, left - c0], [0.0, sy, top - r0]])
-        img = cv2.warpAffine(image[r0:r1, c0:c1], matrix, (ww, wh), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                             borderMode=cv2.BORDER_REPLICATE)
-    if (wh, ww) == (ch, cw):
-        return np.ascontiguousarray(img), np.ascontiguousarray(msk)
-    out_img = np.zeros((ch, cw, 3), np.uint8)
-    out_msk = np.full((ch, cw), IGNORE_INDEX, np.uint8)
-    out_img[:wh, :ww], out_msk[:wh, :ww] = img, msk
-    return out_img, out_msk
-
-
-def build_segmentation_train_transform(
-    *,
-    crop_size: tuple[int, int],
-    scale_range: tuple[float, float] = (0.5, 2.0),
-    base_size: tuple[int, int] | None = None,
-    hflip_prob: float = 0.5,
-    color_jitter: float = 0.2,
-    seed: int | None = None,
-) -> SegmentationTransform:
-    """Resize to ``base_size`` (optional), random scale, pad (mask 255), random ``crop_size`` crop, flip, jitter."""
-    return SegmentationTransform(
-        train=True,
-        crop_size=crop_size,
-        scale_range=scale_range,
-        base_size=base_size,
-        hflip_prob=hflip_prob,
-        color_jitter=color_jitter,
-        seed=seed,
-    )
-
-
-def build_segmentation_eval_transform(*, eval_size: tuple[int, int] | None = None) -> SegmentationTransform:
-    """Resize the image (only) to ``eval_size`` (H, W) when given; the mask stays at the original resolution."""
-    return SegmentationTransform(train=False, eval_size=eval_size)
 
 
 def padded_size(size: tuple[int, int], size_divisor: int) -> tuple[int, int]:

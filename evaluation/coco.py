@@ -1,21 +1,18 @@
 """COCO bounding-box evaluation: accumulate detections, gather them across ranks, report the 12 COCO numbers.
 
-Detections are kept as compact numpy arrays while a validation epoch runs; per-detection dicts are only built
-when the evaluation (or the results file) needs them. The numbers are exactly those of the COCO evaluation
-(pycocotools ``COCOeval``, or the compatible ``faster_coco_eval`` implementation), including ``-1.0`` where the
-evaluation has no ground truth to measure against.
+Detections are kept as compact numpy arrays while a validation epoch runs (:mod:`evaluation.coco_results`);
+per-detection dicts are only built when the evaluation (or the results file) needs them. The numbers are those of
+the COCO evaluation (pycocotools ``COCOeval``, or the compatible ``faster_coco_eval`` implementation), including
+``-1.0`` where the evaluation has no ground truth to measure against.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +21,16 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from utils.files import atomic_write_json
+
+from .coco_results import EvalPayload, annotation_dicts, concat_payloads, merge_payloads, result_dicts
+
 __all__ = [
     "BACKENDS",
     "METRIC_NAMES",
     "CocoEvaluator",
-    "EvalPayload",
-    "atomic_write_json",
+    "atomic_write_json",  # re-imported from utils.files for tasks/base.py until it imports it from there
     "load_coco",
-    "merge_payloads",
 ]
 
 log = logging.getLogger(__name__)
@@ -43,40 +42,6 @@ METRIC_NAMES: tuple[str, ...] = (
 BACKENDS: tuple[str, ...] = ("pycocotools", "faster_coco_eval")
 
 
-# ---------------------------------------------------------------------------------------------- file helpers
-def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = None) -> Path:
-    """Write ``obj`` as strict JSON to ``path`` atomically.
-
-    The JSON is streamed to a temporary file in the same directory, flushed and fsynced, then moved over
-    ``path`` with ``os.replace``. If serialization fails (an object JSON cannot encode, a NaN) or the process
-    dies midway, the previous content of ``path`` is left untouched and the temporary file is removed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    # Make the rename itself durable (best effort: not every platform can fsync a directory).
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    return path
-
-
 def load_coco(source: COCO | str | os.PathLike) -> COCO:
     """A pycocotools ``COCO`` ground-truth object from an existing one or from an instances JSON file (read
     and validated by :func:`datasets.load_coco_annotations`, so a bad file is a ``DatasetError`` naming it)."""
@@ -84,7 +49,7 @@ def load_coco(source: COCO | str | os.PathLike) -> COCO:
         return source
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"expected a pycocotools COCO object or a path to a COCO JSON file, got {type(source)!r}")
-    from datasets.coco import load_coco_annotations
+    from datasets.coco_annotations import load_coco_annotations
 
     return load_coco_annotations(source)
 
@@ -95,78 +60,6 @@ def _coco_from_dataset(dataset: dict) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
-
-
-# ---------------------------------------------------------------------------------------------- payloads
-@dataclass
-class EvalPayload:
-    """The detections one evaluator (one rank) holds, as flat arrays.
-
-    ``image_ids[j]`` is the image id of the j-th image *occurrence* (every image passed to ``update``, in
-    order, detections or not). Detection ``i`` belongs to occurrence ``occurrence[i]``; its box is
-    ``boxes[i]`` = [x, y, w, h] in original image pixels.
-    """
-
-    image_ids: np.ndarray  # int64 [M]
-    occurrence: np.ndarray  # int64 [N], index into image_ids
-    boxes: np.ndarray  # float64 [N, 4] xywh
-    scores: np.ndarray  # float64 [N]
-    category_ids: np.ndarray  # int64 [N]
-
-    @classmethod
-    def empty(cls) -> EvalPayload:
-        return cls(
-            image_ids=np.zeros((0,), np.int64),
-            occurrence=np.zeros((0,), np.int64),
-            boxes=np.zeros((0, 4), np.float64),
-            scores=np.zeros((0,), np.float64),
-            category_ids=np.zeros((0,), np.int64),
-        )
-
-    @property
-    def num_detections(self) -> int:
-        return int(self.scores.shape[0])
-
-    def detection_image_ids(self) -> np.ndarray:
-        """Image id of every detection (int64 [N])."""
-        return self.image_ids[self.occurrence]
-
-
-def _concat(payloads: Sequence[EvalPayload]) -> EvalPayload:
-    """Concatenate payloads, shifting occurrence indices so they point into the joined image list."""
-    if not payloads:
-        return EvalPayload.empty()
-    offsets = np.cumsum([0] + [p.image_ids.shape[0] for p in payloads[:-1]])
-    return EvalPayload(
-        image_ids=np.concatenate([p.image_ids for p in payloads]).astype(np.int64, copy=False),
-        occurrence=np.concatenate([p.occurrence + off for p, off in zip(payloads, offsets)]).astype(np.int64),
-        boxes=np.concatenate([p.boxes.reshape(-1, 4) for p in payloads]).astype(np.float64, copy=False),
-        scores=np.concatenate([p.scores for p in payloads]).astype(np.float64, copy=False),
-        category_ids=np.concatenate([p.category_ids for p in payloads]).astype(np.int64, copy=False),
-    )
-
-
-def merge_payloads(payloads: Sequence[EvalPayload]) -> EvalPayload:
-    """Join the payloads of several ranks (in rank order) so that every image counts exactly once.
-
-    A distributed sampler pads its shards by repeating images, so the same image id can reach the evaluator
-    more than once. For each image id only the detections of its *first* occurrence (lowest rank, then
-    earliest ``update`` on that rank) are kept. The result lists each image id once, sorted; merging is
-    idempotent.
-    """
-    joined = _concat(payloads)
-    unique_ids, first = np.unique(joined.image_ids, return_index=True)
-    owner = np.zeros(joined.image_ids.shape[0], dtype=bool)
-    owner[first] = True
-    keep = owner[joined.occurrence]
-    kept_image_ids = joined.image_ids[joined.occurrence[keep]]
-    return EvalPayload(
-        image_ids=unique_ids.astype(np.int64, copy=False),
-        occurrence=np.searchsorted(unique_ids, kept_image_ids).astype(np.int64),
-        boxes=joined.boxes[keep],
-        scores=joined.scores[keep],
-        category_ids=joined.category_ids[keep],
-    )
 
 
 def _to_numpy(x: Any, dtype: np.dtype, name: str) -> np.ndarray:
@@ -195,7 +88,7 @@ class CocoEvaluator:
 
     Args:
         coco_gt: the ground truth, as a pycocotools ``COCO`` object or a COCO instances JSON path.
-        backend: "pycocotools" (default) or "faster_coco_eval" (same numbers, faster on large sets).
+        backend: "pycocotools" (default) or "faster_coco_eval" (another implementation, the same numbers).
     """
 
     def __init__(self, coco_gt: COCO | str | os.PathLike, *, backend: str = "pycocotools") -> None:
@@ -283,7 +176,7 @@ class CocoEvaluator:
     def payload(self) -> EvalPayload:
         """Everything this evaluator holds, as one payload (before de-duplication)."""
         if len(self._chunks) != 1:
-            self._chunks = [_concat(self._chunks)]
+            self._chunks = [concat_payloads(self._chunks)]
         return self._chunks[0]
 
     def load_payload(self, payload: EvalPayload) -> None:
@@ -323,7 +216,7 @@ class CocoEvaluator:
             "info": dict(self.coco_gt.dataset.get("info", {})),
             "images": list(self.coco_gt.dataset["images"]),
             "categories": [dict(c) for c in self.coco_gt.dataset["categories"]],
-            "annotations": self._annotations(payload),
+            "annotations": annotation_dicts(payload),
         }
         img_ids = payload.image_ids.tolist()  # unique and sorted after gather()
         if not any(not a.get("iscrowd", 0) for i in img_ids for a in self.coco_gt.imgToAnns.get(i, ())):
@@ -368,20 +261,6 @@ class CocoEvaluator:
         # This backend adds AR@0.5 and AR@0.75 after the standard 12 lines.
         return np.asarray(ev.stats, dtype=np.float64), "\n".join(lines[: len(METRIC_NAMES)])
 
-    @staticmethod
-    def _annotations(payload: EvalPayload) -> list[dict[str, Any]]:
-        """Detections as COCO result annotations with the fields the evaluation reads (id, area, iscrowd)."""
-        boxes = payload.boxes
-        areas = (boxes[:, 2] * boxes[:, 3]).tolist()
-        return [
-            {"id": i + 1, "image_id": img, "category_id": cat, "bbox": box, "score": score,
-             "area": area, "iscrowd": 0}
-            for i, (img, cat, box, score, area) in enumerate(
-                zip(payload.detection_image_ids().tolist(), payload.category_ids.tolist(), boxes.tolist(),
-                    payload.scores.tolist(), areas)
-            )
-        ]
-
     # ------------------------------------------------------------------ outputs
     def results(self) -> list[dict[str, Any]]:
         """The detections in the COCO results format: image_id, category_id, bbox [x, y, w, h], score.
@@ -389,14 +268,7 @@ class CocoEvaluator:
         Images updated more than once count once; after :meth:`compute` in a distributed run this is every
         rank's detections.
         """
-        payload = merge_payloads([self.payload()])
-        return [
-            {"image_id": img, "category_id": cat, "bbox": box, "score": score}
-            for img, cat, box, score in zip(
-                payload.detection_image_ids().tolist(), payload.category_ids.tolist(), payload.boxes.tolist(),
-                payload.scores.tolist(),
-            )
-        ]
+        return result_dicts(merge_payloads([self.payload()]))
 
     def write_predictions(self, path: str | os.PathLike) -> Path:
         """Write :meth:`results` as a COCO results JSON file, atomically."""
@@ -417,3 +289,4 @@ def _import_faster_coco_eval():
             "(pip install faster-coco-eval), or use backend='pycocotools'"
         ) from e
     return faster_coco_eval
+

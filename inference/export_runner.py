@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from evaluation.coco import atomic_write_json
 from tasks.checkpoint import CheckpointError
+from utils.files import atomic_write_json
 
 from .export import ExportModule, check_onnx, check_torchscript, export_onnx, export_torchscript
 from .predictor import Predictor
@@ -51,7 +51,8 @@ def export(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     module = ExportModule(predictor.task, postprocess=cfg.postprocess).eval()
     report: dict[str, Any] = {
         "ckpt": str(cfg.ckpt), "task": predictor.kind, "image_size": list(size), "batch_size": int(cfg.batch_size),
-        "dynamic_batch": bool(cfg.dynamic_batch), "postprocess": bool(cfg.postprocess) and predictor.kind == "detection",
+        "dynamic_batch": bool(cfg.dynamic_batch),
+        "postprocess": bool(cfg.postprocess) and predictor.kind == "detection",
         "inputs": "images: float [B, 3, H, W] RGB 0..255", "outputs": module.output_names,
     }
     onnx_path = export_onnx(module, run_dir / "model.onnx", image_size=size, batch_size=cfg.batch_size,

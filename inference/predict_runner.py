@@ -10,8 +10,8 @@ import cv2
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from evaluation.coco import atomic_write_json
 from evaluation.seg_writer import write_image_atomic
+from utils.files import atomic_write_json
 
 from .fast_paths import FastPaths
 from .predictor import Predictor, list_images, read_rgb

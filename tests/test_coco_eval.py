@@ -16,13 +16,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from datasets.errors import DatasetError
-from evaluation.coco import (
-    METRIC_NAMES,
-    CocoEvaluator,
-    EvalPayload,
-    atomic_write_json,
-    merge_payloads,
-)
+from evaluation.coco import METRIC_NAMES, CocoEvaluator
+from evaluation.coco_results import EvalPayload, merge_payloads
+from utils.files import atomic_write_json
 
 KEYS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 

@@ -121,7 +121,7 @@ def test_scaled_crop_equals_resizing_the_whole_image_then_cropping():
     """Resize, pad and crop computed on the crop's window only: the mask exactly as cv2.resize (nearest) and crop,
     the image within one level of cv2.resize (bilinear), for up- and downscales, exact and odd factors, windows at
     the edges and crops larger than the scaled image (padded)."""
-    from datasets.segmentation import _scaled_crop
+    from datasets.segmentation_transforms import _scaled_crop
 
     rng = np.random.default_rng(0)
     cases = [((64, 128), (128, 256), (40, 64)), ((64, 128), (32, 64), (40, 64)), ((50, 70), (50, 70), (20, 30))]
