@@ -126,7 +126,7 @@ def test_the_data_measure_times_after_the_prefetched_batches(monkeypatch):
     timing from the first batch counted up to 15 ready batches as instant ones)."""
     from omegaconf import OmegaConf
 
-    import benchmarks.harness as bench
+    import benchmarks.data_measure as bench
 
     taken, clock_reads = [0], []
     real_perf_counter = bench.time.perf_counter
@@ -164,7 +164,7 @@ def test_the_data_measure_times_after_the_prefetched_batches(monkeypatch):
     monkeypatch.setattr("hydra.utils.instantiate", lambda cfg: DataModule(**cfg))
     cfg = OmegaConf.create({"data_workers": [0, 3], "data_batches": 5, "task": {"name": "detection"},
                             "data": {"num_workers": 0, "batch_size": 2, "root": "x", "image_size": 8}})
-    rows = bench._data_rows(cfg, lambda row: None)
+    rows = bench.data_rows(cfg, lambda row: None)
     assert [r["workers"] for r in rows] == [0, 3]
     # Start and end of each timed span: in the main process after the first batch; with 3 workers after 3 x 2.
     assert clock_reads == [1, 6, 6, 11]
@@ -173,14 +173,14 @@ def test_the_data_measure_times_after_the_prefetched_batches(monkeypatch):
 def test_effdet_compile_sets_effdets_compilation_alone():
     from omegaconf import OmegaConf
 
-    from benchmarks.harness import _effdet_paths
+    from benchmarks.options import effdet_paths
     from inference.fast_paths import FastPaths
 
     ours = FastPaths(compile=True, cudagraphs=True)
-    assert _effdet_paths(OmegaConf.create({"effdet_compile": None}), ours) is ours
-    theirs = _effdet_paths(OmegaConf.create({"effdet_compile": False}), ours)
+    assert effdet_paths(OmegaConf.create({"effdet_compile": None}), ours) is ours
+    theirs = effdet_paths(OmegaConf.create({"effdet_compile": False}), ours)
     assert theirs == FastPaths(compile=False, cudagraphs=True)  # everything else as this project's
-    assert _effdet_paths(OmegaConf.create({}), ours) is ours  # configs without the key
+    assert effdet_paths(OmegaConf.create({}), ours) is ours  # configs without the key
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -190,7 +190,8 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
 
 
 def test_segmentation_and_data_measures(tmp_path, synthetic_coco):
-    from benchmarks.harness import format_table, run_benchmark
+    from benchmarks.harness import run_benchmark
+    from benchmarks.report import format_table
     from tasks.config import compose
 
     cfg = compose("benchmark", ["task=segmentation", "backbone=b0", "measures=[params,ops,predict,train]",
@@ -250,25 +251,25 @@ def test_segmentation_and_data_measures(tmp_path, synthetic_coco):
     ],
 )
 def test_training_measures_run_at_the_training_size(task, overrides, expected):
-    from benchmarks.harness import _image_size, _train_image_size
+    from benchmarks.options import image_size, train_image_size
     from tasks.config import compose
 
     cfg = compose("benchmark", [f"task={task}", *overrides])
-    assert _train_image_size(cfg, task, _image_size(cfg, task)) == expected
+    assert train_image_size(cfg, task, image_size(cfg, task)) == expected
 
 
 def test_train_boxes_sets_the_boxes_per_training_image():
-    from benchmarks.harness import _train_inputs
+    from benchmarks.train_step import train_inputs
 
     images = torch.zeros(2, 3, 128, 128)
-    x, boxes, labels = _train_inputs("detection", images, 2, (128, 128), 90, 0, 100)
+    x, boxes, labels = train_inputs("detection", images, 2, (128, 128), 90, 0, 100)
     assert x.shape == (2, 3, 128, 128) and boxes.shape == (2, 100, 4) and labels.shape == (2, 100)
     assert (boxes[..., 2:] > boxes[..., :2]).all() and ((labels >= 0) & (labels < 90)).all()
-    assert _train_inputs("detection", images, 2, (128, 128), 90, 0)[1].shape == (2, 8, 4)  # the default
+    assert train_inputs("detection", images, 2, (128, 128), 90, 0)[1].shape == (2, 8, 4)  # the default
 
 
 def test_calibrate_bn_sets_the_statistics_of_one_training_pass_and_restores_the_module():
-    from benchmarks.harness import _calibration_images, calibrate_bn
+    from benchmarks.calibration import calibrate_bn, calibration_images
 
     g = torch.Generator().manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8, momentum=0.01), torch.nn.SiLU(),
@@ -286,14 +287,14 @@ def test_calibrate_bn_sets_the_statistics_of_one_training_pass_and_restores_the_
     model.train()
     calibrate_bn(model, x)
     assert model.training
-    assert [_calibration_images(s) for s in ((128, 128), (256, 256), (512, 512), (896, 896), (1024, 2048))] == \
+    assert [calibration_images(s) for s in ((128, 128), (256, 256), (512, 512), (896, 896), (1024, 2048))] == \
         [64, 16, 4, 2, 2]
 
 
 def test_calibrated_statistics_give_the_random_detector_spread_logits():
     """A randomly initialised detector's activations shrink through its identity-statistics norms: its class logits
     are all its bias (every score ties). After calibration they spread, and no two top scores tie."""
-    from benchmarks.harness import _calibration_images, calibrate_bn
+    from benchmarks.calibration import calibrate_bn, calibration_images
     from inference.fast_paths import FlatDetector
     from tasks.config import compose
     from tasks.runner import build_model, build_task
@@ -305,7 +306,7 @@ def test_calibrated_statistics_give_the_random_detector_spread_logits():
     detector = FlatDetector(task.model, task.num_classes)
     with torch.no_grad():
         before = detector(x)[0]
-        calibrate_bn(task.model, torch.randn(_calibration_images((128, 128)), 3, 128, 128))
+        calibrate_bn(task.model, torch.randn(calibration_images((128, 128)), 3, 128, 128))
         after = detector(x)[0]
     assert before.std() < 1e-4
     assert after.std() > 0.05 and after.abs().max() < 20  # spread, and not saturated
@@ -314,7 +315,7 @@ def test_calibrated_statistics_give_the_random_detector_spread_logits():
 
 
 def test_count_ops_counts_kernels_and_host_synchronisations():
-    from benchmarks.harness import count_ops
+    from benchmarks.ops import count_ops
 
     x = torch.randn(5, 4)
     assert count_ops(lambda: x.t().reshape(-1).view(2, 10)).operations == 1  # the reshape of a transpose copies
@@ -334,7 +335,8 @@ def test_count_ops_counts_kernels_and_host_synchronisations():
 def test_fit_measures_the_lightning_loop(task):
     """`fit` runs tools/train.py's Lightning loop (EMA, clipping, schedule, logging) on an in-memory batch: its
     images/s, and the operations of one whole step, which include the EMA update (5 operations)."""
-    from benchmarks.harness import format_table, run_benchmark
+    from benchmarks.harness import run_benchmark
+    from benchmarks.report import format_table
     from tasks.config import compose
 
     small = ["device=cpu", "image_size=128", "model.image_size=128", "train_batch_size=2", "warmup=2", "iters=2",
@@ -363,7 +365,8 @@ def test_fit_measures_the_lightning_loop(task):
 def test_fit_against_effdet_measures_effdets_step_alone_for_the_ratio():
     """`measures=[fit] compare=effdet`: effdet's bare training step is timed alone (this project's bare step is not,
     so its network is not compiled twice), and the loop's ratio is to it."""
-    from benchmarks.harness import format_table, run_benchmark
+    from benchmarks.harness import run_benchmark
+    from benchmarks.report import format_table
     from tasks.config import compose
 
     rows = run_benchmark(compose("benchmark", ["compare=effdet", "measures=[fit]", "device=cpu", "image_size=128",
@@ -407,7 +410,7 @@ def test_fit_with_compilation_reports_no_operation_count():
 def test_sync_rules_for_host_values_and_copies(monkeypatch):
     """Without CUDA every read counts (as it would wait on a GPU); in a CUDA process a value kept on the host is
     read for free, but a copy from the device into pageable host memory still waits."""
-    from benchmarks.harness import _is_sync
+    from benchmarks.ops import _is_sync
 
     host = torch.ones(())
     device = torch.empty((), device="meta")  # stands in for a GPU tensor

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.harness import count_ops
+from benchmarks.ops import count_ops
 from tasks.callbacks import _EmaModel, _match_layout, ema_weight
 
 

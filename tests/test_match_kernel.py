@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.harness import count_ops
+from benchmarks.ops import count_ops
 from heads import AnchorGenerator, BoxCoder, IoUMatcher, TargetAssigner
 from heads.matcher import box_iou
 from layers.kernels import dispatch as _triton

@@ -127,13 +127,13 @@ def test_weighted_smoothed_loss_is_cross_entropy_mean():
 @pytest.mark.parametrize("ohem", [None, 0.7])
 def test_loss_does_not_wait_for_the_device(ohem):
     """No host synchronisation (a training step with it can be captured as a CUDA graph)."""
-    from benchmarks.harness import _OpCounter
+    from benchmarks.ops import OpCounter
 
     logits = torch.randn(2, 3, 4, 4, requires_grad=True)
     target = torch.randint(0, 3, (2, 8, 8))
     target[0, :2] = 255
     loss = SegmentationLoss(ohem_threshold=ohem, ohem_min_kept=20, class_weights=[1.0, 2.0, 0.5])
-    with _OpCounter() as counter:
+    with OpCounter() as counter:
         out = loss(SegmentationOutput(logits, logits), target)
         out["loss"].backward()
     assert counter.operations > 10 and counter.syncs == 0

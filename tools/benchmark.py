@@ -19,7 +19,9 @@ from omegaconf import DictConfig
 def main(cfg: DictConfig) -> None:
     from pathlib import Path
 
-    from benchmarks.harness import BenchmarkError, environment, format_table, run_benchmark, write_rows
+    from benchmarks.harness import run_benchmark
+    from benchmarks.options import BenchmarkError
+    from benchmarks.report import environment, format_table, write_rows
 
     lines = [{"measure": "environment", **environment()}]  # what benchmark.jsonl holds: versions, then the rows
     print(json.dumps(lines[0]), flush=True)
