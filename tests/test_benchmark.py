@@ -293,7 +293,7 @@ def test_calibrate_bn_sets_the_statistics_of_one_training_pass_and_restores_the_
 
 def test_calibrated_statistics_give_the_random_detector_spread_logits():
     """A randomly initialised detector's activations shrink through its identity-statistics norms: its class logits
-    are all its bias (every score ties). After calibration they spread, and no two top scores tie."""
+    are all its bias (every score ties). After calibration they spread: the top scores are (nearly) all distinct."""
     from benchmarks.calibration import calibrate_bn, calibration_images
     from inference.fast_paths import FlatDetector
     from tasks.config import compose
@@ -311,7 +311,8 @@ def test_calibrated_statistics_give_the_random_detector_spread_logits():
     assert before.std() < 1e-4
     assert after.std() > 0.05 and after.abs().max() < 20  # spread, and not saturated
     top = after.reshape(2, -1).topk(100, dim=1).values
-    assert all(row.unique().numel() == 100 for row in top)
+    # Float rounding may make a few neighbours equal (how many depends on the thread count); untrained, all 100 tie.
+    assert all(row.unique().numel() >= 95 for row in top)
 
 
 def test_count_ops_counts_kernels_and_host_synchronisations():
