@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from utils.files import atomic_path
+
 __all__ = ["device_name", "environment", "format_table", "size_text", "write_rows"]
 
 
@@ -79,8 +81,5 @@ def size_text(size) -> str:
 
 def write_rows(rows: list[dict], path: str | Path) -> None:
     """Write ``rows`` as JSON lines to ``path``, whole or not at all (through a temporary file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows))

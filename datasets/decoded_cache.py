@@ -7,11 +7,12 @@ import hashlib
 import logging
 import os
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from utils.files import atomic_path
 
 __all__ = ["DecodedCache"]
 
@@ -79,21 +80,12 @@ class DecodedCache:
 
     def store(self, files: tuple[Path, Path], arrays: tuple[np.ndarray, np.ndarray]) -> None:
         """Write an entry; a folder that cannot be written gives one warning and nothing else."""
-        written = []
         try:
-            files[0].parent.mkdir(parents=True, exist_ok=True)
             # The mask last: a pair counts as cached once both exist, and a reader finding only the image decodes.
             for path, array in zip(files, arrays):
-                tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-                written.append(tmp)
-                with open(tmp, "wb") as f:
+                with atomic_path(path) as tmp, open(tmp, "wb") as f:
                     np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-                    f.flush()
-                    os.fsync(f.fileno())  # on disk before it is renamed into place (a crash leaves no empty entry)
-                os.replace(tmp, path)
         except OSError as err:
-            for tmp in written:
-                tmp.unlink(missing_ok=True)
             self._warn_once(f"cannot write decoded copies ({err})")
 
     def _warn_once(self, problem: str) -> None:

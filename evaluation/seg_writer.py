@@ -3,13 +3,13 @@ submission format, named ``{city}_{seq}_{frame}_leftImg8bit.png``) and, optional
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from utils.files import atomic_path
 
 __all__ = ["SegmentationWriter", "colorize", "write_image_atomic"]
 
@@ -17,14 +17,9 @@ __all__ = ["SegmentationWriter", "colorize", "write_image_atomic"]
 def write_image_atomic(path: Path, image: np.ndarray, params: Sequence[int] = ()) -> None:
     """Write ``image`` (uint8; HxW or HxWx3 BGR; format from the suffix) to ``path`` via a temporary file, so
     a crash never leaves a truncated file under the final name."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
-    try:
+    with atomic_path(path, keep_suffix=True) as tmp:
         if not cv2.imwrite(str(tmp), image, list(params)):
             raise OSError(f"could not write {path}")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def colorize(train_ids: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from utils.files import atomic_path
+
 __all__ = ["ExportModule", "check_onnx", "export_onnx", "export_torchscript"]
 
 log = logging.getLogger(__name__)
@@ -87,16 +89,11 @@ def export_onnx(
         for name in module.output_names:
             if name != "anchors":
                 dynamic_axes[name] = {0: "batch"}
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with torch.no_grad():
-            torch.onnx.export(
-                module, (example,), str(tmp), input_names=["images"], output_names=module.output_names,
-                dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False,
-            )
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, torch.no_grad():
+        torch.onnx.export(
+            module, (example,), str(tmp), input_names=["images"], output_names=module.output_names,
+            dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False,
+        )
     return path
 
 
@@ -106,12 +103,8 @@ def export_torchscript(module: ExportModule, path: str | Path, *, image_size: tu
     module = module.eval()
     with torch.no_grad():
         traced = torch.jit.trace(module, (_example(batch_size, image_size),), strict=False, check_trace=False)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         torch.jit.save(traced, str(tmp))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

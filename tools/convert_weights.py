@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,23 +95,13 @@ def _write_atomically(obj: dict, dst: Path) -> None:
     """``torch.save`` to a temporary file next to ``dst``, then rename it over ``dst``."""
     import torch
 
+    from utils.files import atomic_path
+
     try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+        with atomic_path(dst) as tmp:
+            torch.save(obj, tmp)
     except OSError as err:
         raise _UserError(f"cannot write {dst}: {err}") from None
-    os.close(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        torch.save(obj, tmp)
-        os.replace(tmp, dst)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise _UserError(f"cannot write {dst}: {err}") from None
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:
