@@ -11,8 +11,8 @@ import importlib
 _EXPORTS = {
     "DenseTask": ".base",
     "EMA": ".callbacks",
-    "CocoDataModule": ".data",
-    "SegmentationDataModule": ".data",
+    "CocoDataModule": ".coco_datamodule",
+    "SegmentationDataModule": ".segmentation_datamodule",
     "DetectionTask": ".detection",
     "SegmentationTask": ".segmentation",
 }

@@ -1,15 +1,17 @@
-"""Config helpers used at the edges (tools/, tests/): OmegaConf resolvers and instantiation."""
+"""Config helpers: OmegaConf resolvers, composition outside ``hydra.main`` (tools/, tests/) and config mappings as
+plain containers."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from models.scaling import get_scale
 
-__all__ = ["CONFIG_DIR", "compose", "register_resolvers"]
+__all__ = ["CONFIG_DIR", "compose", "plain_dict", "register_resolvers"]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -44,3 +46,10 @@ def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> DictCo
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=False)
+
+
+def plain_dict(options: Mapping[str, Any]) -> dict[str, Any]:
+    """A config mapping (``DictConfig`` from Hydra, or a dict) as plain Python containers."""
+    if isinstance(options, DictConfig):
+        return OmegaConf.to_container(options, resolve=True)
+    return dict(options)

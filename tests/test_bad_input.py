@@ -130,7 +130,7 @@ def _folder_ds(folder, **kw) -> SegmentationFolder:
 
 # ---------------------------------------------------------------------------------------------- 1. folders
 def test_row1_detection_missing_or_empty_data_folder(tmp_path):
-    from tasks.data import CocoDataModule
+    from tasks.coco_datamodule import CocoDataModule
 
     dm = CocoDataModule(root=tmp_path / "nowhere", num_classes=2, image_size=64)
     with pytest.raises(DatasetNotFoundError) as err:
@@ -157,7 +157,7 @@ def test_row1_detection_missing_or_empty_data_folder(tmp_path):
 
 
 def test_row1_segmentation_missing_or_empty_data_folder(tmp_path):
-    from tasks.data import SegmentationDataModule
+    from tasks.segmentation_datamodule import SegmentationDataModule
 
     images = re.escape(str(tmp_path / "leftImg8bit" / "train"))
     with pytest.raises(DatasetNotFoundError, match="image folder not found: " + images):

@@ -300,7 +300,7 @@ def test_resumed_optimizer_state_is_prepared_for_the_capture():
     """An optimizer whose state comes from a run without the captured step (fused off, a float learning rate) gets
     what the capture needs. (Its step counters, on the host, move to the parameters' device: a CUDA-only case, run by
     the GPU test that resumes captured AdamW from an eager checkpoint.)"""
-    from tasks.base import _prepare_for_capture
+    from tasks.captured_training import _prepare_for_capture
 
     w = torch.nn.Parameter(torch.ones(3))
     plain = torch.optim.Adam([w], lr=0.1)
@@ -521,7 +521,7 @@ def test_nonfinite_steps_are_skipped_on_the_device_and_counted(tmp_path, eager_c
 
 @pytest.mark.slow
 def test_training_stops_when_the_captured_loss_stays_nonfinite(tmp_path, eager_capture, nan_losses):
-    from tasks.base import NonFiniteLossError
+    from tasks.nonfinite import NonFiniteLossError
 
     nan_losses(set(range(1, 100)))
     with pytest.raises(NonFiniteLossError, match="NaN/inf for 3 steps in a row"):

@@ -100,4 +100,4 @@ def test_the_checks_see_the_project():
     graph = _graph()
     assert {"heads.postprocess", "layers.kernels.nms", "tasks.runner", "inference.predictor"} <= set(graph)
     assert "layers.kernels.dispatch" in graph["heads.postprocess"]  # relative and absolute imports both resolve
-    assert "tasks.captured_step" in graph["tasks.base"]
+    assert "tasks.captured_step" in graph["tasks.captured_training"]

@@ -153,7 +153,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, nan_losses, caplog):
 
 
 def test_training_stops_when_the_loss_stays_nonfinite(tmp_path, nan_losses):
-    from tasks.base import NonFiniteLossError
+    from tasks.nonfinite import NonFiniteLossError
 
     nan_losses(set(range(1, 100)))
     cfg = compose("train", [*TINY_DET, f"cache_dir={tmp_path / 'cache'}", "trainer.max_steps=10",
@@ -288,7 +288,7 @@ def test_a_pending_nonfinite_check_is_not_copied():
     import copy
     import pickle
 
-    from tasks.base import _DeviceFlag
+    from tasks.nonfinite import _DeviceFlag
 
     flag = _DeviceFlag()
     flag.record(torch.tensor(0, dtype=torch.int32), torch.tensor(float("nan")))

@@ -28,9 +28,9 @@ def user_errors(*extra: type[BaseException]) -> Iterator[None]:
 
     from backbones.timm_backbone import WeightsMismatchError
     from datasets.errors import DatasetError
-    from tasks.base import NonFiniteLossError
     from tasks.checkpoint import CheckpointError
     from tasks.config_checks import ConfigError
+    from tasks.nonfinite import NonFiniteLossError
 
     try:
         yield
