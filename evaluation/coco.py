@@ -29,7 +29,6 @@ __all__ = [
     "BACKENDS",
     "METRIC_NAMES",
     "CocoEvaluator",
-    "atomic_write_json",  # re-imported from utils.files for tasks/base.py until it imports it from there
     "load_coco",
 ]
 

@@ -238,7 +238,7 @@ class DenseTask(CapturedTraining, NonFiniteGuard, L.LightningModule):
     def write_eval_outputs(self, run_dir: Path, *, data: Mapping[str, Any] | None = None) -> None:
         """Write the files of a final evaluation (rank zero only): ``metrics.json`` here, with ``data`` (what was
         evaluated: format, folder, split, image count) under its ``"data"`` key; tasks add their own."""
-        from evaluation.coco import atomic_write_json
+        from utils.files import atomic_write_json
 
         metrics = {**self.last_metrics, **({"data": dict(data)} if data is not None else {})}
         atomic_write_json(Path(run_dir) / "metrics.json", _json_safe(metrics), indent=2)

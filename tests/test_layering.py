@@ -101,3 +101,10 @@ def test_the_checks_see_the_project():
     assert {"heads.postprocess", "layers.kernels.nms", "tasks.runner", "inference.predictor"} <= set(graph)
     assert "layers.kernels.dispatch" in graph["heads.postprocess"]  # relative and absolute imports both resolve
     assert "tasks.captured_step" in graph["tasks.captured_training"]
+
+
+def test_no_module_holds_more_than_one_concept_by_size():
+    """A file past 400 lines is holding two concepts: split it (the tests are exempt)."""
+    long = sorted(f"{name} ({n} lines)" for name, path in _modules().items()
+                  if (n := len(path.read_text().splitlines())) > 400)
+    assert not long, f"modules over 400 lines: {long}"
