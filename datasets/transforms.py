@@ -31,7 +31,7 @@ def _resize(image: np.ndarray, scale: float) -> np.ndarray:
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     if (nh, nw) == (h, w):
         return image
-    # Area averaging avoids aliasing when shrinking a lot; bilinear is ~4x faster for mild resizes.
+    # Area averaging avoids aliasing when shrinking a lot; bilinear is cheaper and good enough for mild resizes.
     interp = cv2.INTER_AREA if scale < 0.5 else cv2.INTER_LINEAR
     return cv2.resize(image, (nw, nh), interpolation=interp)
 

@@ -17,9 +17,12 @@ __all__ = ["SegmentationWriter", "colorize", "write_image_atomic"]
 def write_image_atomic(path: Path, image: np.ndarray, params: Sequence[int] = ()) -> None:
     """Write ``image`` (uint8; HxW or HxWx3 BGR; format from the suffix) to ``path`` via a temporary file, so
     a crash never leaves a truncated file under the final name."""
-    with atomic_path(path, keep_suffix=True) as tmp:
-        if not cv2.imwrite(str(tmp), image, list(params)):
-            raise OSError(f"could not write {path}")
+    ok, encoded = cv2.imencode(Path(path).suffix, image, list(params))
+    if not ok:
+        raise OSError(f"could not encode {path}")
+    # Not fsynced: prediction pictures are many and can be written again; the rename still keeps them whole.
+    with atomic_path(path, durable=False) as tmp:
+        tmp.write_bytes(encoded.tobytes())
 
 
 def colorize(train_ids: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:

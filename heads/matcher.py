@@ -35,8 +35,8 @@ class IoUMatcher:
     ``impl`` chooses how :meth:`match` finds the best IoUs from the boxes: ``"torch"`` builds the ``[B, G, A]`` IoU
     matrix (:func:`box_iou`) and reduces it; ``"triton"`` computes them in one kernel without the matrix
     (:func:`layers.kernels.matching.iou_reductions`, the same values); ``"auto"`` uses the kernel on CUDA once a first run
-    there matched PyTorch's answer, and PyTorch elsewhere and while tracing or compiling. The default is ``"torch"``:
-    the kernel has not been timed on a GPU yet (docs/benchmarks.md). Calling the
+    there matched PyTorch's answer, and PyTorch elsewhere and while tracing or compiling. The default is ``"torch"``
+    (a fast path is on by default only where a measurement shows it pays: docs/benchmarks.md). Calling the
     matcher on a ready IoU matrix (``matcher(iou, gt_valid)``) always uses PyTorch.
     """
 

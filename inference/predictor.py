@@ -18,7 +18,13 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from tasks.checkpoint import CheckpointError, apply_overrides, read_checkpoint, stored_normalization
+from tasks.checkpoint import (
+    CheckpointError,
+    apply_overrides,
+    read_checkpoint,
+    stored_normalization,
+    without_retired,
+)
 
 from .fast_paths import FastPaths, optimize_model
 
@@ -145,7 +151,7 @@ class Predictor:
                 f"{path}: holds no model config (effdense_config); it was not written by this project's training "
                 "or tools/convert_weights.py"
             )
-        cfg = OmegaConf.create(stored_normalization(dict(stored)))
+        cfg = without_retired(OmegaConf.create(stored_normalization(dict(stored))))
         apply_overrides(cfg, list(overrides))
         model = instantiate(cfg.model)
         task = instantiate(cfg.task.module, model=model)

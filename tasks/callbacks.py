@@ -34,8 +34,8 @@ class _EmaModel(AveragedModel):
     """The averaged copy, updated with a handful of multi-tensor operations and no host synchronisation.
 
     ``torch.optim.swa_utils.AveragedModel`` with an ``avg_fn`` updates tensor by tensor, and a decay that depends
-    on the update count reads that count from the device for every tensor: for an EfficientDet-D0 task that is
-    about 3,700 operations and 750 host synchronisations per training step, more than the step itself. Here the
+    on the update count reads that count from the device for every tensor: thousands of operations and hundreds of
+    host synchronisations per training step for an EfficientDet. Here the
     count is mirrored on the host, so the decay is a plain number, and all floating-point tensors are updated
     together: ``average += (current - average) * (1 - d)``, the same arithmetic in the same order. Integer buffers
     (BatchNorm's ``num_batches_tracked``) take the current value.

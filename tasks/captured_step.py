@@ -33,7 +33,7 @@ def _check_cuda_inputs(inputs: Sequence[torch.Tensor], what: str) -> None:
     devices = {t.device for t in inputs}
     if len(devices) != 1 or next(iter(devices)).type != "cuda":
         raise RuntimeError(
-            f"a captured training step needs CUDA tensors on one device, got inputs on {sorted(map(str, devices))}"
+            f"a captured step needs CUDA tensors on one device, got inputs on {sorted(map(str, devices))}"
         )
 
 
@@ -118,7 +118,7 @@ class CapturedStep:
         for static, new in zip(self.static_inputs, inputs):
             if new.shape != static.shape or new.dtype != static.dtype:
                 raise ValueError(
-                    f"a graphed step replays fixed shapes and dtypes: expected {tuple(static.shape)} {static.dtype}, "
+                    f"a captured step replays fixed shapes and dtypes: expected {tuple(static.shape)} {static.dtype}, "
                     f"got {tuple(new.shape)} {new.dtype}"
                 )
             if new.data_ptr() != static.data_ptr():

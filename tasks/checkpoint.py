@@ -34,6 +34,7 @@ __all__ = [
     "read_checkpoint",
     "stored_normalization",
     "trained_normalization",
+    "without_retired",
 ]
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def merge_checkpoint_config(
     if not ckpt_config:
         return cfg
     parsed = _parse_overrides(overrides)
-    ck = _without_retired(OmegaConf.create(ckpt_config))
+    ck = without_retired(OmegaConf.create(ckpt_config))
     # Group choices on the command line must agree with the checkpoint.
     for key, _ in parsed:
         if key in _MODEL_GROUPS:
@@ -159,7 +160,7 @@ def merge_checkpoint_config(
     return out
 
 
-def _without_retired(ck: DictConfig) -> DictConfig:
+def without_retired(ck: DictConfig) -> DictConfig:
     """A stored config with the options of earlier versions that this one dropped removed or replaced."""
     for path in RETIRED_OPTIONS:
         parent, _, key = path.rpartition(".")

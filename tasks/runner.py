@@ -243,8 +243,8 @@ def _final_validation(trainer: L.Trainer, task, datamodule, run_dir: Path) -> di
 
 
 def _setup_process() -> None:
-    # Denormal floats make CPU convolutions of freshly initialised networks up to 10x slower at random
-    # steps; flushing them to zero changes no result that matters and keeps step times stable.
+    # Denormal floats make CPU convolutions of freshly initialised networks erratically slow; flushing them to zero
+    # changes no result that matters and keeps step times stable.
     torch.set_flush_denormal(True)
 
 

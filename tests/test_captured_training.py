@@ -591,3 +591,19 @@ def test_captured_training_of_the_compiled_network_on_the_gpu(tmp_path, determin
     assert graph_losses[0] == pytest.approx(eager_losses[0], rel=1e-5)
     assert graph_losses == pytest.approx(eager_losses, rel=1e-3, abs=1e-5)
     _assert_same_state(eager_ckpt["state_dict"], graph_ckpt["state_dict"], rtol=1e-3, atol=1e-5)
+
+
+def test_captured_step_checks_its_inputs(monkeypatch):
+    """The capture needs CUDA tensors on one device; a replay needs the captured shapes and dtypes."""
+    import tasks.captured_step
+
+    step = tasks.captured_step.CapturedStep(lambda x: x * 2, warmup=1)
+    with pytest.raises(RuntimeError, match=r"needs CUDA tensors on one device, got inputs on \['cpu'\]"):
+        step.capture(torch.ones(2))
+    with pytest.raises(TypeError, match="non-empty sequence of tensors"):
+        step.capture()
+    step.static_inputs = [torch.ones(2)]
+    with pytest.raises(ValueError, match=r"replays fixed shapes and dtypes: expected \(2,\) torch.float32, got \(3,\)"):
+        step._load([torch.ones(3)])
+    with pytest.raises(TypeError, match="expected 1 inputs, got 2"):
+        step._load([torch.ones(2), torch.ones(2)])

@@ -23,26 +23,32 @@ def _modules() -> dict[str, Path]:
     return found
 
 
-def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
-    """The project modules that module ``name`` imports (``from pkg import sub`` counts as importing ``pkg.sub``)."""
+def _imported_names(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[str, str | None]]:
+    """``(module, name)`` for each import of module ``name`` that reaches a project package: ``import a.b`` gives
+    ``("a.b", None)``, ``from a import b`` gives ``("a", "b")``; relative imports made absolute."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    out = set()
+    out = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            targets = [alias.name for alias in node.names]
+            out += [(alias.name, None) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join([*anchor, *([base] if base else [])])
-            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
-        else:
-            continue
-        for target in targets:
-            while target and target not in modules:  # `import a.b.c` of a name inside a module: that module
-                target = target.rpartition(".")[0]
-            if target and target != name:
-                out.add(target)
+            out += [(base, alias.name) for alias in node.names]
+    return [(m, n) for m, n in out if m.split(".")[0] in LAYERS]
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The project modules that module ``name`` imports (``from pkg import sub`` counts as importing ``pkg.sub``)."""
+    out = set()
+    for module, item in _imported_names(name, path, modules):
+        target = f"{module}.{item}" if item and f"{module}.{item}" in modules else module
+        while target and target not in modules:  # `import a.b.c` of a name inside a module: that module
+            target = target.rpartition(".")[0]
+        if target and target != name:
+            out.add(target)
     return out
 
 
@@ -94,6 +100,23 @@ def test_no_import_cycles():
         if v not in index:
             visit(v)
     assert not cycles, f"modules that import each other: {cycles}"
+
+
+def test_every_project_import_resolves():
+    """A lazy import inside a function fails only when it runs: each one must name a module that exists, and a name
+    that module defines (or a submodule)."""
+    import importlib
+
+    modules = _modules()
+    broken = []
+    for name, path in modules.items():
+        for module, item in _imported_names(name, path, modules):
+            if module not in modules:
+                broken.append(f"{name}: no module {module}")
+            elif (item and item != "*" and f"{module}.{item}" not in modules
+                  and not hasattr(importlib.import_module(module), item)):
+                broken.append(f"{name}: {module} has no {item}")
+    assert not broken, "\n".join(broken)
 
 
 def test_the_checks_see_the_project():

@@ -1,4 +1,4 @@
-"""The few ``torch.distributed`` facts the tasks need, in one place (no Lightning import)."""
+"""The few ``torch.distributed`` facts the tasks and the evaluation need, in one place (no Lightning import)."""
 
 from __future__ import annotations
 

@@ -14,26 +14,39 @@ from typing import Any
 __all__ = ["atomic_path", "atomic_write_json"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: The permissions of a new file, as ``open`` would give it (read once: changing the umask is process-wide).
+_NEW_FILE_MODE = 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, keep_suffix: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` for the caller to write (ending in ``.tmp``, or with ``keep_suffix`` in
-    ``path``'s suffix, for writers that pick a format from it); when the block ends without an error, the file is flushed to disk, given ``path``'s permissions
-    (or the usual ones for a new file) and moved over ``path`` with ``os.replace``. On any error, or an interrupt,
+def atomic_path(path: str | os.PathLike, *, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (a hidden name ending in ``.tmp``, which no reader of the folder takes
+    for a data file) for the caller to write; when the block ends without an error, the file gets ``path``'s
+    permissions (or the usual ones for a new file) and is moved over ``path`` with ``os.replace``, after being flushed
+    to disk when ``durable`` (so a power loss too leaves the old or the new file). On any error, or an interrupt,
     the temporary file is removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = path.with_name(f".{path.stem}.{tag}.tmp{path.suffix}" if keep_suffix else f".{path.name}.{tag}.tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _mode_for(path))
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else _NEW_FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    if not durable:
+        return
     # Make the rename itself durable (best effort: not every platform can fsync a directory).
     with contextlib.suppress(OSError):
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -41,14 +54,6 @@ def atomic_path(path: str | os.PathLike, *, keep_suffix: bool = False) -> Iterat
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-
-
-def _mode_for(path: Path) -> int:
-    if path.exists():
-        return path.stat().st_mode & 0o777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = None) -> Path:

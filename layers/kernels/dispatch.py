@@ -1,5 +1,5 @@
-"""What the Triton kernels of :mod:`heads` share: finding Triton, and checking once per device that a kernel
-builds and gives the right answer before it is chosen automatically."""
+"""What the Triton kernels share: finding Triton, checking once per device that a kernel builds and gives the right
+answer before it is chosen automatically, and :func:`use_kernel`, which decides whether a setting runs the kernel."""
 
 from __future__ import annotations
 

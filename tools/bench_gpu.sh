@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The GPU measurements recorded in docs/benchmarks.md, one benchmark process per part, within a time budget.
-# Usage: OUT=outputs/bench_gpu BUDGET=545 [PARTS="d0 d0_train d0_fit graph_fit d0_step d3_step focal d3 d3_profile fit_profile seg seg_train d0_train_compiled d3_compiled d3_train_compiled train_compiled graph_fit_compiled match"] bash benchmarks/gpu_parts.sh
+# Usage: OUT=outputs/bench_gpu BUDGET=545 [PARTS="d0 d0_train d0_fit graph_fit d0_step d3_step focal d3 d3_profile fit_profile seg seg_train d0_train_compiled d3_compiled d3_train_compiled train_compiled graph_fit_compiled match"] bash tools/bench_gpu.sh
 # JSON lines go to $OUT/<part>.jsonl, logs to $OUT/<part>.log (parts of the same name append); a part that
 # would overrun the budget is cut short (the lines it printed so far are kept). FOCAL_IMPLS="torch" limits the
 # focal part to the PyTorch loss (the default, auto, is what the other parts measure), FOCAL_BACKBONES="b0" to D0;
 # MATCH_IMPLS="triton" limits the match part to the kernel;
 # GRAPH_BACKBONES="b0" limits graph_fit and graph_fit_compiled to D0, COMPILED_BACKBONES="b3" train_compiled to D3;
-# EXTRA="calibrate_bn=false ..." appends overrides to every benchmark call (e.g. the benchmark's earlier conditions).
+# EXTRA="calibrate_bn=false ..." appends overrides to every benchmark call (e.g. calibrate_bn=false).
 set -u
 OUT=${OUT:-outputs/bench_gpu}
 PY=${PY:-python3}
@@ -58,7 +58,7 @@ for p in $PARTS; do
         task.module.cuda_graph=true
     done ;;
   match)  # anchor matching as the IoU matrix (impl=torch), then the kernel (impl=triton: an error where it cannot run;
-    # auto, the CUDA default, would fall back with a warning): the D0 bare step with 100 boxes per image (effdet's
+    # auto would fall back with a warning): the D0 bare step with 100 boxes per image (effdet's
     # too), then the Lightning loop with the captured step (which pads every batch to 100 boxes), both profiled
     for impl in ${MATCH_IMPLS:-torch triton}; do
       run match 150 backbone=b0 compare=effdet fast.compile=false measures=[train,fit] iters=5 train_boxes=100 \
