@@ -54,8 +54,14 @@ def test_two_process_ddp_metrics_equal_single_process(tmp_path, task):
     assert ddp_metrics.pop("data")["images"] == (7 if task == "detection" else 5)
     last = run / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3  # the final step
-    single = evaluate(compose("eval", [*tiny, f"ckpt={last}", "data.val_batch_size=1"]), tmp_path / "eval",
-                      overrides=[f"ckpt={last}", "data.val_batch_size=1"])
+    # One intra-op thread, as each of the two processes had: the thread count changes float rounding.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = evaluate(compose("eval", [*tiny, f"ckpt={last}", "data.val_batch_size=1"]), tmp_path / "eval",
+                          overrides=[f"ckpt={last}", "data.val_batch_size=1"])
+    finally:
+        torch.set_num_threads(threads)
     if task == "detection":
         preds = json.loads((run / "predictions.json").read_text())
         assert len({p["image_id"] for p in preds}) == 7  # all images, none lost
