@@ -53,14 +53,6 @@ def load_coco(source: COCO | str | os.PathLike) -> COCO:
     return load_coco_annotations(source)
 
 
-def _coco_from_dataset(dataset: dict) -> COCO:
-    coco = COCO()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
-
-
 def _to_numpy(x: Any, dtype: np.dtype, name: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         t = x.detach()
@@ -229,9 +221,11 @@ class CocoEvaluator:
         return {name: float(v) for name, v in zip(METRIC_NAMES, stats[: len(METRIC_NAMES)])}
 
     def _eval_pycocotools(self, dt_dataset: dict, img_ids: list[int]) -> tuple[np.ndarray, str]:
+        from datasets.coco_annotations import make_coco
+
         sink = io.StringIO()
         with contextlib.redirect_stdout(sink):
-            coco_dt = _coco_from_dataset(dt_dataset)
+            coco_dt = make_coco(dt_dataset)
             ev = COCOeval(self.coco_gt, coco_dt, iouType="bbox")
             ev.params.imgIds = img_ids
             ev.evaluate()

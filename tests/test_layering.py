@@ -23,7 +23,7 @@ def _modules() -> dict[str, Path]:
     return found
 
 
-def _imported_names(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[str, str | None]]:
+def _imported_names(name: str, path: Path) -> list[tuple[str, str | None]]:
     """``(module, name)`` for each import of module ``name`` that reaches a project package: ``import a.b`` gives
     ``("a.b", None)``, ``from a import b`` gives ``("a", "b")``; relative imports made absolute."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
@@ -43,7 +43,7 @@ def _imported_names(name: str, path: Path, modules: dict[str, Path]) -> list[tup
 def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """The project modules that module ``name`` imports (``from pkg import sub`` counts as importing ``pkg.sub``)."""
     out = set()
-    for module, item in _imported_names(name, path, modules):
+    for module, item in _imported_names(name, path):
         target = f"{module}.{item}" if item and f"{module}.{item}" in modules else module
         while target and target not in modules:  # `import a.b.c` of a name inside a module: that module
             target = target.rpartition(".")[0]
@@ -110,7 +110,7 @@ def test_every_project_import_resolves():
     modules = _modules()
     broken = []
     for name, path in modules.items():
-        for module, item in _imported_names(name, path, modules):
+        for module, item in _imported_names(name, path):
             if module not in modules:
                 broken.append(f"{name}: no module {module}")
             elif (item and item != "*" and f"{module}.{item}" not in modules
