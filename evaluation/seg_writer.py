@@ -9,9 +9,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from datasets.drawing import colorize
 from utils.files import atomic_path
 
-__all__ = ["SegmentationWriter", "colorize", "write_image_atomic"]
+__all__ = ["SegmentationWriter", "write_image_atomic"]
 
 
 def write_image_atomic(path: Path, image: np.ndarray, params: Sequence[int] = ()) -> None:
@@ -23,13 +24,6 @@ def write_image_atomic(path: Path, image: np.ndarray, params: Sequence[int] = ()
     # Not fsynced: prediction pictures are many and can be written again; the rename still keeps them whole.
     with atomic_path(path, durable=False) as tmp:
         tmp.write_bytes(encoded.tobytes())
-
-
-def colorize(train_ids: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
-    """Class map (255 = ignore) -> RGB image; ignored pixels are black."""
-    lut = np.zeros((256, 3), dtype=np.uint8)
-    lut[: len(palette)] = np.asarray(palette, dtype=np.uint8)
-    return lut[train_ids]
 
 
 class SegmentationWriter:

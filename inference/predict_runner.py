@@ -10,12 +10,12 @@ import cv2
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from datasets.drawing import draw_detections, overlay_segmentation
 from evaluation.seg_writer import write_image_atomic
 from utils.files import atomic_write_json
 
 from .fast_paths import FastPaths
 from .predictor import Predictor, list_images, read_rgb
-from .visualize import draw_detections, overlay_segmentation
 
 __all__ = ["output_names", "predict"]
 
