@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate a checkpoint on the val split: ``python tools/eval.py task=detection backbone=b3 ckpt=PATH``.
 
-Prints the 12 COCO numbers and writes ``metrics.json`` and ``predictions.json`` (COCO results format,
+Prints the 12 COCO numbers and the per-class table (AP, AP50, ground-truth boxes) and writes ``metrics.json`` and ``predictions.json`` (COCO results format,
 original image ids and category ids, xywh boxes in original pixels) into the run directory.
 """
 
