@@ -1,9 +1,10 @@
-"""COCO bounding-box evaluation: accumulate detections, gather them across ranks, report the 12 COCO numbers.
+"""COCO bounding-box evaluation: accumulate detections, gather them across ranks, report the 12 COCO numbers and
+AP / AP50 per category.
 
 Detections are kept as compact numpy arrays while a validation epoch runs (:mod:`evaluation.coco_results`);
 per-detection dicts are only built when the evaluation (or the results file) needs them. The numbers are those of
 the COCO evaluation (pycocotools ``COCOeval``, or the compatible ``faster_coco_eval`` implementation), including
-``-1.0`` where the evaluation has no ground truth to measure against.
+``-1.0`` where the evaluation has no ground truth to measure against; per category that case is ``None``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import io
 import logging
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,10 +26,12 @@ from pycocotools.cocoeval import COCOeval
 from utils.files import atomic_write_json
 
 from .coco_results import EvalPayload, annotation_dicts, concat_payloads, merge_payloads, result_dicts
+from .per_class import format_per_class_table
 
 __all__ = [
     "BACKENDS",
     "METRIC_NAMES",
+    "PER_CLASS_COLUMNS",
     "CocoEvaluator",
     "load_coco",
 ]
@@ -39,6 +43,8 @@ METRIC_NAMES: tuple[str, ...] = (
     "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
 )
 BACKENDS: tuple[str, ...] = ("pycocotools", "faster_coco_eval")
+#: The per-category values (:attr:`CocoEvaluator.per_class`) as columns of the printed table.
+PER_CLASS_COLUMNS = (("AP", "AP (%)", "percent"), ("AP50", "AP50 (%)", "percent"), ("num_gt", "GT boxes", "count"))
 
 
 def load_coco(source: COCO | str | os.PathLike) -> COCO:
@@ -75,6 +81,8 @@ class CocoEvaluator:
             ev.update(image_ids=..., boxes=..., scores=..., category_ids=..., num_detections=...)
         metrics = ev.compute()                 # {"AP": ..., "AP50": ..., ..., "ARl": ...}
         print(ev.summary)                      # the standard 12-line summary
+        print(ev.per_class_table)              # AP, AP50 and ground-truth boxes per category
+        ev.per_class                           # {"person": {"AP": ..., "AP50": ..., "num_gt": ...}, ...}
         ev.write_predictions("predictions.json")
 
     Args:
@@ -92,6 +100,7 @@ class CocoEvaluator:
         self._gt_image_ids = np.asarray(sorted(self.coco_gt.getImgIds()), dtype=np.int64)
         self._gt_category_ids = np.asarray(sorted(self.coco_gt.getCatIds()), dtype=np.int64)
         self._faster_gt = None  # the ground truth as a faster_coco_eval COCO, built on first use
+        self.category_names = _category_names(self.coco_gt, self._gt_category_ids.tolist())
         self.summary: str = ""
         self.reset()
 
@@ -100,6 +109,13 @@ class CocoEvaluator:
         """Forget every detection and image seen so far."""
         self._chunks: list[EvalPayload] = []
         self.summary = ""
+        #: Set by :meth:`compute`, per category of the ground truth (category id order, keyed by its name):
+        #: ``{"AP": float | None, "AP50": float | None, "num_gt": int}``. Each AP is what the COCO evaluation gives
+        #: for that category alone (``params.catIds = [id]``); ``None`` where the evaluated images hold no
+        #: non-crowd box of it (COCO's -1). ``num_gt``: its non-crowd ground-truth boxes in the evaluated images.
+        self.per_class: dict[str, dict[str, Any]] = {}
+        #: :attr:`per_class` as a printable table, with the mean (the COCO AP and AP50) below; set by :meth:`compute`.
+        self.per_class_table: str = ""
 
     def update(
         self,
@@ -198,7 +214,8 @@ class CocoEvaluator:
         return np.unique(self.payload().image_ids).tolist()
 
     def compute(self) -> dict[str, float]:
-        """Gather, evaluate the images seen, and return the 12 COCO numbers; sets :attr:`summary`."""
+        """Gather, evaluate the images seen, and return the 12 COCO numbers; sets :attr:`summary`,
+        :attr:`per_class` and :attr:`per_class_table`."""
         self.gather()
         payload = self.payload()
         if payload.image_ids.size == 0:
@@ -214,13 +231,39 @@ class CocoEvaluator:
             log.warning("the %d evaluated images have no annotations (no ground truth): every COCO metric is -1, "
                         "COCO's 'undefined'", len(img_ids))
         if self.backend == "pycocotools":
-            stats, summary = self._eval_pycocotools(dt_dataset, img_ids)
+            stats, summary, ev = self._eval_pycocotools(dt_dataset, img_ids)
         else:
-            stats, summary = self._eval_faster(dt_dataset, img_ids)
+            stats, summary, ev = self._eval_faster(dt_dataset, img_ids)
         self.summary = summary
-        return {name: float(v) for name, v in zip(METRIC_NAMES, stats[: len(METRIC_NAMES)])}
+        metrics = {name: float(v) for name, v in zip(METRIC_NAMES, stats[: len(METRIC_NAMES)])}
+        self.per_class = self._per_class(ev, img_ids)
+        total = sum(v["num_gt"] for v in self.per_class.values())
+        mean = {k: (None if metrics[k] == -1.0 else metrics[k]) for k in ("AP", "AP50")}
+        self.per_class_table = format_per_class_table(self.per_class, PER_CLASS_COLUMNS,
+                                                      [("mean (AP, AP50)", {**mean, "num_gt": total})])
+        return metrics
 
-    def _eval_pycocotools(self, dt_dataset: dict, img_ids: list[int]) -> tuple[np.ndarray, str]:
+    def _per_class(self, ev: Any, img_ids: list[int]) -> dict[str, dict[str, Any]]:
+        """AP and AP50 per category from an accumulated evaluation: the all-areas, 100-detections precision of that
+        category, averaged over the values the evaluation defines (the same mean ``summarize`` takes)."""
+        params = ev.params
+        precision = np.asarray(ev.eval["precision"])  # [IoU thresholds, recall thresholds, categories, areas, maxDets]
+        area = list(params.areaRngLbl).index("all")
+        at50 = int(np.flatnonzero(np.isclose(np.asarray(params.iouThrs), 0.5))[0])
+        counts = Counter(a["category_id"] for i in img_ids for a in self.coco_gt.imgToAnns.get(i, ())
+                         if not a.get("iscrowd", 0))
+
+        def mean(p: np.ndarray) -> float | None:
+            p = p[p > -1]
+            return float(np.mean(p)) if p.size else None
+
+        out = {}
+        for k, cat in enumerate(int(c) for c in params.catIds):
+            p = precision[:, :, k, area, -1]
+            out[self.category_names[cat]] = {"AP": mean(p), "AP50": mean(p[at50 : at50 + 1]), "num_gt": counts[cat]}
+        return out
+
+    def _eval_pycocotools(self, dt_dataset: dict, img_ids: list[int]) -> tuple[np.ndarray, str, COCOeval]:
         from datasets.coco_annotations import make_coco
 
         sink = io.StringIO()
@@ -233,9 +276,9 @@ class CocoEvaluator:
         text = io.StringIO()
         with contextlib.redirect_stdout(text):
             ev.summarize()
-        return np.asarray(ev.stats, dtype=np.float64), text.getvalue().rstrip("\n")
+        return np.asarray(ev.stats, dtype=np.float64), text.getvalue().rstrip("\n"), ev
 
-    def _eval_faster(self, dt_dataset: dict, img_ids: list[int]) -> tuple[np.ndarray, str]:
+    def _eval_faster(self, dt_dataset: dict, img_ids: list[int]) -> tuple[np.ndarray, str, Any]:
         fce = _import_faster_coco_eval()
 
         def quiet(*args: Any, **kwargs: Any) -> None:
@@ -252,7 +295,7 @@ class CocoEvaluator:
         ev.print_function = lambda *args, **kwargs: lines.append(" ".join(str(a) for a in args))
         ev.summarize()
         # This backend adds AR@0.5 and AR@0.75 after the standard 12 lines.
-        return np.asarray(ev.stats, dtype=np.float64), "\n".join(lines[: len(METRIC_NAMES)])
+        return np.asarray(ev.stats, dtype=np.float64), "\n".join(lines[: len(METRIC_NAMES)]), ev
 
     # ------------------------------------------------------------------ outputs
     def results(self) -> list[dict[str, Any]]:
@@ -268,9 +311,27 @@ class CocoEvaluator:
         return atomic_write_json(path, self.results())
 
     @staticmethod
-    def write_metrics(path: str | os.PathLike, metrics: dict[str, float]) -> Path:
-        """Write a metrics dict as JSON, atomically."""
-        return atomic_write_json(path, {k: float(v) for k, v in metrics.items()}, indent=2)
+    def write_metrics(path: str | os.PathLike, metrics: dict[str, Any]) -> Path:
+        """Write a metrics dict as JSON, atomically: numbers as floats, nested dicts (e.g. ``per_class``) kept,
+        ``None`` as ``null``."""
+        return atomic_write_json(path, _plain(metrics), indent=2)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    return float(value)
+
+
+def _category_names(coco: COCO, cat_ids: list[int]) -> dict[int, str]:
+    """Category id -> its name in the ground truth; a name that two categories share gets ``" (id N)"`` added."""
+    names = [str(coco.cats[c].get("name") or c) for c in cat_ids]
+    shared = {n for n, count in Counter(names).items() if count > 1}
+    return {c: f"{n} (id {c})" if n in shared else n for c, n in zip(cat_ids, names)}
 
 
 def _import_faster_coco_eval():

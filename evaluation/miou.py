@@ -2,7 +2,8 @@
 
 IoU per class is ``TP / (TP + FP + FN)`` over the whole split (not averaged per image); a class with no
 ground-truth pixel and no prediction has no IoU (NaN, reported as ``null``) and is left out of the mean,
-which is how the official Cityscapes evaluation averages.
+which is how the official Cityscapes evaluation averages. Per class the results are also given in the layout the
+detection evaluation uses (``per_class: {name: {"IoU", "Acc", "num_gt_pixels"}}``, :mod:`evaluation.per_class`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ import torch.distributed as dist
 
 from utils.distributed import is_distributed
 
-__all__ = ["ConfusionMatrix", "format_iou_table", "iou_from_confusion"]
+from .per_class import format_per_class_table
+
+__all__ = ["PER_CLASS_COLUMNS", "ConfusionMatrix", "format_iou_table", "iou_from_confusion"]
+
+#: The per-class values (``per_class`` of :meth:`ConfusionMatrix.compute`) as columns of the printed table.
+PER_CLASS_COLUMNS = (("IoU", "IoU (%)", "percent"), ("Acc", "Acc (%)", "percent"),
+                     ("num_gt_pixels", "GT pixels", "count"))
 
 
 def iou_from_confusion(confusion: torch.Tensor) -> torch.Tensor:
@@ -75,7 +82,10 @@ class ConfusionMatrix:
         return matrix.cpu()
 
     def compute(self) -> dict:
-        """``{"mIoU": float, "IoU": {class name: float | None}, "aAcc": float, "mAcc": float}`` over all ranks."""
+        """``{"mIoU": float, "IoU": {class name: float | None}, "aAcc": float, "mAcc": float, "per_class": {class
+        name: {"IoU": float | None, "Acc": float | None, "num_gt_pixels": int}}}`` over all ranks. ``IoU`` holds the
+        same values as ``per_class`` (kept for readers of earlier metrics files); ``Acc`` is the share of the class's
+        ground-truth pixels predicted as it (``None`` without any)."""
         conf = self.reduced()
         iou = iou_from_confusion(conf)
         valid = ~torch.isnan(iou)
@@ -83,23 +93,28 @@ class ConfusionMatrix:
         gt = conf.sum(1).double()
         acc = torch.where(gt > 0, conf.diag().double() / gt.clamp(min=1), torch.full_like(gt, float("nan")))
         acc_valid = ~torch.isnan(acc)
+
+        def value(v: float) -> float | None:
+            return None if math.isnan(v) else float(v)
+
+        per_class = {
+            name: {"IoU": value(i), "Acc": value(a), "num_gt_pixels": int(n)}
+            for name, i, a, n in zip(self.class_names, iou.tolist(), acc.tolist(), conf.sum(1).tolist())
+        }
         return {
             "mIoU": float(iou[valid].mean()) if bool(valid.any()) else float("nan"),
             "IoU": {name: (None if math.isnan(v) else float(v)) for name, v in zip(self.class_names, iou.tolist())},
             "aAcc": float(conf.diag().sum().item() / total) if total else float("nan"),
             "mAcc": float(acc[acc_valid].mean()) if bool(acc_valid.any()) else float("nan"),
+            "per_class": per_class,
         }
 
 
 def format_iou_table(metrics: dict) -> str:
-    """A readable per-class IoU table followed by mIoU (percentages)."""
-    names = list(metrics["IoU"])
-    width = max([len("class")] + [len(n) for n in names])
-    lines = [f"{'class':<{width}}  IoU (%)", "-" * (width + 10)]
-    for name in names:
-        v = metrics["IoU"][name]
-        lines.append(f"{name:<{width}}  {'   n/a' if v is None else f'{100 * v:6.2f}'}")
-    lines.append("-" * (width + 10))
-    lines.append(f"{'mIoU':<{width}}  {100 * metrics['mIoU']:6.2f}")
-    lines.append(f"{'aAcc':<{width}}  {100 * metrics['aAcc']:6.2f}")
-    return "\n".join(lines)
+    """The per-class table (IoU, accuracy and ground-truth pixels, percentages) with the means (mIoU, mAcc) and the
+    pixel accuracy (aAcc) below: the layout of the detection evaluation's per-class table."""
+    per_class = metrics.get("per_class") or {name: {"IoU": v} for name, v in metrics["IoU"].items()}
+    total = sum(int(v.get("num_gt_pixels") or 0) for v in per_class.values())
+    footer = [("mean (mIoU, mAcc)", {"IoU": metrics["mIoU"], "Acc": metrics.get("mAcc"), "num_gt_pixels": total}),
+              ("all pixels (aAcc)", {"Acc": metrics.get("aAcc")})]
+    return format_per_class_table(per_class, PER_CLASS_COLUMNS, footer)

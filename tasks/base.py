@@ -182,6 +182,15 @@ class DenseTask(CapturedTraining, NonFiniteGuard, L.LightningModule):
             self.log("loss", loss, prog_bar=True, logger=False, batch_size=batch_size)
             self.log("lr", lr, prog_bar=True, batch_size=batch_size)
 
+    def log_per_class(self, per_class: Mapping[str, Mapping[str, Any]], keys: Sequence[str]) -> None:
+        """Log each class's ``keys`` values as ``val/<key>_per_class/<class name>`` (a class without ground truth has
+        none and logs nothing). Every rank holds the same gathered numbers, so no reduction is needed."""
+        for name, values in per_class.items():
+            for key in keys:
+                value = values.get(key)
+                if value is not None and not math.isnan(float(value)):
+                    self.log(f"val/{key}_per_class/{name}", float(value), rank_zero_only=False)
+
     def on_train_epoch_start(self) -> None:
         # The training order follows the trainer's epoch. Lightning sets the sampler's epoch from its count of
         # processed epochs, which is one ahead of it when a run with max_steps resumes from the checkpoint written

@@ -3,13 +3,18 @@ line naming the setting (``ConfigError``) instead of a traceback from deep insid
 
 from __future__ import annotations
 
+import importlib.util
 import numbers
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ["ConfigError", "check_export_config", "check_predict_config", "check_run_config"]
+__all__ = ["LOGGER_NAMES", "ConfigError", "check_export_config", "check_loggers", "check_predict_config",
+           "check_run_config"]
+
+#: What the ``logger`` setting of a training run picks from (one name or a list).
+LOGGER_NAMES = ("csv", "tensorboard", "wandb")
 
 
 class ConfigError(ValueError):
@@ -62,9 +67,31 @@ def check_run_config(cfg: DictConfig) -> None:
     _int(cfg, "data.num_workers", minimum=0)
     if _get(cfg, "task.module.optimizer.lr") is not None:
         _number(cfg, "task.module.optimizer.lr", low=0.0, low_open=True)
+    if _get(cfg, "logger") is not None:
+        check_loggers(_get(cfg, "logger"))
+    if _get(cfg, "val_images") is not None:
+        _int(cfg, "val_images.num", minimum=0, what=" (0: no validation images)")
+        _number(cfg, "val_images.score_threshold", low=0.0, high=1.0)
     if _get(cfg, "trainer") is not None:
         _int(cfg, "trainer.max_steps", minimum=-1, optional=True, what=" (-1: no limit)")
         _int(cfg, "trainer.max_epochs", minimum=-1, optional=True, what=" (-1: no limit)")
+
+
+def check_loggers(value: Any) -> list[str]:
+    """The ``logger`` setting (a name or a list of names of :data:`LOGGER_NAMES`) as a list without repeats; a
+    :class:`ConfigError` for an unknown name, an empty list, or ``wandb`` without the wandb package."""
+    items = [value] if isinstance(value, str) else list(value) if OmegaConf.is_list(value) or isinstance(
+        value, (list, tuple)) else None
+    if not items or not all(isinstance(v, str) for v in items):
+        raise ConfigError(f"logger must be one of {', '.join(LOGGER_NAMES)} or a list of them, e.g. "
+                          f"logger=[csv,tensorboard], got {value!r}")
+    unknown = [v for v in items if v not in LOGGER_NAMES]
+    if unknown:
+        raise ConfigError(f"logger: unknown logger {unknown[0]!r}; choose from {', '.join(LOGGER_NAMES)} "
+                          "(one name or a list, e.g. logger=[csv,tensorboard])")
+    if "wandb" in items and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("logger=wandb needs the wandb package: pip install wandb (or use logger=tensorboard)")
+    return list(dict.fromkeys(items))
 
 
 def check_predict_config(cfg: DictConfig) -> None:

@@ -4,6 +4,7 @@ post-processing and COCO evaluation, and trains it with Lightning."""
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -140,9 +141,11 @@ class DetectionTask(DenseTask):
             cat_ids = self.category_ids.to(labels.device)[labels.clamp(min=0)]
             cat_ids = torch.where(labels >= 0, cat_ids, torch.full_like(cat_ids, -1))
         return {"boxes": boxes, "scores": det["scores"], "category_ids": cat_ids, "labels": labels,
-                "num_detections": det["num_detections"]}
+                "num_detections": det["num_detections"], "input_boxes": det["boxes"]}
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Evaluates the batch; returns its detections (``input_boxes`` in network-input pixels) for callbacks
+        (:class:`tasks.val_images.ValidationImages`)."""
         losses, (cls, box, anchors, hw) = self._losses(batch)
         bs = batch["images"].shape[0]
         self.log("val/loss", losses["loss"], batch_size=bs, sync_dist=True)
@@ -154,15 +157,18 @@ class DetectionTask(DenseTask):
             category_ids=det["category_ids"].cpu(),
             num_detections=det["num_detections"].cpu(),
         )
+        return {"detections": det}
 
     def on_validation_epoch_end(self) -> None:
-        metrics = self.evaluator.compute()
+        metrics = dict(self.evaluator.compute())
+        metrics.setdefault("per_class", self.evaluator.per_class)
         self.last_metrics = metrics
         if self.trainer.is_global_zero:
-            print("\n" + self.evaluator.summary, flush=True)
+            print("\n" + self.evaluator.summary + "\n\n" + self.evaluator.per_class_table, flush=True)
         for k, v in metrics.items():
-            # Every rank holds the same gathered numbers, so no reduction is needed.
-            self.log(f"val/{k}", float(v), prog_bar=k in ("AP", "AP50"), rank_zero_only=False)
+            if isinstance(v, numbers.Real):  # Every rank holds the same gathered numbers: no reduction is needed.
+                self.log(f"val/{k}", float(v), prog_bar=k in ("AP", "AP50"), rank_zero_only=False)
+        self.log_per_class(metrics["per_class"], ("AP", "AP50"))
 
     def write_eval_outputs(self, run_dir, *, data=None) -> None:
         super().write_eval_outputs(run_dir, data=data)

@@ -14,7 +14,6 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from utils.state_dicts import state_dict_mismatches
@@ -29,9 +28,11 @@ from .callbacks import (
     SyncNormLayers,
 )
 from .checkpoint import CheckpointError, merge_checkpoint_config, read_checkpoint, trained_normalization
-from .config_checks import check_run_config
+from .config_checks import check_loggers, check_run_config
 from .interrupt import StopOnSignal
+from .loggers import IMAGE_LOGGERS, make_loggers
 from .precise_bn import PreciseBN
+from .val_images import ValidationImages
 
 __all__ = ["CheckpointError", "build_model", "build_task", "evaluate", "load_checkpoint_weights", "train", "trainer_kwargs"]
 
@@ -201,26 +202,6 @@ def _check_resume(path: str, task: L.LightningModule) -> dict:
     return ckpt
 
 
-def _keep_earlier_logs(log_dir: Path) -> None:
-    """Move an earlier run's ``metrics.csv`` in ``log_dir`` (a resumed run, or a new one in the same directory) to
-    ``metrics.<n>.csv``: the CSV logger starts its file anew and would delete it."""
-    from lightning.pytorch.utilities import rank_zero_only
-
-    earlier = log_dir / "metrics.csv"
-    if rank_zero_only.rank != 0 or not earlier.is_file():  # one process moves it (all may start at once)
-        return
-    n = 1
-    while (log_dir / f"metrics.{n}.csv").exists():
-        n += 1
-    try:
-        earlier.rename(log_dir / f"metrics.{n}.csv")
-    except FileNotFoundError:  # moved meanwhile by another launch in the same directory
-        return
-    log.info("earlier metrics kept as %s", log_dir / f"metrics.{n}.csv")
-    # Lightning's CSV logger warns that it will delete the files it finds there; it only rewrites its own.
-    warnings.filterwarnings("ignore", message=r".*Previous log files in this directory will be deleted.*")
-
-
 def _final_validation(trainer: L.Trainer, task, datamodule, run_dir: Path) -> dict[str, Any]:
     """Validate once more with per-image outputs enabled; rank zero writes metrics.json and the task's files.
 
@@ -281,15 +262,19 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
         warnings.filterwarnings("ignore", message=r".*not resumable.*")
     else:
         _check_new_run_dir(run_dir, ckpt_dir)
-    _keep_earlier_logs(run_dir / "logs")
+    loggers = make_loggers(cfg.get("logger", "csv"), run_dir)
+    callbacks = [*_callbacks(cfg, ckpt_dir, task, resume_command(run_dir, overrides)), _WriteRunConfig(cfg, run_dir)]
+    pictures = cfg.get("val_images") or {}
+    if pictures.get("num", 0) and any(name in IMAGE_LOGGERS for name in check_loggers(cfg.get("logger", "csv"))):
+        callbacks.append(ValidationImages(num_images=pictures.num, score_threshold=pictures.score_threshold))
     kwargs = trainer_kwargs(cfg, training=True)
     # timm's fused norm + activation layers stay whole under sync_batchnorm (Lightning's conversion drops the act).
     layer_sync = [SyncNormLayers()] if kwargs.get("sync_batchnorm") else []
     trainer = L.Trainer(
         **kwargs,
         default_root_dir=str(run_dir),
-        callbacks=[*_callbacks(cfg, ckpt_dir, task, resume_command(run_dir, overrides)), _WriteRunConfig(cfg, run_dir)],
-        logger=CSVLogger(save_dir=str(run_dir), name="logs", version=""),
+        callbacks=callbacks,
+        logger=loggers,
         plugins=[AtomicCheckpointIO(), *layer_sync],
     )
     # Checkpoints hold tensors and plain data only: resume without unpickling arbitrary objects.

@@ -152,13 +152,16 @@ class SegmentationTask(DenseTask):
                 raise RuntimeError("writing predictions needs a segmentation datamodule (make_writer)")
             self.writer = dm.make_writer(Path(self.output_dir))
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Evaluates the batch; returns its predicted class maps (original size) for callbacks
+        (:class:`tasks.val_images.ValidationImages`)."""
         preds = self.predict_batch(batch)
         for i, pred in enumerate(preds):
             oh, ow = pred.shape
             self.metric.update(pred, batch["masks"][i, :oh, :ow])
         if self.writer is not None:
             self.writer.write([int(v) for v in batch["indices"]], [p.to(torch.uint8).cpu().numpy() for p in preds])
+        return {"predictions": preds}
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.metric.compute()
@@ -169,3 +172,4 @@ class SegmentationTask(DenseTask):
         # Every rank holds the same reduced numbers, so no further reduction is needed.
         for key in ("mIoU", "aAcc", "mAcc"):
             self.log(f"val/{key}", float(metrics[key]), prog_bar=key == "mIoU", rank_zero_only=False)
+        self.log_per_class(metrics["per_class"], ("IoU",))

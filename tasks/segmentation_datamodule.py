@@ -32,8 +32,10 @@ class SegmentationDataModule(FolderDataModule):
         ``format="cityscapes"``: ``<root>/leftImg8bit/<split>/<city>/*_leftImg8bit.png`` and
         ``<root>/gtFine/<split>/<city>/*_gtFine_labelIds.png`` (label ids mapped to the 19 train ids on the fly).
         ``format="folder"``: ``<root>/<image_folder>/<split>/<name>.{jpg,png}`` and
-        ``<root>/<mask_folder>/<split>/<name>.png``, single-channel masks holding class indices
-        ``0..num_classes-1`` or ``ignore_index``; ``class_names`` are required.
+        ``<root>/<mask_folder>/<split>/<name>.png``, single-channel masks holding class indices plus
+        ``label_offset`` or ``ignore_index``; ``class_names`` are required. ADE20K is this format with
+        ``image_folder="images"``, ``mask_folder="annotations"``, splits ``training``/``validation``,
+        ``ignore_index=0`` and ``label_offset=1`` (configs/dataset/segmentation/ade20k.yaml).
 
     Args:
         num_classes: classes the model predicts; must match the dataset (19 for Cityscapes).
@@ -46,6 +48,7 @@ class SegmentationDataModule(FolderDataModule):
         overlays: with prediction writing, also write colour overlays.
         skip_bad: skip images without a mask and unreadable samples with a warning, instead of failing (see
             :class:`datasets.SegmentationDataset`).
+        label_offset: ``format="folder"``: the mask value of class 0 (see :class:`datasets.SegmentationFolder`).
         decoded_cache: a folder where every image/mask pair is kept decoded (raw uint8 arrays, memory-mapped
             when read; :class:`datasets.SegmentationDataset`), so loader workers do not decode the PNGs again.
             ``None``: decode every time.
@@ -79,6 +82,7 @@ class SegmentationDataModule(FolderDataModule):
         skip_bad: bool = False,
         decoded_cache: str | Path | None = None,
         seed: int = 0,
+        label_offset: int = 0,
     ) -> None:
         super().__init__(
             root=root,
@@ -93,7 +97,10 @@ class SegmentationDataModule(FolderDataModule):
             raise ValueError(f"data.format must be one of {SEGMENTATION_FORMATS}, got {format!r}")
         if format == "folder" and not class_names:
             raise ValueError("data.format=folder needs data.class_names (one name per class index)")
+        if format != "folder" and label_offset:
+            raise ValueError(f"data.label_offset applies to data.format=folder only, got {label_offset} for {format}")
         self.format = format
+        self.label_offset = int(label_offset)
         self.num_classes = num_classes
         self.class_names_cfg = list(class_names) if class_names else None
         self.ignore_index = ignore_index
@@ -164,6 +171,7 @@ class SegmentationDataModule(FolderDataModule):
                 mask_dir=mask_dir,
                 class_names=self.class_names_cfg,
                 ignore_index=self.ignore_index,
+                label_offset=self.label_offset,
                 transform=transform,
                 skip_bad=self.skip_bad,
                 decoded_cache=self.decoded_cache,

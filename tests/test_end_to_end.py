@@ -48,7 +48,11 @@ def test_train_then_eval_writes_valid_coco_outputs(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     data = metrics.pop("data")  # what was evaluated
     assert data["format"] == "coco" and data["split"] == "val2017" and data["synthetic"] is True
-    assert list(metrics) == METRIC_KEYS and metrics == result["metrics"]
+    assert metrics == result["metrics"]
+    per_class = metrics.pop("per_class")  # AP, AP50 and ground-truth boxes of each synthetic category
+    assert list(metrics) == METRIC_KEYS
+    assert list(per_class) == ["circle", "square", "triangle", "cross"]
+    assert all(set(v) == {"AP", "AP50", "num_gt"} for v in per_class.values())
     assert (run / "logs" / "metrics.csv").is_file()
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
     assert ckpt["effdense_config"]["model"]["image_size"] == 128  # self-describing checkpoint
@@ -57,7 +61,7 @@ def test_train_then_eval_writes_valid_coco_outputs(tmp_path):
     eval_dir = tmp_path / "eval"
     cfg = _cfg(tmp_path, f"ckpt={last}", name="eval")
     metrics2 = evaluate(cfg, eval_dir)
-    assert list(metrics2) == METRIC_KEYS
+    assert list(metrics2) == [*METRIC_KEYS, "per_class"]
     preds = json.loads((eval_dir / "predictions.json").read_text())
     assert preds, "an untrained model still returns its top-100 detections per image"
     data_dir = next((tmp_path / "cache").glob("synthetic_coco/*"))

@@ -65,7 +65,10 @@ def test_two_process_ddp_metrics_equal_single_process(tmp_path, task):
     if task == "detection":
         preds = json.loads((run / "predictions.json").read_text())
         assert len({p["image_id"] for p in preds}) == 7  # all images, none lost
+        ddp_per_class, single_per_class = ddp_metrics.pop("per_class"), single.pop("per_class")
         assert ddp_metrics == pytest.approx(single, abs=1e-12)
+        for name, values in single_per_class.items():
+            assert ddp_per_class[name] == {k: v if v is None else pytest.approx(v, abs=1e-12) for k, v in values.items()}
     else:
         assert len(list((run / "predictions").glob("*.png"))) == 5
         assert ddp_metrics["mIoU"] == pytest.approx(single["mIoU"], abs=1e-12)

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Evaluate a checkpoint on the val split: ``python tools/eval.py task=detection backbone=b3 ckpt=PATH``.
 
-Prints the 12 COCO numbers and writes ``metrics.json`` and ``predictions.json`` (COCO results format,
-original image ids and category ids, xywh boxes in original pixels) into the run directory.
+Prints the 12 COCO numbers and the per-class table (AP, AP50, ground-truth boxes), and writes ``metrics.json`` (with
+``per_class``) and ``predictions.json`` (COCO results format, original image ids and category ids, xywh boxes in
+original pixels) into the run directory.
 """
 
 import hydra
