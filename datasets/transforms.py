@@ -1,16 +1,19 @@
-"""Detection pipelines: train (scale jitter, pad, random square crop, flip) and eval (resize + pad).
+"""Detection pipelines: train (scale jitter, pad, random crop, flip) and eval (letterbox: resize + pad).
 
-Both map ``(image HxWx3 uint8 RGB, boxes [N, 4] float32 xyxy in image pixels, labels [N] int64)`` to
-``dict(image=SxSx3 uint8, boxes=float32 [M, 4] xyxy in output pixels, labels=int64 [M], scale=float)``, where
-``S = image_size``. Images stay uint8; normalisation happens later, on the device.
+Both map ``(image hxwx3 uint8 RGB, boxes [N, 4] float32 xyxy in image pixels, labels [N] int64)`` to
+``dict(image=HxWx3 uint8, boxes=float32 [M, 4] xyxy in output pixels, labels=int64 [M], scale=float)``, where
+``(H, W)`` is ``image_size`` (one side for a square, or ``[H, W]``). Images stay uint8; normalisation happens
+later, on the device.
 
-The resize (longest side to ``S``, times the train-time jitter) is a single OpenCV call; albumentations does
-the padding, cropping and flipping and keeps the boxes in step. Boxes are clipped to the output and boxes
-narrower or shorter than 1 output pixel are dropped together with their labels.
+The resize (by ``min(H / h, W / w)``, so the image fits ``H x W`` keeping its aspect ratio, times the train-time
+jitter) is a single OpenCV call; albumentations does the padding, cropping and flipping and keeps the boxes in
+step. Boxes are clipped to the output and boxes narrower or shorter than 1 output pixel are dropped together
+with their labels.
 """
 
 from __future__ import annotations
 
+import numbers
 import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -18,6 +21,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A
 import cv2
 import numpy as np
+
+from utils.sizes import image_hw
 
 from ._seeding import ProcessRandom
 
@@ -46,11 +51,13 @@ def _clip_and_filter(boxes: np.ndarray, labels: np.ndarray, w: float, h: float):
 class DetectionTransform:
     """Train or eval detection pipeline (see the module docstring for the call contract).
 
-    Eval: resize so the longest side is ``image_size`` and pad bottom/right with zeros to a square.
-    ``scale`` is output pixels per original pixel, so ``original = output / scale``.
+    ``image_size`` is one side (a square output) or ``(H, W)``.
 
-    Train: resize the longest side to ``image_size`` times a factor drawn uniformly from ``scale_range``, pad
-    bottom/right with zeros to at least ``image_size``, take a random ``image_size`` square crop, flip
+    Eval: resize by ``min(H / h, W / w)`` (the largest size that fits, aspect ratio kept) and pad bottom/right
+    with zeros to ``H x W``. ``scale`` is output pixels per original pixel, so ``original = output / scale``.
+
+    Train: resize by ``min(H / h, W / w)`` times a factor drawn uniformly from ``scale_range``, pad
+    bottom/right with zeros to at least ``H x W``, take a random ``H x W`` crop, flip
     horizontally with probability ``hflip_prob``. ``scale`` is then the resize factor including the jitter
     (output = original * scale, before the crop offset and the flip).
 
@@ -63,33 +70,34 @@ class DetectionTransform:
     def __init__(
         self,
         *,
-        image_size: int,
+        image_size: int | tuple[int, int],
         train: bool,
         scale_range: tuple[float, float] = (0.1, 2.0),
         hflip_prob: float = 0.5,
         seed: int | None = None,
     ) -> None:
-        if int(image_size) < 1:
-            raise ValueError(f"image_size must be positive, got {image_size}")
+        height, width = image_hw(image_size)
         lo, hi = (float(v) for v in scale_range)
         if not 0 < lo <= hi:
             raise ValueError(f"scale_range must satisfy 0 < low <= high, got {tuple(scale_range)}")
         if not 0.0 <= hflip_prob <= 1.0:
             raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}")
-        self.image_size = int(image_size)
+        #: As given: one side (a square) or ``(H, W)``; :attr:`out_hw` is always ``(H, W)``.
+        self.image_size = height if isinstance(image_size, numbers.Integral) else (height, width)
+        self.out_hw = (height, width)
         self.train = bool(train)
         self.scale_range = (lo, hi)
         self.hflip_prob = float(hflip_prob)
         self.seed = seed
         self.pipeline: A.Compose | None = None
         if self.train:
-            size = self.image_size
             self.pipeline = A.Compose(
                 [
                     A.PadIfNeeded(
-                        min_height=size, min_width=size, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0
+                        min_height=height, min_width=width, position="top_left", border_mode=cv2.BORDER_CONSTANT,
+                        fill=0,
                     ),
-                    A.RandomCrop(height=size, width=size, p=1.0),
+                    A.RandomCrop(height=height, width=width, p=1.0),
                     A.HorizontalFlip(p=self.hflip_prob),
                 ],
                 # Labels travel as box indices (exact integers), then index the int64 labels.
@@ -122,12 +130,12 @@ class DetectionTransform:
         if len(boxes) != len(labels):
             raise ValueError(f"got {len(boxes)} boxes but {len(labels)} labels")
         h, w = image.shape[:2]
-        size = self.image_size
-        base = size / max(h, w)
+        out_h, out_w = self.out_hw
+        base = min(out_h / h, out_w / w)  # for a square output, out / max(h, w)
         if not self.train:
             resized = _resize(image, base)
             nh, nw = resized.shape[:2]
-            out = np.zeros((size, size, image.shape[2]), dtype=np.uint8)
+            out = np.zeros((out_h, out_w, image.shape[2]), dtype=np.uint8)
             out[:nh, :nw] = resized
             boxes, labels = _clip_and_filter(boxes * np.float32(base), labels, nw, nh)
             return {"image": out, "boxes": boxes, "labels": labels, "scale": float(base)}
@@ -154,14 +162,15 @@ class DetectionTransform:
 
 
 def build_train_transform(
-    *, image_size: int, scale_range: tuple[float, float] = (0.1, 2.0), hflip_prob: float = 0.5, seed: int | None = None
+    *, image_size: int | tuple[int, int], scale_range: tuple[float, float] = (0.1, 2.0), hflip_prob: float = 0.5,
+    seed: int | None = None,
 ) -> DetectionTransform:
-    """Resize longest side to ``image_size``, scale jitter in ``scale_range``, pad, random square crop, flip."""
+    """Fit into ``image_size`` (a side or ``(H, W)``), scale jitter in ``scale_range``, pad, random crop, flip."""
     return DetectionTransform(
         image_size=image_size, train=True, scale_range=scale_range, hflip_prob=hflip_prob, seed=seed
     )
 
 
-def build_eval_transform(*, image_size: int) -> DetectionTransform:
-    """Resize longest side to ``image_size`` and pad bottom/right with zeros to ``image_size`` square."""
+def build_eval_transform(*, image_size: int | tuple[int, int]) -> DetectionTransform:
+    """Letterbox: resize to fit ``image_size`` (a side or ``(H, W)``) keeping the aspect ratio, pad bottom/right."""
     return DetectionTransform(image_size=image_size, train=False)

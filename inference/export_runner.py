@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tasks.checkpoint import CheckpointError
 from utils.files import atomic_write_json
+from utils.sizes import image_hw, stride_error
 
 from .export import ExportModule, check_onnx, check_torchscript, export_onnx, export_torchscript
 from .predictor import Predictor
@@ -22,6 +23,9 @@ log = logging.getLogger(__name__)
 
 
 def _export_size(cfg: DictConfig, predictor: Predictor) -> tuple[int, int]:
+    """``image_size`` (one side or ``[H, W]``), else the size the model predicts at by default."""
+    from tasks.config_checks import ConfigError
+
     size = cfg.image_size
     if size is None:
         if predictor.kind == "detection":
@@ -31,11 +35,10 @@ def _export_size(cfg: DictConfig, predictor: Predictor) -> tuple[int, int]:
             size = data.get("eval_size") or data.get("crop_size")
     if size is None:
         raise CheckpointError("the export size is unknown: set image_size=[H,W]")
-    h, w = (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
-    d = predictor.size_divisor
-    if h % d or w % d:
-        raise CheckpointError(f"image_size {h}x{w} is not a multiple of the model's coarsest stride {d}")
-    return h, w
+    error = stride_error(size, predictor.size_divisor, name="image_size", why=", the model's coarsest stride")
+    if error:
+        raise ConfigError(error)
+    return image_hw(size)
 
 
 def export(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:

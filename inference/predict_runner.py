@@ -40,7 +40,9 @@ def predict(cfg: DictConfig, run_dir: str | Path) -> list[dict[str, Any]]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     overrides = list(OmegaConf.to_container(cfg.config_overrides, resolve=True) or [])
     fast = FastPaths(compile=False, **OmegaConf.to_container(cfg.fast)) if "fast" in cfg else None
-    predictor = Predictor.from_checkpoint(cfg.ckpt, device=device, overrides=overrides, fast=fast)
+    size = cfg.get("image_size")
+    size = OmegaConf.to_container(size) if OmegaConf.is_config(size) else size
+    predictor = Predictor.from_checkpoint(cfg.ckpt, device=device, overrides=overrides, fast=fast, image_size=size)
     names = predictor.class_names
     vis_dir = run_dir / "visualizations"
     mask_dir = run_dir / "masks"

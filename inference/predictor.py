@@ -25,6 +25,8 @@ from tasks.checkpoint import (
     stored_normalization,
     without_retired,
 )
+from tasks.config_checks import ConfigError
+from utils.sizes import image_hw, stride_error
 
 from .fast_paths import FastPaths, optimize_model
 
@@ -95,10 +97,14 @@ class Predictor:
             channels-last and, on CUDA, bf16 autocast; no compilation, since image sizes vary). They apply to
             a copy of the model: ``task`` is not changed. ``FastPaths(fold_bn=False, channels_last=False,
             precision="fp32")`` predicts exactly as evaluation does.
+        image_size: detection: the input size to letterbox images into, one side or ``(H, W)``, each a multiple
+            of the coarsest stride; ``None``: the model's training size (``model.image_size``). Anchors follow the
+            feature maps, so a model runs at sizes other than the one it was trained at.
     """
 
     def __init__(self, task, *, config: dict[str, Any], class_names: Sequence[str] | None = None,
-                 device: str | torch.device = "cpu", fast: FastPaths | None = None) -> None:
+                 device: str | torch.device = "cpu", fast: FastPaths | None = None,
+                 image_size: int | Sequence[int] | None = None) -> None:
         from tasks.segmentation import SegmentationTask
 
         self.device = torch.device(device)
@@ -118,14 +124,25 @@ class Predictor:
         self.class_names = names if len(names) == num_classes else [f"class_{i}" for i in range(num_classes)]
         model = task.model
         self.size_divisor = max(s.stride for s in model.out_specs.values())
-        self.image_size = getattr(model, "image_size", None) or (config.get("model") or {}).get("image_size")
         data = config.get("data") or {}
         self.eval_size = data.get("eval_size") if self.kind == "segmentation" else None
+        #: Detection: the ``(H, W)`` images are letterboxed into; ``None`` for segmentation (``eval_size`` applies).
+        self.image_size: tuple[int, int] | None = None
         # The evaluation pre-processing the model was trained for (built once, used for every batch).
         if self.kind == "detection":
             from datasets import build_eval_transform
 
-            self.transform = build_eval_transform(image_size=int(self.image_size))
+            if image_size is None:
+                image_size = getattr(model, "image_size", None) or (config.get("model") or {}).get("image_size")
+            error = stride_error(image_size, self.size_divisor, name="image_size",
+                                 why=", the model's coarsest stride")
+            if error:
+                raise ConfigError(error)
+            self.image_size = image_hw(image_size)
+            self.transform = build_eval_transform(image_size=image_size)
+        elif image_size is not None:
+            raise ConfigError("image_size applies to detection; a segmentation model predicts at data.eval_size "
+                             "(e.g. overrides=['data.eval_size=[1024,2048]'])")
         else:
             from datasets import build_segmentation_eval_transform
 
@@ -134,10 +151,11 @@ class Predictor:
     @classmethod
     def from_checkpoint(
         cls, path: str | os.PathLike, *, device: str | torch.device = "cpu", overrides: Sequence[str] = (),
-        fast: FastPaths | None = None,
+        fast: FastPaths | None = None, image_size: int | Sequence[int] | None = None,
     ) -> Predictor:
         """Build the model the checkpoint describes, load its (EMA) weights; ``overrides`` are ``key=value``
-        changes of the stored config (e.g. ``task.module.postprocess.iou_threshold=0.6``)."""
+        changes of the stored config (e.g. ``task.module.postprocess.iou_threshold=0.6``); ``image_size`` (detection)
+        runs the model at another input size than it was trained at (see the class docstring)."""
         from hydra.utils import instantiate
 
         from tasks.config import register_resolvers
@@ -157,7 +175,8 @@ class Predictor:
         task = instantiate(cfg.task.module, model=model)
         load_checkpoint_weights(task.model, ckpt, source=path)
         config = OmegaConf.to_container(cfg, resolve=True)
-        return cls(task, config=config, class_names=ckpt.get("effdense_class_names"), device=device, fast=fast)
+        return cls(task, config=config, class_names=ckpt.get("effdense_class_names"), device=device, fast=fast,
+                   image_size=image_size)
 
     # ------------------------------------------------------------------ batches
     def _detection_batch(self, images: list[np.ndarray]) -> dict[str, torch.Tensor]:

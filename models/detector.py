@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -12,6 +12,7 @@ from backbones.contract import FeatureSpec
 from backbones.timm_backbone import TimmBackbone
 from heads.efficientdet import EfficientDetHead
 from necks.bifpn import BiFPN
+from utils.sizes import image_hw
 
 from .scaling import get_scale
 
@@ -35,12 +36,12 @@ class DenseModel(nn.Module):
         backbone: nn.Module,
         neck: nn.Module | SpecsToModule,
         head: nn.Module | SpecsToModule,
-        image_size: int | None = None,
+        image_size: int | Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        #: Default input resolution (square side) that data pipelines and exporters use; the module itself
-        #: accepts any size that is a multiple of the coarsest stride.
-        self.image_size = image_size
+        #: Default input resolution that data pipelines and exporters use: one side (a square) or ``(H, W)``.
+        #: The module itself accepts any size that is a multiple of the coarsest stride.
+        self.image_size = image_size if image_size is None or isinstance(image_size, int) else image_hw(image_size)
         self.backbone = backbone
         self.neck = neck if isinstance(neck, nn.Module) else neck(backbone.out_specs)
         self.head = head if isinstance(head, nn.Module) else head(self.neck.out_specs)

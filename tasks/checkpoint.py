@@ -11,6 +11,7 @@ How a checkpoint's config combines with the composed one (``merge_checkpoint_con
 - for fine-tuning (``mode="finetune"``) the class count follows the *new* data (``${data.num_classes}``) and
   the training recipe (``task``) is the composed one;
 - dotted command-line overrides of those keys (``task.module.postprocess.iou_threshold=0.6``) apply on top;
+  ``model.image_size=...`` also sets the stored dataset's input size, so a model evaluates at another size;
 - a group choice that contradicts the checkpoint (``task=segmentation`` for a detector, ``backbone=b3`` for a
   B0 model) is an error rather than a silent swap.
 """
@@ -147,6 +148,10 @@ def merge_checkpoint_config(
         for sub in ("backbone", "neck", "head"):
             if sub in model and sub in merged and model[sub] == merged[sub]:
                 model[sub] = "${" + sub + "}"
+        # Likewise the data's input size, so model.image_size=... evaluates at another size than the training one.
+        data, size = merged.get("data"), model.get("image_size")
+        if "data" in taken and isinstance(data, dict) and size is not None and data.get("image_size") == size:
+            data["image_size"] = "${model.image_size}"
     out = OmegaConf.create(merged)
     if mode == "finetune":
         for path in CLASS_COUNT_KEYS:

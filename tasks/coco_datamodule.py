@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ class CocoDataModule(FolderDataModule):
             built-in synthetic dataset is generated once (its parameters pick a sub-folder).
         num_classes: classes the model predicts. With ``label_mode="contiguous"`` it must equal the number of
             categories in the annotations; with ``"category_id"`` (COCO's 90-class space) label = id - 1.
-        image_size: square network input side.
+        image_size: network input size: one side (a square) or ``[H, W]``; evaluation letterboxes into it.
         synthetic: parameters for :func:`datasets.synthetic_coco_root`, or ``None`` for real data.
         scale_range: train-time scale jitter.
         eval_backend: "pycocotools" or "faster_coco_eval".
@@ -42,7 +43,7 @@ class CocoDataModule(FolderDataModule):
         *,
         root: str | Path,
         num_classes: int,
-        image_size: int,
+        image_size: int | Sequence[int],
         train_split: str = "train2017",
         val_split: str = "val2017",
         batch_size: int = 8,

@@ -10,6 +10,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from utils.sizes import image_hw, stride_error
+
 __all__ = ["LOGGER_NAMES", "ConfigError", "check_export_config", "check_loggers", "check_predict_config",
            "check_run_config"]
 
@@ -38,6 +40,19 @@ def _int(cfg: DictConfig, key: str, *, minimum: int, optional: bool = False, wha
     return int(value)
 
 
+def _size(cfg: DictConfig, key: str, *, optional: bool = False):
+    """An input size: one positive side (a square) or ``[H, W]``; returned as given (``None`` when optional and
+    unset)."""
+    value = _get(cfg, key)
+    if value is None and optional:
+        return None
+    try:
+        image_hw(value, name=key)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return value
+
+
 def _number(cfg: DictConfig, key: str, *, low: float, high: float | None = None, low_open: bool = False) -> None:
     value = _get(cfg, key)
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -52,16 +67,18 @@ def check_run_config(cfg: DictConfig) -> None:
     """The values of a training or evaluation config: sizes, batch sizes, workers, learning rate, steps, scale."""
     _get(cfg, "scale")
     task = _get(cfg, "task.name")
-    size = _int(cfg, "model.image_size", minimum=1)
-    if task == "detection":
-        max_level = _get(cfg, "neck.max_level")
-        stride = 2 ** int(max_level) if isinstance(max_level, numbers.Integral) else None
-        if stride and size % stride:
-            near = sorted({max(size // stride, 1) * stride, (size // stride + 1) * stride})
-            raise ConfigError(
-                f"model.image_size={size} is not a multiple of {stride}, the stride of the coarsest feature level "
-                f"(P{max_level}): anchors and feature maps would disagree; use {' or '.join(map(str, near))}"
-            )
+    keys = ["model.image_size"]
+    if task == "detection" and _get(cfg, "data.image_size") not in (None, _get(cfg, "model.image_size")):
+        keys.append("data.image_size")  # set apart from the model's: the data is what the network sees
+    for key in keys:
+        size = _size(cfg, key)
+        if task == "detection":
+            max_level = _get(cfg, "neck.max_level")
+            if isinstance(max_level, numbers.Integral):
+                why = f", the stride of the coarsest feature level (P{max_level}): anchors and feature maps would disagree"
+                error = stride_error(size, 2 ** int(max_level), name=key, why=why)
+                if error:
+                    raise ConfigError(error)
     _int(cfg, "data.batch_size", minimum=1)
     _int(cfg, "data.val_batch_size", minimum=1, optional=True)
     _int(cfg, "data.num_workers", minimum=0)
@@ -98,6 +115,7 @@ def check_predict_config(cfg: DictConfig) -> None:
     """The values of ``tools/predict.py``'s config."""
     _int(cfg, "batch_size", minimum=1)
     _number(cfg, "score_threshold", low=0.0, high=1.0)
+    _size(cfg, "image_size", optional=True)
 
 
 def check_export_config(cfg: DictConfig) -> None:
@@ -105,7 +123,7 @@ def check_export_config(cfg: DictConfig) -> None:
     import torch.onnx
 
     _int(cfg, "batch_size", minimum=1)
-    _int(cfg, "image_size", minimum=1, optional=True)
+    _size(cfg, "image_size", optional=True)
     newest = getattr(torch.onnx, "_constants", None)
     high = getattr(newest, "ONNX_MAX_OPSET", None) if newest is not None else None
     opset = _int(cfg, "opset", minimum=1)

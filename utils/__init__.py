@@ -1,1 +1,2 @@
-"""Small helpers every layer may use: process groups, device capabilities, state-dict checks, atomic file writes."""
+"""Small helpers every layer may use: process groups, device capabilities, state-dict checks, atomic file writes,
+input sizes."""
