@@ -1,4 +1,4 @@
-"""Datasets: COCO-format and Pascal VOC detection and Cityscapes-layout / folder segmentation, their
+"""Datasets: COCO-format, Pascal VOC and YOLO txt detection and Cityscapes-layout / folder segmentation, their
 albumentations pipelines and the built-in synthetic data.
 
 Every loader raises :class:`DatasetError` (bad data) or :class:`DatasetNotFoundError` (missing data) with a
@@ -37,6 +37,7 @@ from .synthetic_cityscapes import (
 )
 from .transforms import DetectionTransform, build_eval_transform, build_train_transform
 from .voc import VOC_CLASSES, load_voc, voc_split_files
+from .yolo import load_yolo, read_yolo_names, yolo_split_dirs
 
 __all__ = [
     "CITYSCAPES_CLASSES",
@@ -72,10 +73,13 @@ __all__ = [
     "default_palette",
     "load_coco_annotations",
     "load_voc",
+    "load_yolo",
+    "read_yolo_names",
     "synthetic_cityscapes_root",
     "synthetic_coco_root",
     "train_ids_to_label_ids",
     "voc_split_files",
     "write_synthetic_cityscapes",
     "write_synthetic_coco",
+    "yolo_split_dirs",
 ]

@@ -13,6 +13,7 @@ _EXPORTS = {
     "EMA": ".callbacks",
     "CocoDataModule": ".coco_datamodule",
     "VocDataModule": ".voc_datamodule",
+    "YoloDataModule": ".yolo_datamodule",
     "SegmentationDataModule": ".segmentation_datamodule",
     "DetectionTask": ".detection",
     "SegmentationTask": ".segmentation",
