@@ -60,7 +60,8 @@ def voc_split_files(root: str | Path, years: Sequence[int] | None, split: str, *
     for folder in _folders(root, years):
         for sub in ("Annotations", "JPEGImages"):
             if not (folder / sub).is_dir():
-                hint = (f"set data.years to the years present, e.g. data.years=[{years[0]}]" if years
+                present = sorted(int(p.name[3:]) for p in root.glob("VOC[0-9][0-9][0-9][0-9]") if p.is_dir())
+                hint = (f"set data.years to the years present: data.years={present}" if years and present
                         else "data.years=null reads Annotations/ and JPEGImages/ directly under data.root")
                 raise DatasetNotFoundError(f"Pascal VOC data not found: {folder / sub} does not exist ({hint})")
         split_file = folder / "ImageSets" / "Main" / f"{split}.txt"

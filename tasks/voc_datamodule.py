@@ -35,7 +35,7 @@ class VocDataModule(CocoDataModule):
         self,
         *,
         class_names: Sequence[str] = VOC_CLASSES,
-        years: Sequence[int] | None = (2007, 2012),
+        years: Sequence[int] | int | None = (2007, 2012),
         train_split: str = "trainval",
         val_split: str = "test",
         **kwargs: Any,
@@ -47,7 +47,12 @@ class VocDataModule(CocoDataModule):
         if self.num_classes != len(self.voc_class_names):
             raise ValueError(f"data.num_classes={self.num_classes}, but data.class_names has "
                              f"{len(self.voc_class_names)} names")
-        self.years = [int(y) for y in years] if years else None
+        if isinstance(years, (int, str)):
+            years = [years]
+        try:
+            self.years = [int(y) for y in years] if years else None
+        except (TypeError, ValueError):
+            raise ValueError(f"data.years must be a list of years such as [2007, 2012], or null; got {years!r}") from None
 
     def _split_files(self, split: str) -> list[Path]:
         return voc_split_files(self.data_dir, self.years, split, every_year=split == self.train_split)

@@ -100,7 +100,8 @@ def test_years_and_splits(tmp_path):
         voc_split_files(tmp_path, [2012], "test", every_year=False)
     with pytest.raises(DatasetNotFoundError, match=r"VOC2012/ImageSets/Main/test.txt does not exist.*trainval"):
         voc_split_files(tmp_path, [2007, 2012], "test", every_year=True)
-    with pytest.raises(DatasetNotFoundError, match=r"VOC2010/Annotations does not exist .*data.years=\[2007\]"):
+    with pytest.raises(DatasetNotFoundError, match=r"VOC2010/Annotations does not exist \(set data.years to the years "
+                       r"present: data.years=\[2007, 2012\]\)"):
         voc_split_files(tmp_path, [2007, 2010], "trainval", every_year=True)
     with pytest.raises(DatasetNotFoundError, match=r"nowhere does not exist.*data.years=null"):
         voc_split_files(tmp_path / "nowhere", [2007], "trainval", every_year=True)
@@ -110,6 +111,9 @@ def test_years_and_splits(tmp_path):
     assert len(dm.train_dataset) == 2 and len(dm.val_dataset) == 1
     with pytest.raises(ValueError, match="num_classes=4, but data.class_names has 1"):
         _module(tmp_path, class_names=["dog"])
+    with pytest.raises(ValueError, match=r"data.years must be a list of years such as \[2007, 2012\], or null; got \['x'\]"):
+        _module(tmp_path, years=["x"])
+    assert _module(tmp_path, years=2012).years == [2012]
 
 
 def test_coordinates_and_sizes(tmp_path):
