@@ -1,10 +1,11 @@
-"""Datasets: COCO-format detection and Cityscapes-layout / folder segmentation, their albumentations pipelines
-and the built-in synthetic data.
+"""Datasets: COCO-format, Pascal VOC and YOLO txt detection and Cityscapes-layout / folder segmentation, their
+albumentations pipelines and the built-in synthetic data.
 
 Every loader raises :class:`DatasetError` (bad data) or :class:`DatasetNotFoundError` (missing data) with a
 message that names the file, so the tools can print one line instead of a traceback.
 """
 
+from ._coco_dict import check_class_names
 from ._imageio import check_image_file
 from .cityscapes import (
     CITYSCAPES_CLASSES,
@@ -35,6 +36,8 @@ from .synthetic_cityscapes import (
     write_synthetic_cityscapes,
 )
 from .transforms import DetectionTransform, build_eval_transform, build_train_transform
+from .voc import VOC_CLASSES, load_voc, voc_split_files
+from .yolo import load_yolo, read_yolo_names, yolo_split_dirs
 
 __all__ = [
     "CITYSCAPES_CLASSES",
@@ -48,6 +51,7 @@ __all__ = [
     "SYNTHETIC_CITYSCAPES_COLOURS",
     "TRAIN_ID_TO_LABEL_ID",
     "VALID_LABEL_IDS",
+    "VOC_CLASSES",
     "CityscapesLabel",
     "CityscapesSegmentation",
     "CocoDetection",
@@ -61,15 +65,21 @@ __all__ = [
     "build_segmentation_eval_transform",
     "build_segmentation_train_transform",
     "build_train_transform",
+    "check_class_names",
     "check_image_file",
     "coco_label_names",
     "collate_detection",
     "collate_segmentation",
     "default_palette",
     "load_coco_annotations",
+    "load_voc",
+    "load_yolo",
+    "read_yolo_names",
     "synthetic_cityscapes_root",
     "synthetic_coco_root",
     "train_ids_to_label_ids",
+    "voc_split_files",
     "write_synthetic_cityscapes",
     "write_synthetic_coco",
+    "yolo_split_dirs",
 ]

@@ -39,6 +39,11 @@ class CocoDetection(Dataset):
     Args:
         image_dir: folder holding the images (``file_name`` is relative to it).
         ann_file: COCO instances JSON.
+        annotations: instead of ``ann_file``, the annotations as a COCO-format dict already read and checked
+            (images with positive integer ids and sizes, annotations with unique positive ids, ``iscrowd`` and
+            ``area``), e.g. built from another format by :func:`datasets.load_voc` or :func:`datasets.load_yolo`.
+            Its image entries may name ``annotation_file``, the file that gave their size (for error messages).
+        source: what error messages and warnings name as the annotations' origin (default: ``ann_file``).
         transform: ``(image HxWx3 uint8 RGB, boxes [N, 4] xyxy, labels [N] int64) -> dict(image, boxes,
             labels, scale)``, e.g. :func:`datasets.build_train_transform` / :func:`datasets.build_eval_transform`.
         min_box_size: non-crowd boxes narrower or shorter than this (in original pixels, after clipping to
@@ -64,7 +69,9 @@ class CocoDetection(Dataset):
         self,
         *,
         image_dir: str | Path,
-        ann_file: str | Path,
+        ann_file: str | Path | None = None,
+        annotations: dict | None = None,
+        source: str | None = None,
         transform: Callable,
         min_box_size: float = 1.0,
         label_mode: str = "contiguous",
@@ -75,20 +82,24 @@ class CocoDetection(Dataset):
             raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
         if not callable(transform):
             raise TypeError(f"transform must be callable, got {type(transform).__name__}")
+        if (ann_file is None) == (annotations is None):
+            raise ValueError("CocoDetection needs exactly one of ann_file and annotations")
         self.image_dir = Path(image_dir).expanduser()
-        self.ann_file = Path(ann_file).expanduser()
+        self.ann_file = Path(ann_file).expanduser() if ann_file is not None else None
+        self._annotations = annotations  # given in memory: kept, as nothing could read them again
+        self.source = source if source is not None else str(self.ann_file)
         if not self.image_dir.is_dir():
             raise DatasetNotFoundError(f"image folder not found: {self.image_dir}")
         self.skip_bad = bool(skip_bad)
         self._bad: dict[int, str] = {}  # index -> why it cannot be read (skip_bad; per process)
         data, ann_skips, image_skips = self._load(check_folder=True)
         self.skipped: dict[str, Counter] = {"annotations": ann_skips, "images": image_skips}
-        summary = skip_summary(str(self.ann_file), annotation=ann_skips, image=image_skips)
+        summary = skip_summary(self.source, annotation=ann_skips, image=image_skips)
         if summary:
             log.warning("%s", summary)
         if not data["images"]:
             raise DatasetError(
-                f"{self.ann_file}: no image left to use"
+                f"{self.source}: no image left to use"
                 + (f" ({summary})" if summary else " (its 'images' list is empty)")
             )
         self._coco: COCO | None = make_coco(data)
@@ -105,7 +116,7 @@ class CocoDetection(Dataset):
             size = int(num_classes) if num_classes is not None else cats[-1]["id"]
             if cats[0]["id"] < 1 or cats[-1]["id"] > size:
                 raise DatasetError(
-                    f"{self.ann_file}: category ids must lie in 1..{size} for label_mode=category_id, "
+                    f"{self.source}: category ids must lie in 1..{size} for label_mode=category_id, "
                     f"found {cats[0]['id']}..{cats[-1]['id']}"
                 )
             names = {c["id"]: str(c["name"]) for c in cats}
@@ -119,18 +130,25 @@ class CocoDetection(Dataset):
         self.image_ids: list[int] = [int(im["id"]) for im in images]
         self._file_names = np.asarray([str(im["file_name"]) for im in images], dtype=np.str_)
         self._sizes = np.asarray([(im["height"], im["width"]) for im in images], dtype=np.int64).reshape(-1, 2)
+        self._size_files = (  # where each image's size comes from, when not the annotation file
+            np.asarray([str(im.get("annotation_file", "")) for im in images], dtype=np.str_)
+            if any("annotation_file" in im for im in images) else None
+        )
         self._boxes, self._labels, self._offsets = self._build_targets(data["annotations"], label_of)
 
     def _load(self, *, check_folder: bool) -> tuple[dict, Counter, Counter]:
         """The validated annotations; with ``skip_bad`` without the bad entries and the images whose file is
         missing. ``check_folder``: an empty image folder is an error (the data is not where the config says)."""
-        data, ann_skips, image_skips = load_checked(self.ann_file, skip_bad=self.skip_bad)
+        if self._annotations is not None:
+            data, ann_skips, image_skips = self._annotations, Counter(), Counter()
+        else:
+            data, ann_skips, image_skips = load_checked(self.ann_file, skip_bad=self.skip_bad)
         images = data["images"]
         if check_folder and images:
             with os.scandir(self.image_dir) as entries:
                 if next(entries, None) is None:
                     raise DatasetNotFoundError(
-                        f"{self.image_dir}: the image folder is empty, but {self.ann_file.name} lists "
+                        f"{self.image_dir}: the image folder is empty, but {self._source_name} lists "
                         f"{len(images)} image(s) in it"
                     )
         if self.skip_bad and images:
@@ -172,7 +190,7 @@ class CocoDetection(Dataset):
         if self.num_degenerate:
             log.warning(
                 "%s: dropped %d of %d boxes narrower or shorter than %g px (after clipping to the image) from "
-                "training; those without area are not ground truths in the evaluation either", self.ann_file,
+                "training; those without area are not ground truths in the evaluation either", self.source,
                 self.num_degenerate, len(kept), self.min_box_size,
             )
         # A box with no area (no width or no height inside the image) is no ground truth in the evaluation either:
@@ -188,6 +206,10 @@ class CocoDetection(Dataset):
         return boxes[order].astype(np.float32), labels[order], offsets
 
     # ------------------------------------------------------------------ pycocotools object
+    @property
+    def _source_name(self) -> str:
+        return self.ann_file.name if self.ann_file is not None else self.source
+
     @property
     def coco(self) -> COCO:
         """The pycocotools ``COCO`` of the annotation file (all annotations, crowds included; with ``skip_bad``
@@ -219,13 +241,15 @@ class CocoDetection(Dataset):
         corrupt or not the size the annotation file says."""
         path = self.image_path(index)
         buf = read_file(
-            path, missing=f"image listed in {self.ann_file.name} (id {self.image_ids[index]}) does not exist"
+            path, missing=f"image listed in {self._source_name} (id {self.image_ids[index]}) does not exist"
         )
         image = decode_image(buf, _IMREAD_FLAGS, path)
         h, w = (int(v) for v in self._sizes[index])
         if image.shape[:2] != (h, w):
+            said_by = str(self._size_files[index]) if self._size_files is not None else ""
             raise DatasetError(
-                f"{path}: image is {image.shape[0]}x{image.shape[1]} (HxW) but {self.ann_file.name} says {h}x{w}"
+                f"{path}: image is {image.shape[0]}x{image.shape[1]} (HxW) but {said_by or self._source_name} "
+                f"says {h}x{w}"
             )
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
@@ -235,7 +259,7 @@ class CocoDetection(Dataset):
         index, key = sample_key_split(index, len(self))
         load = functools.partial(self._sample, sample_key=key)
         if self.skip_bad:
-            return first_readable(index, len(self), load, self._bad, source=str(self.ann_file), log=log)
+            return first_readable(index, len(self), load, self._bad, source=self.source, log=log)
         return load(index)
 
     def _sample(self, index: int, sample_key: int | None = None) -> dict:

@@ -12,6 +12,8 @@ _EXPORTS = {
     "DenseTask": ".base",
     "EMA": ".callbacks",
     "CocoDataModule": ".coco_datamodule",
+    "VocDataModule": ".voc_datamodule",
+    "YoloDataModule": ".yolo_datamodule",
     "SegmentationDataModule": ".segmentation_datamodule",
     "DetectionTask": ".detection",
     "SegmentationTask": ".segmentation",

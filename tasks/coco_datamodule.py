@@ -102,8 +102,13 @@ class CocoDataModule(FolderDataModule):
                         "(or set EFFDENSE_DATA_ROOT), or try data=synthetic for the built-in dataset."
                     )
 
-    def _dataset(self, split: str, train: bool) -> CocoDetection:
+    def _annotations(self, split: str) -> dict[str, Any]:
+        """Where :class:`datasets.CocoDetection` finds ``split``: ``image_dir`` and ``ann_file``, or (formats read into
+        memory) ``image_dir``, ``annotations`` and ``source``."""
         image_dir, ann_file = self.paths(split)
+        return {"image_dir": image_dir, "ann_file": ann_file}
+
+    def _dataset(self, split: str, train: bool) -> CocoDetection:
         if train:
             transform = build_train_transform(
                 image_size=self.image_size, scale_range=self.scale_range, hflip_prob=self.hflip_prob, seed=self.seed
@@ -111,8 +116,7 @@ class CocoDataModule(FolderDataModule):
         else:
             transform = build_eval_transform(image_size=self.image_size)
         ds = CocoDetection(
-            image_dir=image_dir,
-            ann_file=ann_file,
+            **self._annotations(split),
             transform=transform,
             min_box_size=self.min_box_size,
             label_mode=self.label_mode,
@@ -121,7 +125,7 @@ class CocoDataModule(FolderDataModule):
         )
         if ds.num_classes != self.num_classes:
             raise DatasetError(
-                f"{ann_file}: has {ds.num_classes} categories but the model is configured for "
+                f"{ds.source}: has {ds.num_classes} categories but the model is configured for "
                 f"data.num_classes={self.num_classes}"
             )
         return ds

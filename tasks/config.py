@@ -23,9 +23,16 @@ def _scale_field(scale: str, field: str):
     return row[field]
 
 
+def _yolo_names(root: str, yaml_file: str | None = None) -> ListConfig:
+    from datasets.yolo import read_yolo_names
+
+    return ListConfig(read_yolo_names(root, yaml_file))
+
+
 def register_resolvers() -> None:
     """``${effdet:d3,fpn_channels}`` reads the compound-scaling table; ``${mul:a,b}``, ``${len:list}``,
-    ``${range:a,b}`` (the list a..b-1) and ``${pow:a,b}``."""
+    ``${range:a,b}`` (the list a..b-1) and ``${pow:a,b}``; ``${yolo_names:root,yaml_file}`` the class names of a YOLO
+    dataset's YAML."""
     if not OmegaConf.has_resolver("effdet"):
         OmegaConf.register_new_resolver("effdet", _scale_field)
     if not OmegaConf.has_resolver("mul"):
@@ -36,6 +43,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("range", lambda a, b: ListConfig(list(range(int(a), int(b)))))
     if not OmegaConf.has_resolver("pow"):
         OmegaConf.register_new_resolver("pow", lambda a, b: int(a) ** int(b))
+    if not OmegaConf.has_resolver("yolo_names"):
+        OmegaConf.register_new_resolver("yolo_names", _yolo_names)
 
 
 def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> DictConfig:

@@ -67,7 +67,14 @@ def check_command_line(config_name: str) -> None:
     try:
         OmegaConf.to_container(compose(config_name, overrides), resolve=True)
     except (HydraException, OmegaConfBaseException) as err:
-        print(f"error: {config_error_line(err)}", file=sys.stderr, flush=True)
+        from datasets.errors import DatasetError
+
+        # A value read from the data (the class names in a YOLO dataset's YAML): the data's own message.
+        cause = err
+        while cause is not None and not isinstance(cause, DatasetError):
+            cause = cause.__cause__ or cause.__context__
+        message = one_line(cause) if cause is not None else config_error_line(err)
+        print(f"error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
 
