@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 from pycocotools.coco import COCO
 
-from .coco import CocoEvaluator
+from .coco import PER_CLASS_COLUMNS, CocoEvaluator
 from .coco_results import EvalPayload
+from .per_class import format_per_class_table
 
 __all__ = ["VOC_METRIC_NAMES", "VocEvaluator", "voc_ap", "voc_class_ap"]
 
@@ -150,12 +151,15 @@ class VocEvaluator(CocoEvaluator):
         counted = [v for v in per_class.values() if v[2] > 0]
         voc07 = float(np.mean([v[0] for v in counted])) if counted else -1.0
         voc = float(np.mean([v[1] for v in counted])) if counted else -1.0
-        table = metrics.get("per_class")
-        if isinstance(table, dict):  # a per-class table of the COCO numbers: the VOC APs join its rows
-            for name, row in self.voc_per_class.items():
-                if isinstance(table.get(name), dict):
-                    table[name].update({k: row[k] for k in VOC_METRIC_NAMES})
+        # The VOC APs join the rows of the per-class table of COCO's numbers (None where a class has no box).
+        for name, row in self.voc_per_class.items():
+            if name in self.per_class:
+                self.per_class[name].update({k: None if np.isnan(row[k]) else float(row[k]) for k in VOC_METRIC_NAMES})
         metrics.update({"VOC07_AP50": voc07, "VOC_AP50": voc})
+        columns = (*PER_CLASS_COLUMNS[:2], *((k, f"{k} (%)", "percent") for k in VOC_METRIC_NAMES), PER_CLASS_COLUMNS[2])
+        mean = {k: (None if metrics[k] == -1.0 else metrics[k]) for k in ("AP", "AP50", *VOC_METRIC_NAMES)}
+        total = sum(v["num_gt"] for v in self.per_class.values())
+        self.per_class_table = format_per_class_table(self.per_class, columns, [("mean", {**mean, "num_gt": total})])
         self.summary = "\n".join([
             self.summary,
             f" Pascal VOC mAP     (AP) @[ IoU=0.50      | VOC2007 11-point       ] = {voc07:0.3f}",

@@ -62,6 +62,11 @@ def test_eleven_point_and_area_differ_as_worked_out():
     assert {k: m[k] for k in METRIC_NAMES} == coco
     assert "VOC2007 11-point" in ev.summary and "VOC2010+ area" in ev.summary
     assert ev.voc_per_class["cat"]["num_gt"] == 2 and math.isnan(ev.voc_per_class["dog"]["VOC_AP50"])
+    # The VOC APs join the per-class table of COCO's numbers: None (n/a) for a class without boxes.
+    assert ev.per_class["cat"]["VOC07_AP50"] == pytest.approx(m["VOC07_AP50"], abs=1e-12)
+    assert ev.per_class["dog"]["VOC_AP50"] is None and ev.per_class["cat"]["num_gt"] == 2
+    header = ev.per_class_table.splitlines()[0]
+    assert "VOC07_AP50 (%)" in header and "VOC_AP50 (%)" in header
 
 
 def test_a_detection_on_a_difficult_box_is_neither_true_nor_false():
