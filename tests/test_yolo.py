@@ -188,6 +188,8 @@ def test_train_and_evaluate_yolo(yolo_root, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     described = metrics.pop("data")
     assert described["format"] == "yolo" and described["split"] == "val" and described["images"] == 8
+    per_class = metrics.pop("per_class")
+    assert list(per_class) == SHAPES and all(set(row) == {"AP", "AP50", "num_gt"} for row in per_class.values())
     assert list(metrics) == ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
     preds = json.loads((run / "predictions.json").read_text())
     assert {p["category_id"] for p in preds} <= {1, 2, 3, 4}
