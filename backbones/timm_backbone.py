@@ -25,11 +25,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Short names accepted for EfficientNet B0-B7. ``tf_`` variants use TensorFlow "same" padding and are the
-#: ones the published EfficientDet checkpoints were trained with.
+#: Short names accepted for EfficientNet B0-B7 and EfficientNet-Lite0-4. ``tf_`` variants use TensorFlow "same"
+#: padding and are the ones the published EfficientDet checkpoints were trained with; ``liteN`` is timm's
+#: ``tf_efficientnet_liteN`` (the backbone of EfficientDet-LiteN).
 EFFICIENTNET_VARIANTS: dict[str, str] = {
     **{f"b{i}": f"efficientnet_b{i}" for i in range(8)},
     **{f"tf_b{i}": f"tf_efficientnet_b{i}" for i in range(8)},
+    **{f"lite{i}": f"tf_efficientnet_lite{i}" for i in range(5)},
 }
 
 
