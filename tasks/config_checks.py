@@ -54,13 +54,15 @@ def check_run_config(cfg: DictConfig) -> None:
     task = _get(cfg, "task.name")
     size = _int(cfg, "model.image_size", minimum=1)
     if task == "detection":
-        max_level = _get(cfg, "neck.max_level")
-        stride = 2 ** int(max_level) if isinstance(max_level, numbers.Integral) else None
+        # Coarser maps may round up (EfficientDet-Lite0's 320 px is 2.5 P7 cells): anchors then spread over the
+        # input's extent, which the finest map gives exactly only when the input is a multiple of its stride.
+        min_level = _get(cfg, "neck.min_level")
+        stride = 2 ** int(min_level) if isinstance(min_level, numbers.Integral) else None
         if stride and size % stride:
             near = sorted({max(size // stride, 1) * stride, (size // stride + 1) * stride})
             raise ConfigError(
-                f"model.image_size={size} is not a multiple of {stride}, the stride of the coarsest feature level "
-                f"(P{max_level}): anchors and feature maps would disagree; use {' or '.join(map(str, near))}"
+                f"model.image_size={size} is not a multiple of {stride}, the stride of the finest feature level "
+                f"(P{min_level}): anchors and feature maps would disagree; use {' or '.join(map(str, near))}"
             )
     _int(cfg, "data.batch_size", minimum=1)
     _int(cfg, "data.val_batch_size", minimum=1, optional=True)

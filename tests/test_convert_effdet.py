@@ -24,8 +24,9 @@ from models.scaling import get_scale
 
 ROOT = Path(__file__).resolve().parent.parent
 # (variant, input side): small inputs keep the test fast; effdet's resampling is built for one image size.
+# Lite0 at its own 320 px: P7 is 320 / 128 = 2.5 cells, rounded up to 3 (anchors spread over the input as effdet's).
 CASES = [("tf_efficientdet_d0", 256), ("tf_efficientdet_d3", 384), ("efficientdet_d0", 256),
-         ("tf_efficientdet_lite0", 256), ("tf_efficientdet_lite3", 256)]
+         ("tf_efficientdet_lite0", 320), ("tf_efficientdet_lite3", 256)]
 # Class channels (anchor * num_classes + class) made confident, so detections are distinct and well separated.
 HOT_CHANNELS = (0 * 90 + 3, 4 * 90 + 17, 8 * 90 + 55)
 _FUSION = {"fastattn": "fast", "attn": "softmax", "sum": "sum"}
@@ -241,7 +242,7 @@ def test_tool_end_to_end(tmp_path):
 @pytest.mark.parametrize(("name", "size", "mean", "std"), [
     ("tf_efficientdet_d0", 256, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     ("tf_efficientdet_d3", 384, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    ("tf_efficientdet_lite0", 256, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # effdet's Lite input normalisation
+    ("tf_efficientdet_lite0", 320, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # effdet's Lite input normalisation
 ])
 def test_convert_then_predict_matches_effdet_on_an_image_file(tmp_path, name, size, mean, std):
     """The user's path: effdet weights file -> tools/convert_weights.py -> Predictor on an image file gives
