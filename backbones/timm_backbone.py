@@ -13,6 +13,7 @@ from torch import nn
 from utils.state_dicts import WeightsMismatchError, state_dict_mismatches
 
 from .contract import FeatureSpec, level_name
+from .efficientnet_pytorch_layout import from_efficientnet_pytorch, is_efficientnet_pytorch_layout
 
 __all__ = [
     "EFFICIENTNET_VARIANTS",
@@ -25,11 +26,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Short names accepted for EfficientNet B0-B7. ``tf_`` variants use TensorFlow "same" padding and are the
-#: ones the published EfficientDet checkpoints were trained with.
+#: Short names accepted for EfficientNet B0-B7 and EfficientNet-Lite0-4. ``tf_`` variants use TensorFlow "same"
+#: padding and are the ones the published EfficientDet checkpoints were trained with; ``liteN`` is timm's
+#: ``tf_efficientnet_liteN`` (the backbone of EfficientDet-LiteN).
 EFFICIENTNET_VARIANTS: dict[str, str] = {
     **{f"b{i}": f"efficientnet_b{i}" for i in range(8)},
     **{f"tf_b{i}": f"tf_efficientnet_b{i}" for i in range(8)},
+    **{f"lite{i}": f"tf_efficientnet_lite{i}" for i in range(5)},
 }
 
 
@@ -82,7 +85,8 @@ class TimmBackbone(nn.Module):
             EfficientNet alias from :data:`EFFICIENTNET_VARIANTS` (``b3``, ``tf_b3``).
         levels: pyramid levels to return (level = log2(stride)); EfficientNets offer 1..5.
         pretrained: let timm load its ImageNet weights (needs a network connection or a local hub cache).
-        weights: path to a local weights file (``.pth``/``.pt``/``.safetensors``) to load instead; keys must match.
+        weights: path to a local weights file (``.pth``/``.pt``/``.safetensors``) to load instead: timm's keys, or
+            an EfficientNet's in the efficientnet_pytorch layout (see :func:`load_backbone_weights`); keys must match.
         drop_path_rate: stochastic depth rate passed to timm (``None`` keeps timm's default).
         frozen_stages: freeze the stem and the first N stages, where stage k is the part of the network up to
             timm's k-th feature (EfficientNet: stride 2, 4, 8, 16, 32 for k = 1..5). Frozen parameters get
@@ -190,6 +194,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
+        if "weights_only" in str(err):  # pickled Python objects (e.g. a whole model), which are not run
+            raise WeightsMismatchError(
+                f"{path}: holds pickled Python objects, not only tensors (a whole model?); save its state_dict()"
+            ) from err
         raise WeightsMismatchError(f"{path}: cannot be read as a PyTorch weights file ({err})") from err
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
@@ -203,21 +211,34 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def load_backbone_weights(backbone: TimmBackbone, path: str | Path) -> None:
     """Load a local weights file into ``backbone``; any key or shape mismatch is an error.
 
-    The file may hold the full classification model: keys of modules that a ``features_only`` model does
-    not have (the classifier head) are skipped and logged. Every parameter and buffer of the backbone must
-    be present with the right shape, otherwise :class:`WeightsMismatchError` lists the offending keys.
+    The file is a timm state dict, or an EfficientNet state dict in the efficientnet_pytorch layout
+    (``_conv_stem``, ``_blocks.<n>.*``; :mod:`backbones.efficientnet_pytorch_layout`), renamed to timm's keys by
+    structure. It may hold the full classification model: keys of modules that a ``features_only`` model does not
+    have (the classifier head) are skipped and logged. Every parameter and buffer of the backbone must be present
+    with the right shape, otherwise :class:`WeightsMismatchError` names the offending keys (as the file names them)
+    and nothing is loaded.
     """
     path = Path(path)
     state = _read_state_dict(path)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     target = backbone.body.state_dict()
-    top_level = {k.split(".", 1)[0] for k in target}
-    # Keys of modules a features-only model does not have (the classifier head) are skipped, not errors.
-    skipped = [k for k in state if k.split(".", 1)[0] not in top_level]
-    problems = state_dict_mismatches(target, {k: v for k, v in state.items() if k.split(".", 1)[0] in top_level})
+    layout = ""
+    names: dict[str, str] = {}
+    problems: list[str] = []
+    if is_efficientnet_pytorch_layout(state):
+        layout = " (efficientnet_pytorch layout)"
+        state, names, skipped, problems = from_efficientnet_pytorch(state, target)
+    else:
+        top_level = {k.split(".", 1)[0] for k in target}
+        # Keys of modules a features-only model does not have (the classifier head) are skipped, not errors.
+        skipped = [k for k in state if k.split(".", 1)[0] not in top_level]
+        state = {k: v for k, v in state.items() if k.split(".", 1)[0] in top_level}
+    problems += state_dict_mismatches(target, state, names=names)
     if problems:
-        raise WeightsMismatchError(f"{path} does not match backbone {backbone.model_name}: " + "; ".join(problems))
+        raise WeightsMismatchError(
+            f"{path}{layout} does not match backbone {backbone.model_name}: " + "; ".join(problems)
+        )
     backbone.body.load_state_dict({k: state[k] for k in target}, strict=True)
     if skipped:
         log.info("%s: skipped %d keys outside the feature extractor (e.g. %s)", path, len(skipped), skipped[0])
-    log.info("loaded backbone weights for %s from %s", backbone.model_name, path)
+    log.info("loaded backbone weights for %s from %s%s", backbone.model_name, path, layout)

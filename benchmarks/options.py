@@ -60,14 +60,16 @@ def image_size(cfg: DictConfig, task_name: str) -> tuple[int, int]:
     size = cfg.image_size
     if size is None:
         size = [1024, 2048] if task_name == "segmentation" else cfg.model.image_size
-    return _side_pair(size, "image_size")
+    return _side_pair(size, "image_size", task_name)
 
 
-def _side_pair(size, name: str) -> tuple[int, int]:
-    """``size`` (a side or ``[H, W]``) as ``(H, W)``, each a multiple of the coarsest stride, 128."""
+def _side_pair(size, name: str, task_name: str) -> tuple[int, int]:
+    """``size`` (a side or ``[H, W]``) as ``(H, W)``, each a multiple of the stride inputs need: detection the
+    finest, 8 (coarser maps round up, as EfficientDet-Lite0's 320 px needs), segmentation the coarsest, 128."""
     h, w = (size, size) if isinstance(size, int) else (int(s) for s in size)
-    if h % 128 or w % 128:
-        raise BenchmarkError(f"{name} must be a multiple of 128 (the coarsest stride), got {h}x{w}")
+    stride, which = (8, "finest") if task_name == "detection" else (128, "coarsest")
+    if h % stride or w % stride:
+        raise BenchmarkError(f"{name} must be a multiple of {stride} (the {which} stride), got {h}x{w}")
     return h, w
 
 
@@ -85,7 +87,7 @@ def train_image_size(cfg: DictConfig, task_name: str, size: tuple[int, int]) -> 
 
         crop = (crop, crop) if isinstance(crop, int) else tuple(int(v) for v in crop)
         return padded_size(crop, int(cfg.data.get("size_divisor") or 128))
-    return _side_pair(chosen, "train_image_size")
+    return _side_pair(chosen, "train_image_size", task_name)
 
 
 def batch_sizes(cfg: DictConfig, device: torch.device, task_name: str) -> tuple[int, int]:

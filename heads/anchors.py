@@ -19,6 +19,11 @@ class AnchorGenerator:
     ``((x + 0.5) * s, (y + 0.5) * s)``; octave ``o`` has base size ``anchor_scale * s * 2**(o / num_scales)``
     and aspect pair ``(ax, ay)`` gives width ``base * ax`` and height ``base * ay``.
 
+    Where the input is not a multiple of ``2**l`` (EfficientDet-Lite0 at 320 px: P7 is 320 / 128 = 2.5 rounded up
+    to 3), the map covers the input with a stride of its own, as in effdet and TensorFlow's automl: the input's
+    extent (the finest map's size times its stride) divided by the map's size, per axis (320 / 3 for that P7),
+    for the centres and the sizes alike. Where it is a multiple, that is ``2**l``.
+
     Calling it with ``{"p3": (H3, W3), "p4": (H4, W4), ...}`` (levels in increasing order, the shapes of the
     real feature maps) returns ``[sum(H * W) * num_anchors, 4]`` xyxy boxes in input pixels, ordered by
     level, row ``y``, column ``x``, octave, aspect ratio -- the order of the flattened head outputs.
@@ -58,20 +63,21 @@ class AnchorGenerator:
         """Anchors per feature-map position."""
         return self.num_scales * len(self.aspect_ratios)
 
-    def _sizes(self, stride: int) -> torch.Tensor:
-        """``[num_anchors, 2]`` anchor widths and heights at ``stride``, octave-major, aspect-minor."""
+    def _sizes(self, stride_x: float, stride_y: float) -> torch.Tensor:
+        """``[num_anchors, 2]`` anchor widths and heights at the strides, octave-major, aspect-minor."""
         octaves = torch.arange(self.num_scales, dtype=torch.float64) / self.num_scales
-        base = self.anchor_scale * stride * torch.pow(2.0, octaves)  # [S]
+        base = self.anchor_scale * torch.pow(2.0, octaves)  # [S]
         ratios = torch.tensor(self.aspect_ratios, dtype=torch.float64)  # [R, 2]
-        return (base[:, None, None] * ratios[None]).reshape(-1, 2)
+        strides = torch.tensor([stride_x, stride_y], dtype=torch.float64)
+        return (base[:, None, None] * ratios[None] * strides).reshape(-1, 2)
 
-    def _level(self, stride: int, h: int, w: int) -> torch.Tensor:
+    def _level(self, stride_y: float, stride_x: float, h: int, w: int) -> torch.Tensor:
         """``[h * w * num_anchors, 4]`` anchors of one level, in float64."""
-        ys = (torch.arange(h, dtype=torch.float64) + 0.5) * stride
-        xs = (torch.arange(w, dtype=torch.float64) + 0.5) * stride
+        ys = (torch.arange(h, dtype=torch.float64) + 0.5) * stride_y
+        xs = (torch.arange(w, dtype=torch.float64) + 0.5) * stride_x
         cy, cx = torch.meshgrid(ys, xs, indexing="ij")
         centers = torch.stack([cx, cy], dim=-1).reshape(-1, 1, 2)  # [HW, 1, 2] as (x, y)
-        half = 0.5 * self._sizes(stride)[None]  # [1, N, 2]
+        half = 0.5 * self._sizes(stride_x, stride_y)[None]  # [1, N, 2]
         return torch.cat([centers - half, centers + half], dim=-1).reshape(-1, 4)
 
     def __call__(
@@ -96,7 +102,12 @@ class AnchorGenerator:
             )
         if any(h < 0 or w < 0 for _, h, w in shapes):
             raise ValueError(f"feature shapes must be non-negative, got {dict(feature_shapes)}")
-        per_level = [self._level(2**lvl, h, w) for lvl, (_, h, w) in zip(levels, shapes)]
+        # The input's extent: the finest map times its stride; a coarser map rounded up spreads over it.
+        extent_h, extent_w = shapes[0][1] * 2 ** levels[0], shapes[0][2] * 2 ** levels[0]
+        per_level = [
+            self._level(extent_h / h if h else 2**lvl, extent_w / w if w else 2**lvl, h, w)
+            for lvl, (_, h, w) in zip(levels, shapes)
+        ]
         anchors = torch.cat(per_level).to(device=device, dtype=dtype)
         if len(self._cache) >= self._MAX_CACHE:
             self._cache.pop(next(iter(self._cache)))

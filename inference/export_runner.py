@@ -35,7 +35,9 @@ def _export_size(cfg: DictConfig, predictor: Predictor) -> tuple[int, int]:
             size = data.get("eval_size") or data.get("crop_size")
     if size is None:
         raise CheckpointError("the export size is unknown: set image_size=[H,W]")
-    error = stride_error(size, predictor.size_divisor, name="image_size", why=", the model's coarsest stride")
+    finest = predictor.kind == "detection"
+    error = stride_error(size, predictor.input_stride, name="image_size",
+                         why=f", the model's {'finest' if finest else 'coarsest'} stride")
     if error:
         raise ConfigError(error)
     return image_hw(size)

@@ -98,7 +98,7 @@ class Predictor:
             a copy of the model: ``task`` is not changed. ``FastPaths(fold_bn=False, channels_last=False,
             precision="fp32")`` predicts exactly as evaluation does.
         image_size: detection: the input size to letterbox images into, one side or ``(H, W)``, each a multiple
-            of the coarsest stride; ``None``: the model's training size (``model.image_size``). Anchors follow the
+            of the finest stride; ``None``: the model's training size (``model.image_size``). Anchors follow the
             feature maps, so a model runs at sizes other than the one it was trained at.
     """
 
@@ -124,6 +124,10 @@ class Predictor:
         self.class_names = names if len(names) == num_classes else [f"class_{i}" for i in range(num_classes)]
         model = task.model
         self.size_divisor = max(s.stride for s in model.out_specs.values())
+        #: What each input side must be a multiple of: detection the finest stride (coarser maps round up, their
+        #: anchors follow), segmentation the coarsest (its batches are padded to it).
+        self.input_stride = min(s.stride for s in model.out_specs.values()) if self.kind == "detection" \
+            else self.size_divisor
         data = config.get("data") or {}
         self.eval_size = data.get("eval_size") if self.kind == "segmentation" else None
         #: Detection: the ``(H, W)`` images are letterboxed into; ``None`` for segmentation (``eval_size`` applies).
@@ -134,8 +138,8 @@ class Predictor:
 
             if image_size is None:
                 image_size = getattr(model, "image_size", None) or (config.get("model") or {}).get("image_size")
-            error = stride_error(image_size, self.size_divisor, name="image_size",
-                                 why=", the model's coarsest stride")
+            error = stride_error(image_size, self.input_stride, name="image_size",
+                                 why=", the model's finest stride")
             if error:
                 raise ConfigError(error)
             self.image_size = image_hw(image_size)

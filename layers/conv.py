@@ -11,12 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "ACTIVATIONS",
     "PAD_MODES",
     "ActLayer",
     "ConvNorm",
     "MaxPoolDown",
     "NormLayer",
     "SeparableConv2d",
+    "activation_layer",
     "default_norm_layer",
 ]
 
@@ -25,6 +27,19 @@ ActLayer = Callable[[], nn.Module]
 
 #: BatchNorm settings of the EfficientDet paper (TensorFlow's momentum 0.99 is PyTorch's 0.01).
 default_norm_layer: NormLayer = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.01)
+
+#: Activations of the neck and head by name: SiLU (swish) for EfficientDet D0-D7x, ReLU6 for EfficientDet-Lite
+#: (bounded, so it quantizes well).
+ACTIVATIONS: dict[str, ActLayer] = {"silu": nn.SiLU, "relu6": nn.ReLU6}
+
+
+def activation_layer(name: str) -> ActLayer:
+    """The activation layer type called ``name`` in :data:`ACTIVATIONS` (a config's way to pick ``act_layer``)."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
+
 
 #: "native": symmetric PyTorch padding; "same": TensorFlow "SAME" padding (asymmetric for stride 2),
 #: needed to reproduce models trained in TensorFlow.

@@ -11,6 +11,7 @@ from torch import nn
 from backbones.contract import FeatureSpec
 from backbones.timm_backbone import TimmBackbone
 from heads.efficientdet import EfficientDetHead
+from layers.conv import activation_layer
 from necks.bifpn import BiFPN
 from utils.sizes import image_hw
 
@@ -40,7 +41,7 @@ class DenseModel(nn.Module):
     ) -> None:
         super().__init__()
         #: Default input resolution that data pipelines and exporters use: one side (a square) or ``(H, W)``.
-        #: The module itself accepts any size that is a multiple of the coarsest stride.
+        #: The module itself accepts any size that is a multiple of the finest stride (coarser maps round up).
         self.image_size = image_size if image_size is None or isinstance(image_size, int) else image_hw(image_size)
         self.backbone = backbone
         self.neck = neck if isinstance(neck, nn.Module) else neck(backbone.out_specs)
@@ -71,7 +72,7 @@ def efficientdet(
     """Build EfficientDet-``scale`` from the compound-scaling table.
 
     ``overrides`` replace fields of the row (``fpn_channels``, ``fpn_repeats``, ``head_depth``, ``fusion``,
-    ``min_level``, ``max_level``, ``backbone_drop_path``). ``tf_padding`` selects timm's ``tf_`` backbone and
+    ``min_level``, ``max_level``, ``backbone_drop_path``, ``activation``). ``tf_padding`` selects timm's ``tf_`` backbone and
     TensorFlow "same" pooling, as the published EfficientDet weights need.
     """
     row = get_scale(scale)
@@ -83,6 +84,7 @@ def efficientdet(
     if tf_padding and not name.startswith("tf_"):
         name = f"tf_{name}"
     pad_mode = "same" if tf_padding else "native"
+    act_layer = activation_layer(cfg["activation"])
     bb = TimmBackbone(
         name=name,
         levels=tuple(range(cfg["min_level"], 6)),
@@ -97,6 +99,7 @@ def efficientdet(
         min_level=cfg["min_level"],
         max_level=cfg["max_level"],
         pad_mode=pad_mode,
+        act_layer=act_layer,
     )
-    head = EfficientDetHead(neck.out_specs, num_classes=num_classes, depth=cfg["head_depth"])
+    head = EfficientDetHead(neck.out_specs, num_classes=num_classes, depth=cfg["head_depth"], act_layer=act_layer)
     return Detector(backbone=bb, neck=neck, head=head, image_size=cfg["image_size"])

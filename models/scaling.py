@@ -1,7 +1,9 @@
-"""EfficientDet compound scaling (Tan, Pang, Le: "EfficientDet", CVPR 2020, Table 1).
+"""EfficientDet compound scaling (Tan, Pang, Le: "EfficientDet", CVPR 2020, Table 1) and the EfficientDet-Lite
+family (TensorFlow automl's ``efficientdet-lite0..4``, as effdet's ``tf_efficientdet_lite*``).
 
-One typed row per model. ``backbone=bN`` in the configs selects row ``dN`` (``b7`` selects ``d7x``);
-any field can still be overridden on its own. Training hyper-parameters live elsewhere.
+One typed row per model. ``backbone=bN`` in the configs selects row ``dN`` (``b7`` selects ``d7x``), ``backbone=liteN``
+row ``liteN`` (``scale=lite3x`` the wider Lite3); any field can still be overridden on its own. Training
+hyper-parameters live elsewhere.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class EfficientDetScale:
     min_level: int = 3
     max_level: int = 7
     backbone_drop_path: float = 0.2
+    activation: str = "silu"  #: neck and head activation (:data:`layers.conv.ACTIVATIONS`)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -41,6 +44,15 @@ EFFICIENTDET_SCALES: dict[str, EfficientDetScale] = {
         EfficientDetScale("d6", "efficientnet_b6", 1280, 384, 8, 5, 4.0, "sum"),
         EfficientDetScale("d7", "efficientnet_b6", 1536, 384, 8, 5, 5.0, "sum"),
         EfficientDetScale("d7x", "efficientnet_b7", 1536, 384, 8, 5, 4.0, "sum", max_level=8),
+        # Lite: EfficientNet-Lite backbones (no squeeze-excite, ReLU6), ReLU6 in the neck and heads and plain-sum
+        # fusion, so that the whole network quantizes well.
+        EfficientDetScale("lite0", "efficientnet_lite0", 320, 64, 3, 3, 3.0, "sum", backbone_drop_path=0.0,
+                          activation="relu6"),
+        EfficientDetScale("lite1", "efficientnet_lite1", 384, 88, 4, 3, 3.0, "sum", activation="relu6"),
+        EfficientDetScale("lite2", "efficientnet_lite2", 448, 112, 5, 3, 3.0, "sum", activation="relu6"),
+        EfficientDetScale("lite3", "efficientnet_lite3", 512, 160, 6, 4, 4.0, "sum", activation="relu6"),
+        EfficientDetScale("lite3x", "efficientnet_lite3", 640, 200, 6, 4, 3.0, "sum", activation="relu6"),
+        EfficientDetScale("lite4", "efficientnet_lite4", 640, 224, 7, 4, 4.0, "sum", activation="relu6"),
     )
 }
 
@@ -53,10 +65,13 @@ def get_scale(name: str) -> EfficientDetScale:
 
 
 def scale_for_backbone(backbone: str) -> EfficientDetScale:
-    """``"b3"``/``"efficientnet_b3"``/``"tf_efficientnet_b3"`` -> the D3 row (``b7`` -> D7x)."""
+    """``"b3"``/``"efficientnet_b3"``/``"tf_efficientnet_b3"`` -> the D3 row (``b7`` -> D7x);
+    ``"lite3"``/``"tf_efficientnet_lite3"`` -> the Lite3 row."""
     short = backbone.removeprefix("tf_").removeprefix("efficientnet_")
     if short == "b7":
         return EFFICIENTDET_SCALES["d7x"]
     if len(short) == 2 and short[0] == "b" and short[1].isdigit():
         return EFFICIENTDET_SCALES[f"d{short[1]}"]
+    if short in EFFICIENTDET_SCALES and short.startswith("lite"):
+        return EFFICIENTDET_SCALES[short]
     raise KeyError(f"no EfficientDet scale for backbone {backbone!r}")

@@ -73,10 +73,12 @@ def check_run_config(cfg: DictConfig) -> None:
     for key in keys:
         size = _size(cfg, key)
         if task == "detection":
-            max_level = _get(cfg, "neck.max_level")
-            if isinstance(max_level, numbers.Integral):
-                why = f", the stride of the coarsest feature level (P{max_level}): anchors and feature maps would disagree"
-                error = stride_error(size, 2 ** int(max_level), name=key, why=why)
+            # Coarser maps may round up (EfficientDet-Lite0's 320 px is 2.5 P7 cells): anchors then spread over the
+            # input's extent, which the finest map gives exactly only when the input is a multiple of its stride.
+            min_level = _get(cfg, "neck.min_level")
+            if isinstance(min_level, numbers.Integral):
+                why = f", the stride of the finest feature level (P{min_level}): anchors and feature maps would disagree"
+                error = stride_error(size, 2 ** int(min_level), name=key, why=why)
                 if error:
                     raise ConfigError(error)
     _int(cfg, "data.batch_size", minimum=1)

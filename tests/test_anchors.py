@@ -44,23 +44,23 @@ def test_two_by_two_p3_single_anchor_exact_and_row_major():
 
 def test_count_matches_feature_shapes():
     gen = AnchorGenerator()
-    shapes = {"p3": (8, 12), "p4": (4, 6), "p5": (2, 3), "p6": (1, 2), "p7": (1, 1)}
+    shapes = {"p3": (16, 32), "p4": (8, 16), "p5": (4, 8), "p6": (2, 4), "p7": (1, 2)}  # a 128 x 256 input
     anchors = gen(shapes)
     assert gen.num_anchors == 9
-    assert anchors.shape == ((96 + 24 + 6 + 2 + 1) * 9, 4)
+    assert anchors.shape == ((512 + 128 + 32 + 8 + 2) * 9, 4)
     assert torch.isfinite(anchors).all()
-    # p4 block starts after the 96 * 9 p3 anchors: cell (0, 0) of stride 16, first anchor 64x64.
-    torch.testing.assert_close(anchors[96 * 9], torch.tensor([8.0 - 32, 8.0 - 32, 8.0 + 32, 8.0 + 32]))
-    # Last anchor: p7 (stride 128) cell (0, 0), octave 2, ratio (0.7, 1.4).
+    # p4 block starts after the 512 * 9 p3 anchors: cell (0, 0) of stride 16, first anchor 64x64.
+    torch.testing.assert_close(anchors[512 * 9], torch.tensor([8.0 - 32, 8.0 - 32, 8.0 + 32, 8.0 + 32]))
+    # Last anchor: p7 (stride 128) cell (0, 1), octave 2, ratio (0.7, 1.4).
     base = 4 * 128 * R**2
-    last = torch.tensor([64 - base * 0.35, 64 - base * 0.7, 64 + base * 0.35, 64 + base * 0.7])
+    last = torch.tensor([192 - base * 0.35, 64 - base * 0.7, 192 + base * 0.35, 64 + base * 0.7])
     torch.testing.assert_close(anchors[-1], last)
 
 
 def test_order_matches_flattened_head_outputs():
     """Anchor i must describe the prediction at flat index i of ``permute(0, 2, 3, 1).reshape(B, -1, K)``."""
     gen = AnchorGenerator(anchor_scale=2.0, num_scales=2, aspect_ratios=[(1.0, 1.0), (2.0, 0.5)])
-    shapes = {"p3": (2, 3), "p5": (1, 2)}
+    shapes = {"p3": (4, 8), "p5": (1, 2)}  # a 32 x 64 input
     n = gen.num_anchors
     flat = []
     for name, (h, w) in shapes.items():
@@ -145,3 +145,22 @@ def test_device_argument():
         a = gen({"p3": (2, 2)}, device="cuda")
         assert a.is_cuda
         torch.testing.assert_close(a.cpu(), gen({"p3": (2, 2)}))
+
+
+@pytest.mark.parametrize("size", [320, 448, (320, 448), 512])
+def test_maps_rounded_up_spread_over_the_input_as_effdets(size):
+    """EfficientDet-Lite0 (320) and Lite2 (448) inputs are not multiples of P7's 128: the rounded-up coarse maps
+    get effdet's anchors (stride = input extent / map size), the others ``2**l`` strides as before."""
+    effdet = pytest.importorskip("effdet")
+    h, w = (size, size) if isinstance(size, int) else size
+    shapes, fh, fw = {}, h, w
+    for level in range(1, 8):
+        fh, fw = -(-fh // 2), -(-fw // 2)  # "same" padding: each stride-2 step rounds up
+        if level >= 3:
+            shapes[f"p{level}"] = (fh, fw)
+    ours = AnchorGenerator(anchor_scale=3.0)(shapes, dtype=torch.float64)
+    ref = effdet.anchors.Anchors(3, 7, 3, [(1.0, 1.0), (1.4, 0.7), (0.7, 1.4)], 3.0, (h, w)).boxes.double()
+    torch.testing.assert_close(ours, ref[:, [1, 0, 3, 2]], rtol=0, atol=1e-4)  # effdet's boxes are yxyx
+    if size == 320:
+        p7 = ours[-9 * 9:]  # 3 x 3 cells of 320 / 3 px
+        assert p7[4 * 9, 0] + p7[4 * 9, 2] == pytest.approx(2 * 160.0)  # the middle cell is centred at 160

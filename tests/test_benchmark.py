@@ -71,7 +71,7 @@ def test_compare_effdet_on_cpu_prints_json_lines_table_and_ratios(tmp_path):
         (["task=segmentation", "compare=effdet"], "compare=effdet is for task=detection"),
         (["backbone=b4", "compare=effdet"], "effdet has no efficientdet_d4"),
         (["measures=[speed]"], "unknown measures ['speed']"),
-        (["image_size=100", "device=cpu"], "multiple of 128"),
+        (["image_size=100", "device=cpu"], "image_size must be a multiple of 8 (the finest stride), got 100x100"),
         (["task=segmentation", "device=cpu", "measures=[train]", "train_image_size=[100,200]"],
          "train_image_size must be a multiple of 128 (the coarsest stride), got 100x200"),
         (["compare=effdet", "device=cpu", "measures=[train]", "image_size=256", "train_image_size=128"],

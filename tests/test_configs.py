@@ -38,6 +38,10 @@ def test_every_backbone_option_composes(backbone):
         row = "d7x" if i == 7 else f"d{i}"
         assert cfg.scale == row
         assert cfg.padding == ("same" if backbone.startswith("tf_") else "native")
+    if backbone.startswith("lite"):  # EfficientDet-LiteN: its own row, timm's TensorFlow-padded Lite backbone
+        assert cfg.scale == backbone and cfg.padding == "same"
+        assert resolved["model"]["backbone"]["name"] == f"tf_efficientnet_{backbone}"
+        assert resolved["model"]["neck"]["act_layer"]["name"] == "relu6"
 
 
 def test_b3_selects_d3_row_and_overrides_win():

@@ -24,10 +24,13 @@ from models.scaling import get_scale
 
 ROOT = Path(__file__).resolve().parent.parent
 # (variant, input side): small inputs keep the test fast; effdet's resampling is built for one image size.
-CASES = [("tf_efficientdet_d0", 256), ("tf_efficientdet_d3", 384), ("efficientdet_d0", 256)]
+# Lite0 at its own 320 px: P7 is 320 / 128 = 2.5 cells, rounded up to 3 (anchors spread over the input as effdet's).
+CASES = [("tf_efficientdet_d0", 256), ("tf_efficientdet_d3", 384), ("efficientdet_d0", 256),
+         ("tf_efficientdet_lite0", 320), ("tf_efficientdet_lite3", 256)]
 # Class channels (anchor * num_classes + class) made confident, so detections are distinct and well separated.
 HOT_CHANNELS = (0 * 90 + 3, 4 * 90 + 17, 8 * 90 + 55)
 _FUSION = {"fastattn": "fast", "attn": "softmax", "sum": "sum"}
+_ACTIVATION = {"swish": "silu", "silu": "silu", "relu6": "relu6"}
 
 
 def _effdet_model(name: str, size: int) -> torch.nn.Module:
@@ -143,7 +146,8 @@ def test_variant_table_matches_effdet_config(name):
     assert v.padding == ("same" if c.pad_type == "same" else "native")
     assert v.redundant_bias == c.redundant_bias
     assert v.backbone_drop_path == c.backbone_args["drop_path_rate"]
-    assert (c.act_type, c.separable_conv, c.apply_resample_bn, c.conv_bn_relu_pattern) == ("swish", True, True, False)
+    assert v.activation == _ACTIVATION[c.act_type] and c.head_act_type is None
+    assert (c.separable_conv, c.apply_resample_bn, c.conv_bn_relu_pattern) == (True, True, False)
     assert (c.downsample_type, c.upsample_type, c.head_bn_level_first) == ("max", "nearest", False)
     assert (c.max_detection_points, c.max_det_per_image, c.soft_nms) == (
         EFFDET_POSTPROCESS["topk"], EFFDET_POSTPROCESS["max_detections"], False
@@ -160,14 +164,17 @@ def test_composed_config_builds_the_converted_model():
     from tasks.config import compose
 
     # Native and "same" padding, a 4-deep head, D7 (B6 backbone on the D7 row), D7x (P3-P8).
+    # Lite0 (ReLU6, sum fusion) and Lite3x (the Lite3 backbone on its own row).
     for name in ("tf_efficientdet_d0", "efficientdet_d0", "tf_efficientdet_d3", "tf_efficientdet_d7",
-                 "tf_efficientdet_d7x"):
+                 "tf_efficientdet_d7x", "tf_efficientdet_lite0", "tf_efficientdet_lite3x"):
         cfg = compose("train", config_overrides(name, num_classes=90))
         with torch.device("meta"):
             composed = instantiate(cfg.model).state_dict()
             built = build_effdet_equivalent(name).state_dict()
         assert {k: v.shape for k, v in composed.items()} == {k: v.shape for k, v in built.items()}, name
         assert cfg.model.image_size == EFFDET_VARIANTS[name].image_size
+        assert instantiate(cfg.model.neck.act_layer) is instantiate(cfg.model.head.act_layer)
+        assert cfg.model.neck.act_layer.name == EFFDET_VARIANTS[name].activation
 
 
 def test_unmapped_and_missing_keys_are_named():
@@ -232,10 +239,20 @@ def test_tool_end_to_end(tmp_path):
     assert not bad.exists() and not (bad.parent.exists() and any(bad.parent.iterdir()))
 
 
-@pytest.mark.parametrize(("name", "size"), [("tf_efficientdet_d0", 256), ("tf_efficientdet_d3", 384)])
-def test_convert_then_predict_matches_effdet_on_an_image_file(tmp_path, name, size):
+@pytest.mark.parametrize(("name", "size", "mean", "std"), [
+    ("tf_efficientdet_d0", 256, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ("tf_efficientdet_d3", 384, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ("tf_efficientdet_lite0", 320, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # effdet's Lite input normalisation
+])
+def test_convert_then_predict_matches_effdet_on_an_image_file(tmp_path, name, size, mean, std):
     """The user's path: effdet weights file -> tools/convert_weights.py -> Predictor on an image file gives
-    effdet's detections (boxes within 0.5 px, scores within 1e-3) with COCO class names."""
+    effdet's detections (boxes within 0.5 px, scores within 1e-3) with COCO class names, the input normalised as
+    effdet's config for the variant says."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    config = effdet.get_efficientdet_config(name)  # effdet's loaders fall back on ImageNet's
+    assert tuple(config.get("mean") or IMAGENET_DEFAULT_MEAN) == mean
+    assert tuple(config.get("std") or IMAGENET_DEFAULT_STD) == std
     import cv2
     import numpy as np
 
@@ -258,8 +275,8 @@ def test_convert_then_predict_matches_effdet_on_an_image_file(tmp_path, name, si
     predictor = Predictor.from_checkpoint(dst, overrides=[f"model.image_size={size}"])
     (result,) = predictor(path)
 
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor(mean).view(1, 3, 1, 1)
+    std = torch.tensor(std).view(1, 3, 1, 1)
     x = (torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0 - mean) / std
     bench = effdet.DetBenchPredict(reference).eval()
     with torch.no_grad():

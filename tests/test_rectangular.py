@@ -131,9 +131,9 @@ def test_train_without_jitter_fits_and_pads_like_eval():
 
 # ---------------------------------------------------------------------------------------------- config checks
 @pytest.mark.parametrize(("value", "message"), [
-    ("[380,640]", (r"model.image_size=\[380, 640\] is not a multiple of 128 on each side, the stride of the "
-                   r"coarsest feature level \(P7\): .*; use \[256, 640\] or \[384, 640\]")),
-    ("[384,100]", r"use \[384, 128\]$"),
+    ("[380,640]", (r"model.image_size=\[380, 640\] is not a multiple of 8 on each side, the stride of the "
+                   r"finest feature level \(P3\): .*; use \[376, 640\] or \[384, 640\]")),
+    ("[384,100]", r"use \[384, 96\] or \[384, 104\]$"),
     ("[384]", r"model.image_size must be a positive integer or \[H, W\] \(two positive integers\), got \[384\]"),
     ("[384,0]", r"got \[384, 0\]"),
 ])
@@ -147,8 +147,7 @@ def test_good_rectangular_sizes_pass_and_reach_the_data():
     check_run_config(cfg)
     assert list(cfg.data.image_size) == [384, 640]
     check_run_config(compose("train", ["data=synthetic", "backbone=b7", "model.image_size=[1280,1536]"]))
-    with pytest.raises(ConfigError, match=r"not a multiple of 256 .*\(P8\)"):  # D7x's P8
-        check_run_config(compose("train", ["data=synthetic", "backbone=b7", "scale=d7x", "model.image_size=[1152,1536]"]))
+    check_run_config(compose("train", ["data=synthetic", "backbone=lite0", "model.image_size=[320,568]"]))
     with pytest.raises(ConfigError, match=r"data.image_size=\[100, 640\]"):
         check_run_config(compose("train", ["data=synthetic", "data.image_size=[100,640]"]))
     check_predict_config(compose("predict", ["ckpt=a", "inputs=b", "image_size=[256,384]"]))
@@ -169,7 +168,7 @@ def test_the_train_tool_reports_a_bad_size_in_one_line(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and lines[0].startswith("error: model.image_size=[380, 640] is not a multiple of 128")
+    assert len(lines) == 1 and lines[0].startswith("error: model.image_size=[380, 640] is not a multiple of 8")
     assert "Traceback" not in proc.stderr and not (tmp_path / "cache").exists()
 
 
@@ -305,8 +304,8 @@ def test_predict_at_the_trained_and_at_another_size(rect_run):
 
     from tasks.config_checks import ConfigError
 
-    with pytest.raises(ConfigError, match=r"image_size=\[200, 384\] is not a multiple of 128 on each side"):
-        Predictor.from_checkpoint(rect_run["ckpt"], image_size=[200, 384])
+    with pytest.raises(ConfigError, match=r"image_size=\[200, 380\] is not a multiple of 8 on each side"):
+        Predictor.from_checkpoint(rect_run["ckpt"], image_size=[200, 380])
 
 
 @pytest.mark.slow
@@ -347,7 +346,7 @@ def test_onnx_export_at_a_rectangular_size_matches_pytorch(rect_run):
     assert diffs["num_detections_equal"] and int(theirs[3][0]) > 0
     assert diffs["matched_fraction"] == 1.0 and diffs["boxes"] < 1e-2 and diffs["scores"] < 1e-4
 
-    with pytest.raises(ConfigError, match=r"image_size=\[100, 256\] is not a multiple of 128 on each side, the "
-                                          r"model's coarsest stride; use \[128, 256\]"):
-        export(compose("export", [f"ckpt={rect_run['ckpt']}", "image_size=[100,256]"]), rect_run["tmp"] / "bad")
+    with pytest.raises(ConfigError, match=r"image_size=\[100, 254\] is not a multiple of 8 on each side, the "
+                                          r"model's finest stride; use \[96, 248\] or \[104, 256\]"):
+        export(compose("export", [f"ckpt={rect_run['ckpt']}", "image_size=[100,254]"]), rect_run["tmp"] / "bad")
     assert not (rect_run["tmp"] / "bad" / "model.onnx").exists()

@@ -190,8 +190,8 @@ def test_a_checkpoint_of_the_other_task_is_refused():
 
 # 6 and 7. values that cannot work: one line each, before anything runs -------------------------------------------
 @pytest.mark.parametrize(("override", "message"), [
-    ("model.image_size=100", "model.image_size=100 is not a multiple of 128, .* use 128"),
-    ("model.image_size=300", "use 256 or 384"),
+    ("model.image_size=100", r"model.image_size=100 is not a multiple of 8, the stride of the finest .* use 96 or 104"),
+    ("model.image_size=300", "use 296 or 304"),
     ("model.image_size=0", "model.image_size must be a positive integer, got 0"),
     ("model.image_size=-1", "model.image_size must be a positive integer, got -1"),
     ("model.image_size=abc", "model.image_size must be a positive integer, got 'abc'"),
@@ -236,7 +236,7 @@ def _tool(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(("args", "message"), [
     (["backbone=b9"], "error: In 'train': Could not find 'backbone/b9'; Available options in 'backbone': b0, b1,"),
     (["nonsense=1"], "error: Could not override 'nonsense'. To append to your config use +nonsense=1"),
-    (["data=synthetic", "model.image_size=100"], "error: model.image_size=100 is not a multiple of 128"),
+    (["data=synthetic", "model.image_size=100"], "error: model.image_size=100 is not a multiple of 8"),
     (["data=synthetic", "task.module.precise_bn.num_batches=0"],
      "error: task.module.precise_bn.num_batches must be a positive integer, got 0"),
 ])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 __all__ = ["WeightsMismatchError", "state_dict_mismatches"]
@@ -12,14 +14,21 @@ class WeightsMismatchError(RuntimeError):
 
 
 def state_dict_mismatches(
-    target: dict[str, torch.Tensor], source: dict[str, torch.Tensor], *, source_name: str = "file", show: int = 5
+    target: dict[str, torch.Tensor],
+    source: dict[str, torch.Tensor],
+    *,
+    source_name: str = "file",
+    show: int = 5,
+    names: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """Describe how ``source`` fails to fit ``target`` (shape mismatches, missing keys, unexpected keys);
-    an empty list means every key and shape matches."""
-    missing = [k for k in target if k not in source]
-    unexpected = [k for k in source if k not in target]
+    """Describe how ``source`` fails to fit ``target`` (shape mismatches, missing keys, unexpected keys), in
+    ``target``'s key order; an empty list means every key and shape matches. ``names``: how to call a key in the
+    message (e.g. its name in the file, where the file was renamed), the key itself where absent."""
+    names = names or {}
+    missing = [names.get(k, k) for k in target if k not in source]
+    unexpected = [names.get(k, k) for k in source if k not in target]
     shapes = [
-        f"{k}: {source_name} {tuple(source[k].shape)} vs model {tuple(v.shape)}"
+        f"{names.get(k, k)}: {source_name} {tuple(source[k].shape)} vs model {tuple(v.shape)}"
         for k, v in target.items()
         if k in source and source[k].shape != v.shape
     ]
