@@ -236,6 +236,11 @@ class CocoDetection(Dataset):
         a, b = self._offsets[index], self._offsets[index + 1]
         return self._boxes[a:b].copy(), self._labels[a:b].copy()
 
+    def original_size(self, index: int) -> tuple[int, int]:
+        """``(h, w)`` of image ``index`` as the annotation file gives it (the image is not read)."""
+        h, w = self._sizes[index]
+        return int(h), int(w)
+
     def read_image(self, index: int) -> np.ndarray:
         """The image as an HxWx3 uint8 RGB array; :class:`DatasetError` naming the file when it is missing,
         corrupt or not the size the annotation file says."""

@@ -1,4 +1,5 @@
-"""Detection post-processing: top-k, decode, clip, class-wise NMS, fixed-size output; no per-image loop."""
+"""Detection post-processing: top-k, decode, clip, class-wise NMS (greedy or Gaussian soft-NMS), fixed-size output;
+no per-image loop."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 
 from layers.kernels.dispatch import tracing as _tracing
 from layers.kernels.dispatch import use_kernel
-from layers.nms import grouped_nms, ranked_topk
+from layers.nms import grouped_nms, ranked_topk, soft_nms
 
 from .box_coder import BoxCoder
 
@@ -39,6 +40,13 @@ class DetectionPostProcess:
     post-processing can be captured in a CUDA graph). ``"auto"`` picks triton on CUDA (torchvision where the
     kernel cannot run) and torchvision elsewhere. Both give the same detections.
 
+    ``nms``: ``"hard"`` is the greedy NMS above. ``"soft"`` is Gaussian soft-NMS (:func:`layers.nms.soft_nms`,
+    effdet's ``soft_nms``): instead of dropping a box that overlaps a kept higher-scoring box of its class, its score
+    is multiplied by ``exp(-IoU**2 / soft_nms_sigma)``; boxes are taken in order of their decayed scores, and a box
+    leaves once its decayed score is no longer above ``soft_nms_score_threshold`` (or falls below
+    ``score_threshold``). ``iou_threshold``, ``nms_prefix`` and ``nms_impl`` apply to hard NMS only; soft-NMS runs
+    over all ``topk`` candidates, ``max_detections`` rounds, on every device and in exported graphs.
+
     Returns ``boxes [B, D, 4]`` (xyxy, float32), ``scores [B, D]``, ``labels [B, D]`` (-1 for padding),
     ``num_detections [B]``; rows are sorted by score and padded with zeros.
     """
@@ -54,6 +62,9 @@ class DetectionPostProcess:
         clip_boxes: bool = True,
         nms_prefix: int | None = 512,
         nms_impl: str = "auto",
+        nms: str = "hard",
+        soft_nms_sigma: float = 0.5,
+        soft_nms_score_threshold: float = 0.001,
     ) -> None:
         if topk < 1 or max_detections < 1:
             raise ValueError(f"topk and max_detections must be >= 1, got {topk} and {max_detections}")
@@ -73,6 +84,17 @@ class DetectionPostProcess:
         if nms_impl not in ("auto", "torchvision", "triton"):
             raise ValueError(f"nms_impl must be auto, torchvision or triton, got {nms_impl!r}")
         self.nms_impl = nms_impl
+        if nms not in ("hard", "soft"):
+            raise ValueError(f"nms must be hard or soft, got {nms!r}")
+        if nms == "soft" and nms_impl == "triton":
+            raise ValueError("nms_impl=triton is a hard-NMS kernel; soft-NMS has one implementation (nms_impl=auto)")
+        if not soft_nms_sigma > 0:
+            raise ValueError(f"soft_nms_sigma must be positive, got {soft_nms_sigma}")
+        if not 0.0 <= soft_nms_score_threshold < 1.0:
+            raise ValueError(f"soft_nms_score_threshold must be in [0, 1), got {soft_nms_score_threshold}")
+        self.nms = nms
+        self.soft_nms_sigma = float(soft_nms_sigma)
+        self.soft_nms_score_threshold = float(soft_nms_score_threshold)
 
     @torch.no_grad()
     def __call__(
@@ -86,6 +108,9 @@ class DetectionPostProcess:
         (e.g. the un-padded part of a letterboxed input)."""
         _, a, c = cls_logits.shape
         k = min(self.topk, a * c)
+        if self.nms == "soft":
+            top_logits, top_idx = ranked_topk(cls_logits, k)
+            return self._soft_nms(torch.sigmoid(top_logits.float()), top_idx, box_deltas, anchors, image_size, c)
         # Greedy NMS decides a candidate's fate from higher-scoring candidates only, so NMS over the best n
         # candidates gives exactly the survivors among them. Once every image has max_detections survivors
         # (or has run out of candidates) the rest cannot change the output: try a prefix, widen it if needed.
@@ -107,8 +132,8 @@ class DetectionPostProcess:
                 return out
             n = min(k, 4 * n)
 
-    def _nms(self, scores, top_idx, box_deltas, anchors, image_size, c) -> dict[str, torch.Tensor]:
-        b, k = scores.shape
+    def _decode(self, scores, top_idx, box_deltas, anchors, image_size, c) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boxes ``[B, k, 4]`` (decoded, clipped) and labels ``[B, k]`` of the ranked candidates ``top_idx``."""
         device = scores.device
         anchor_idx = top_idx // c
         labels = top_idx % c
@@ -123,6 +148,30 @@ class DetectionPostProcess:
                 h, w = (float(v) for v in image_size)
                 boxes = torch.stack([boxes[..., 0].clamp(0, w), boxes[..., 1].clamp(0, h),
                                      boxes[..., 2].clamp(0, w), boxes[..., 3].clamp(0, h)], dim=-1)
+        return boxes, labels
+
+    def _soft_nms(self, scores, top_idx, box_deltas, anchors, image_size, c) -> dict[str, torch.Tensor]:
+        boxes, labels = self._decode(scores, top_idx, box_deltas, anchors, image_size, c)
+        # Below score_threshold from the start: never live (NaN is not above any threshold).
+        scores = torch.where(scores >= self.score_threshold, scores, torch.nan)
+        threshold = self.soft_nms_score_threshold
+        index, taken = soft_nms(boxes, scores, labels, sigma=self.soft_nms_sigma, score_threshold=threshold,
+                                max_detections=self.max_detections)
+        if self.score_threshold > threshold:  # a decayed score may fall below score_threshold before threshold
+            index = torch.where(taken >= self.score_threshold, index, -1)
+        shown = index >= 0
+        at = index.clamp(min=0)
+        return {
+            "boxes": torch.where(shown[..., None], torch.gather(boxes, 1, at[..., None].expand(-1, -1, 4)), 0.0),
+            "scores": torch.where(shown, taken, 0.0),
+            "labels": torch.where(shown, torch.gather(labels, 1, at), -1),
+            "num_detections": shown.sum(1),
+        }
+
+    def _nms(self, scores, top_idx, box_deltas, anchors, image_size, c) -> dict[str, torch.Tensor]:
+        b, k = scores.shape
+        device = scores.device
+        boxes, labels = self._decode(scores, top_idx, box_deltas, anchors, image_size, c)
         impl = self._impl(device)
         if impl == "triton":
             return self._kernel_output(boxes, scores, labels)
@@ -153,8 +202,9 @@ class DetectionPostProcess:
 
     def capturable(self, device: torch.device | str) -> bool:
         """Whether post-processing on ``device`` never waits for the host, so it can be captured in a CUDA graph
-        (fixed shapes, no prefix widening): the Triton NMS."""
-        return self._impl(torch.device(device)) == "triton"
+        (fixed shapes, no prefix widening): the Triton NMS. Soft-NMS runs eagerly after the captured network: its
+        rounds do not wait for the host on CUDA, but no test covers capturing them."""
+        return self.nms == "hard" and self._impl(torch.device(device)) == "triton"
 
     def _impl(self, device: torch.device) -> str:
         if self.nms_impl not in ("auto", "triton"):

@@ -1,5 +1,5 @@
 """Top-k ranking and class-wise NMS for detection post-processing: exact (ties and NaN ranked as a stable sort
-ranks them) and batched."""
+ranks them) and batched; greedy (hard) NMS and Gaussian soft-NMS."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torchvision.ops import nms
 
 from .kernels.dispatch import tracing
 
-__all__ = ["first_k", "grouped_nms", "ranked_topk"]
+__all__ = ["first_k", "grouped_nms", "ranked_topk", "soft_nms"]
 
 
 def ranked_topk(cls_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,3 +91,55 @@ def grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
                                                   rank[order].split(counts))
     ]
     return torch.cat(kept).sort().values
+
+
+def soft_nms(
+    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, *, sigma: float, score_threshold: float,
+    max_detections: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian soft-NMS (Bodla et al. 2017) within each (image, label) group, all images at once.
+
+    ``boxes [B, K, 4]`` (xyxy), ``scores [B, K]``, ``labels [B, K]``. Each image runs ``max_detections`` rounds: the
+    live candidate with the highest current score (the lowest position on ties) is taken, every live candidate of
+    its label has its score multiplied by ``exp(-IoU**2 / sigma)`` (IoU with the taken box; 0 for boxes that do not
+    overlap), and candidates whose score is no longer above ``score_threshold`` are dropped. A candidate is live
+    from the start when its score is above ``score_threshold`` (NaN never is). Rounds run in step for all images and
+    groups; since scores only decrease, the taken scores come out in descending order, as one sequential soft-NMS
+    over the image's candidates (with the label as a wall between groups) would take them.
+
+    Returns ``index [B, D]`` (positions of the taken candidates in order, -1 after the last) and their decayed
+    ``scores [B, D]`` (0 after the last), ``D = max_detections``. Fixed shapes and no host synchronisation except on
+    the CPU, where the rounds stop early once no image has live candidates left; traced graphs unroll the rounds.
+    """
+    b, k = scores.shape
+    device = scores.device
+    picks: list[torch.Tensor] = []
+    picked: list[torch.Tensor] = []
+    if k > 0:
+        boxes = boxes.float()
+        current = scores.float()
+        live = current > score_threshold
+        x1, y1, x2, y2 = boxes.unbind(-1)  # [B, K] each
+        areas = (x2 - x1) * (y2 - y1)
+        positions = torch.arange(k, device=device)[None]
+        early_exit = device.type == "cpu" and not tracing()
+        for _ in range(max_detections):
+            top = torch.where(live, current, -torch.inf).argmax(1, keepdim=True)  # [B, 1]
+            took = live.gather(1, top)  # [B, 1]: False once an image has no live candidate
+            picks.append(torch.where(took, top, -1))
+            picked.append(torch.where(took, current.gather(1, top), 0.0))
+            t = boxes.gather(1, top[..., None].expand(-1, -1, 4))  # [B, 1, 4]
+            iw = (torch.minimum(x2, t[..., 2]) - torch.maximum(x1, t[..., 0])).clamp(min=0)
+            ih = (torch.minimum(y2, t[..., 3]) - torch.maximum(y1, t[..., 1])).clamp(min=0)
+            inter = iw * ih
+            iou = torch.where(inter > 0, inter / (areas + areas.gather(1, top) - inter), 0.0).nan_to_num(0.0)
+            same = (labels == labels.gather(1, top)) & took
+            current = torch.where(same, current * torch.exp(-(iou * iou) / sigma), current)
+            live = live & (current > score_threshold) & (positions != top)
+            if early_exit and not bool(live.any()):
+                break
+    rest = max_detections - len(picks)
+    if rest:  # rounds left out: no live candidate anywhere (or none at all)
+        picks.append(torch.full((b, rest), -1, dtype=torch.long, device=device))
+        picked.append(torch.zeros(b, rest, dtype=torch.float32, device=device))
+    return torch.cat(picks, dim=1), torch.cat(picked, dim=1)

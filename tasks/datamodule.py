@@ -90,6 +90,11 @@ class FolderDataModule(L.LightningDataModule):
     def _dataset(self, split: str, train: bool):
         raise NotImplementedError
 
+    def dataset(self, split: str, *, train: bool):
+        """A new dataset of ``split`` with the training (augmenting) or the evaluation transform, e.g. to look at a
+        split as the other transform delivers it (``tools/show_data.py``)."""
+        return self._dataset(split, train)
+
     def setup(self, stage: str | None = None) -> None:
         self.check((self.val_split,) if stage in ("validate", "test") else (self.train_split, self.val_split))
         if stage in (None, "fit") and self.train_dataset is None:
