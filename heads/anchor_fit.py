@@ -39,14 +39,19 @@ def _grid(image_size: tuple[int, int], level: int) -> tuple[int, int]:
     return -(-int(image_size[0]) // stride), -(-int(image_size[1]) // stride)
 
 
-def anchor_shapes(generator: AnchorGenerator, levels: Sequence[int]) -> torch.Tensor:
-    """``[levels * anchors per position, 3]`` float64: (stride, width, height) of every anchor shape, read from the
-    generator's anchors of a one-cell map per level."""
-    rows = []
-    for level in levels:
-        a = generator({f"p{level}": (1, 1)}, dtype=torch.float64)
-        stride = torch.full((a.shape[0], 1), float(2**level), dtype=torch.float64)
-        rows.append(torch.cat([stride, a[:, 2:3] - a[:, 0:1], a[:, 3:4] - a[:, 1:2]], dim=1))
+def anchor_shapes(generator: AnchorGenerator, image_size: tuple[int, int], levels: Sequence[int]) -> torch.Tensor:
+    """``[levels * anchors per position, 6]`` float64: (stride x, stride y, width, height, map H, map W) of every
+    anchor shape on an input of ``image_size``, read from the generator's anchors of the first cell of each level (so
+    a map rounded up, with its own stride, is measured as the generator places it)."""
+    grids = {f"p{level}": _grid(image_size, level) for level in levels}
+    anchors = generator(grids, dtype=torch.float64)
+    rows, start, per_cell = [], 0, generator.num_anchors
+    for gh, gw in grids.values():
+        a = anchors[start: start + per_cell]  # cell (0, 0): centred at half the stride
+        start += gh * gw * per_cell
+        grid = torch.tensor([[gh, gw]], dtype=torch.float64).expand(per_cell, 2)
+        rows.append(torch.cat([a[:, 0:1] + a[:, 2:3], a[:, 1:2] + a[:, 3:4], a[:, 2:3] - a[:, 0:1],
+                               a[:, 3:4] - a[:, 1:2], grid], dim=1))
     return torch.cat(rows)
 
 
@@ -54,19 +59,15 @@ def best_anchor_iou(boxes: torch.Tensor, generator: AnchorGenerator, image_size:
                     levels: Sequence[int], *, chunk: int = 65536) -> torch.Tensor:
     """Each xyxy box's (``[N, 4]``, input pixels) highest IoU ``[N]`` (float64) with the anchors ``generator`` places on
     an input of ``image_size`` (H, W) at ``levels``: the same as the maximum over the full ``[N, A]`` IoU matrix."""
-    shapes = anchor_shapes(generator, levels)  # [M, 3]
-    grids = torch.tensor([_grid(image_size, lvl) for lvl in levels], dtype=torch.float64)  # [L, 2] (H, W)
-    per_level = shapes.shape[0] // len(levels)
-    gh, gw = grids[:, 0].repeat_interleave(per_level), grids[:, 1].repeat_interleave(per_level)
-    stride, aw, ah = shapes.unbind(1)
+    stride_x, stride_y, aw, ah, gh, gw = anchor_shapes(generator, image_size, levels).unbind(1)  # [M] each
     boxes = boxes.to(torch.float64).reshape(-1, 4)
     out = []
     for part in boxes.split(chunk):
         x1, y1, x2, y2 = (v[:, None] for v in part.unbind(1))  # [n, 1]
         cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
         # The nearest anchor centre (i + 0.5) * stride on the level's grid, along each axis.
-        ax = (torch.floor(cx / stride).clamp(min=0).minimum(gw - 1) + 0.5) * stride  # [n, M]
-        ay = (torch.floor(cy / stride).clamp(min=0).minimum(gh - 1) + 0.5) * stride
+        ax = (torch.floor(cx / stride_x).clamp(min=0).minimum(gw - 1) + 0.5) * stride_x  # [n, M]
+        ay = (torch.floor(cy / stride_y).clamp(min=0).minimum(gh - 1) + 0.5) * stride_y
         iw = (torch.minimum(x2, ax + aw / 2) - torch.maximum(x1, ax - aw / 2)).clamp(min=0)
         ih = (torch.minimum(y2, ay + ah / 2) - torch.maximum(y1, ay - ah / 2)).clamp(min=0)
         inter = iw * ih
