@@ -73,13 +73,19 @@ def quantize_int8(float_path: str | Path, out_path: str | Path, batches: Sequenc
         nodes = [n.name for n in onnx.load(str(prepared)).graph.node if n.name.startswith(NETWORK_PREFIX)]
         if not nodes:
             raise ValueError(f"{float_path}: no network nodes (names under {NETWORK_PREFIX}) to quantize")
-        with atomic_path(out_path) as tmp_out:
-            quantize_static(
-                str(prepared), str(tmp_out), _Reader(batches), quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
-                calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
-                extra_options={"CalibTensorRangeSymmetric": False},
-            )
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(max(level, logging.WARNING))  # the quantizer logs each copied bias on the root logger
+        try:
+            with atomic_path(out_path) as tmp_out:
+                quantize_static(
+                    str(prepared), str(tmp_out), _Reader(batches), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+                    calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
+                    extra_options={"CalibTensorRangeSymmetric": False},
+                )
+        finally:
+            root.setLevel(level)
     return {"network_nodes": len(nodes), "seconds": round(time.perf_counter() - start, 1),
             **quantized_node_counts(out_path)}
 
