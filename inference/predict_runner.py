@@ -15,6 +15,7 @@ from evaluation.seg_writer import write_image_atomic
 from utils.files import atomic_write_json
 
 from .fast_paths import FastPaths
+from .onnx_model import OnnxPredictor, check_model_source
 from .predictor import Predictor, list_images, read_rgb
 
 __all__ = ["output_names", "predict"]
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def predict(cfg: DictConfig, run_dir: str | Path) -> list[dict[str, Any]]:
-    """Predict on ``cfg.inputs`` with ``cfg.ckpt``; returns the entries written to predictions.json."""
+    """Predict on ``cfg.inputs`` with ``cfg.ckpt`` (or the exported ``cfg.onnx``); returns the entries written to predictions.json."""
     from tasks.config_checks import check_predict_config
 
     check_predict_config(cfg)
@@ -42,7 +43,15 @@ def predict(cfg: DictConfig, run_dir: str | Path) -> list[dict[str, Any]]:
     fast = FastPaths(compile=False, **OmegaConf.to_container(cfg.fast)) if "fast" in cfg else None
     size = cfg.get("image_size")
     size = OmegaConf.to_container(size) if OmegaConf.is_config(size) else size
-    predictor = Predictor.from_checkpoint(cfg.ckpt, device=device, overrides=overrides, fast=fast, image_size=size)
+    if check_model_source(cfg) == "onnx":
+        if size is not None:
+            from tasks.config_checks import ConfigError
+
+            raise ConfigError(f"{cfg.onnx}: an exported graph has a fixed input size; leave image_size out")
+        predictor = OnnxPredictor(cfg.onnx)
+    else:
+        predictor = Predictor.from_checkpoint(cfg.ckpt, device=device, overrides=overrides, fast=fast,
+                                              image_size=size)
     names = predictor.class_names
     vis_dir = run_dir / "visualizations"
     mask_dir = run_dir / "masks"
