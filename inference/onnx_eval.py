@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from utils.files import atomic_write_json
+from utils.files import atomic_path, atomic_write_json
 
 from .onnx_model import OnnxPredictor
 
@@ -56,6 +56,8 @@ def evaluate_onnx(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str]
         raise ConfigError(f"{cfg.onnx}: the graph's input size is {[h, w]}; export at model.image_size={asked} to "
                           "evaluate at that size")
     OmegaConf.update(cfg, "model.image_size", graph_size, merge=False)
+    if OmegaConf.select(cfg, "data.image_size") is not None:  # the data is letterboxed to what the graph takes
+        OmegaConf.update(cfg, "data.image_size", graph_size, merge=False)
     check_run_config(cfg)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
@@ -82,6 +84,7 @@ def evaluate_onnx(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str]
     model = {"onnx": str(cfg.onnx), "precision": predictor.precision, "image_size": [h, w]}
     atomic_write_json(run_dir / "metrics.json", _json_safe({**metrics, "data": data, "model": model}), indent=2)
     evaluator.write_predictions(run_dir / "predictions.json")
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    with atomic_path(run_dir / "config.yaml") as tmp:
+        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     log.info("metrics: %s", json.dumps(_json_safe({k: v for k, v in metrics.items() if k != "per_class"})))
     return metrics

@@ -124,7 +124,10 @@ class OnnxPredictor:
         outs: list[list[np.ndarray]] = []
         for start in range(0, len(images), step):
             chunk = np.ascontiguousarray(images[start : start + step], dtype=np.float32)
-            outs.append(self.session.run(None, {"images": chunk}))
+            short = step - len(chunk)  # a graph of fixed batch: the last chunk is padded with its last image
+            if short:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], short, axis=0)])
+            outs.append([o[: step - short] for o in self.session.run(None, {"images": chunk})])
         names = ("boxes", "scores", "labels", "num_detections")
         return {n: np.concatenate([o[i] for o in outs]) for i, n in enumerate(names)}
 

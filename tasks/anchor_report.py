@@ -15,7 +15,7 @@ from datasets.inspection import detection_targets
 from heads.anchor_fit import SIZE_BUCKETS, propose_anchors
 from utils.files import atomic_write_json
 
-from .config_checks import ConfigError
+from .config_checks import ConfigError, check_input_size
 
 __all__ = ["REPORT_FILE", "anchor_report", "input_size", "letterboxed_boxes", "override_line"]
 
@@ -71,6 +71,7 @@ def anchor_report(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / REPORT_FILE
     if path.exists():
         raise FileExistsError(f"{path} already exists: choose another hydra.run.dir (nothing is overwritten)")
+    check_input_size(cfg)
     size = input_size(cfg.model.image_size)
     datamodule = instantiate(cfg.data)
     split = datamodule.train_split

@@ -12,8 +12,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from utils.sizes import image_hw, stride_error
 
-__all__ = ["LOGGER_NAMES", "ConfigError", "check_export_config", "check_loggers", "check_predict_config",
-           "check_run_config"]
+__all__ = ["LOGGER_NAMES", "ConfigError", "check_export_config", "check_input_size", "check_loggers",
+           "check_predict_config", "check_run_config"]
 
 #: What the ``logger`` setting of a training run picks from (one name or a list).
 LOGGER_NAMES = ("csv", "tensorboard", "wandb")
@@ -63,9 +63,9 @@ def _number(cfg: DictConfig, key: str, *, low: float, high: float | None = None,
         raise ConfigError(f"{key} must be a number {span}, got {value!r}")
 
 
-def check_run_config(cfg: DictConfig) -> None:
-    """The values of a training or evaluation config: sizes, batch sizes, workers, learning rate, steps, scale."""
-    _get(cfg, "scale")
+def check_input_size(cfg: DictConfig) -> None:
+    """``model.image_size`` (and ``data.image_size`` where set apart from it): one side or ``[H, W]``; for detection
+    each side a multiple of the finest stride."""
     task = _get(cfg, "task.name")
     keys = ["model.image_size"]
     if task == "detection" and _get(cfg, "data.image_size") not in (None, _get(cfg, "model.image_size")):
@@ -81,6 +81,12 @@ def check_run_config(cfg: DictConfig) -> None:
                 error = stride_error(size, 2 ** int(min_level), name=key, why=why)
                 if error:
                     raise ConfigError(error)
+
+
+def check_run_config(cfg: DictConfig) -> None:
+    """The values of a training or evaluation config: sizes, batch sizes, workers, learning rate, steps, scale."""
+    _get(cfg, "scale")
+    check_input_size(cfg)
     _int(cfg, "data.batch_size", minimum=1)
     _int(cfg, "data.val_batch_size", minimum=1, optional=True)
     _int(cfg, "data.num_workers", minimum=0)

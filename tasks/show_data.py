@@ -24,7 +24,7 @@ from datasets.inspection import (
 )
 from utils.files import atomic_path, atomic_write_json
 
-from .config_checks import ConfigError
+from .config_checks import ConfigError, check_input_size
 
 __all__ = ["STATS_FILE", "show_data"]
 
@@ -106,6 +106,7 @@ def show_data(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Write ``sheet_000.png``, ... (``columns`` x ``rows`` samples each) and :data:`STATS_FILE` into ``run_dir`` and
     print the statistics; files already there are an error, never overwritten."""
     run_dir = Path(run_dir)
+    check_input_size(cfg)
     datamodule = instantiate(cfg.data)
     split = _split_name(cfg, datamodule)
     datamodule.check((split,))

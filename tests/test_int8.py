@@ -153,3 +153,18 @@ def test_tools_refuse_bad_model_sources_in_one_line(exported, tmp_path):
         assert proc.returncode == 2, proc.stderr
         lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_a_graph_of_fixed_batch_takes_any_number_of_images(exported, tmp_path):
+    """A file exported for batches of 2 predicts 3 images (the last batch padded) as the batch-1 file does."""
+    export(compose("export", [f"ckpt={CKPT}", "torchscript=false", "batch_size=2"]), tmp_path / "b2")
+    pair = OnnxPredictor(tmp_path / "b2" / "model.onnx")
+    single = OnnxPredictor(exported["float"])
+    assert pair.batch_size == 2 and single.batch_size in (1, None)
+    inputs = sorted((exported["tmp"] / "calib").rglob("*.jpg"))[:3]
+    got, ref = pair(inputs), single(inputs)
+    assert len(got) == len(ref) == 3
+    for g, r in zip(got, ref):
+        assert g["labels"] == r["labels"] and len(g["boxes"]) > 0
+        np.testing.assert_allclose(g["boxes"], r["boxes"], atol=1e-3)
+        np.testing.assert_allclose(g["scores"], r["scores"], atol=1e-5)

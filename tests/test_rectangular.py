@@ -350,3 +350,14 @@ def test_onnx_export_at_a_rectangular_size_matches_pytorch(rect_run):
                                           r"model's finest stride; use \[96, 248\] or \[104, 256\]"):
         export(compose("export", [f"ckpt={rect_run['ckpt']}", "image_size=[100,254]"]), rect_run["tmp"] / "bad")
     assert not (rect_run["tmp"] / "bad" / "model.onnx").exists()
+
+
+def test_the_inspection_tools_refuse_a_size_training_would_refuse(tmp_path):
+    from tasks.anchor_report import anchor_report
+    from tasks.show_data import show_data
+
+    for name, tool in (("anchors", anchor_report), ("show_data", show_data)):
+        cfg = compose(name, ["data=synthetic", f"cache_dir={tmp_path / 'cache'}", "model.image_size=[60,100]"])
+        with pytest.raises(ConfigError, match=r"model.image_size=\[60, 100\] is not a multiple of 8 on each side"):
+            tool(cfg, tmp_path / name)
+        assert not (tmp_path / name).exists() and not (tmp_path / "cache").exists()
