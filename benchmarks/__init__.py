@@ -10,6 +10,10 @@ prints one JSON line per measurement and a table. Measurements:
   class-logit difference and how many detections agree;
 - ``predict``: images/s at ``batch_size``, model + decoding + NMS, with the fast paths (``fast.*``);
 - ``latency``: milliseconds for one image, the same pipeline;
+- ``latency_ort``, ``latency_ort_int8`` (CPU): milliseconds for one image of the model exported as
+  ``tools/export.py`` exports it (post-processing inside the graph), float32 or int8 (calibrated on random images),
+  in ONNX Runtime with torch's thread count, on the ``latency`` measure's image; with ``compare=effdet`` timed
+  alternately with effdet's PyTorch float32 predict call, ``ratio`` to that; the rows give the files' sizes;
 - ``data``: images/s of the training data pipeline (read, decode, augment at the model resolution or, for
   segmentation, the training crop, collate into uint8 batches; normalisation happens on the device) with each of
   ``data_workers`` loader workers, and per worker (use ``data=synthetic`` or your own data; no model is involved);
@@ -42,6 +46,6 @@ Where things live: :mod:`benchmarks.harness` (``run_benchmark``: the request's c
 :data:`benchmarks.measures.MEASURES`), :mod:`benchmarks.options` (options and their checks),
 :mod:`benchmarks.context` (what the measures share), :mod:`benchmarks.measures` (one function per measure),
 :mod:`benchmarks.timing`, :mod:`benchmarks.ops` (operation counting), :mod:`benchmarks.train_step`,
-:mod:`benchmarks.fit`, :mod:`benchmarks.data_measure`, :mod:`benchmarks.effdet_ref` (the reference model),
+:mod:`benchmarks.fit`, :mod:`benchmarks.data_measure`, :mod:`benchmarks.onnx_measure`, :mod:`benchmarks.effdet_ref` (the reference model),
 :mod:`benchmarks.calibration`, :mod:`benchmarks.report` (table, JSON lines, environment).
 """

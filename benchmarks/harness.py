@@ -59,6 +59,10 @@ def run_benchmark(cfg: DictConfig, emit: Callable[[dict], None] = lambda row: No
     # Measures that need CUDA fail here, before anything is measured, not after the others ran.
     if device.type != "cuda" and "fit" in cfg.measures and cfg.task.module.get("cuda_graph", False):
         raise BenchmarkError("task.module.cuda_graph=true (the captured training step) needs device=cuda")
+    ort = [m for m in cfg.measures if m.startswith("latency_ort")]
+    if ort and device.type != "cpu":
+        raise BenchmarkError(f"{', '.join(ort)} time ONNX Runtime on the CPU against PyTorch on the same device: "
+                             "use device=cpu")
     torch.set_flush_denormal(True)  # as training and evaluation run: denormals make CPU timings erratic
     torch.manual_seed(cfg.seed)
     torch.backends.cudnn.benchmark = bool(cfg.get("cudnn_benchmark", True))

@@ -13,6 +13,7 @@ from benchmarks.context import RunContext
 from benchmarks.data_measure import data_rows
 from benchmarks.effdet_ref import detection_agreement, effdet_train_step
 from benchmarks.fit import time_fit
+from benchmarks.onnx_measure import measure_latency_ort, measure_latency_ort_int8
 from benchmarks.ops import count_ops
 from benchmarks.timing import profile_calls, time_rounds
 from benchmarks.train_step import loss_fields, our_train_step
@@ -159,6 +160,8 @@ MEASURES: dict[str, Callable[[RunContext], None]] = {
     "ops": measure_ops,
     "predict": measure_predict,
     "latency": measure_latency,
+    "latency_ort": measure_latency_ort,
+    "latency_ort_int8": measure_latency_ort_int8,
     "train": measure_train,
     "fit": measure_fit,
     "data": measure_data,

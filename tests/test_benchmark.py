@@ -439,3 +439,42 @@ def test_segmentation_training_step_on_the_gpu():
     for measure in ("train",):
         assert by[measure]["value"] > 0 and by[measure]["precision"] == "bf16" and by[measure]["batch"] == 2
         assert by[measure]["image_size"] == [256, 512]
+
+
+@pytest.mark.slow
+def test_onnx_runtime_latency_rows_against_effdet():
+    """latency_ort and latency_ort_int8 against effdet's PyTorch float32 Lite0 in the same run: the exported float32
+    and int8 files timed in ONNX Runtime on the same image, each with its ratio to effdet's time."""
+    from benchmarks.harness import run_benchmark
+    from tasks.config import compose
+
+    cfg = compose("benchmark", ["backbone=lite0", "compare=effdet", "device=cpu", "image_size=128", "warmup=1",
+                                "iters=1", "rounds=1", "measures=[latency,latency_ort,latency_ort_int8]"])
+    rows = run_benchmark(cfg)
+    by = {(r["measure"], r["impl"]): r for r in rows}
+    assert set(by) == {(m, i) for m in ("latency", "latency_ort", "latency_ort_int8") for i in ("effdense", "effdet")}
+    fp32, int8 = by["latency_ort", "effdense"], by["latency_ort_int8", "effdense"]
+    for measure, ours in (("latency_ort", fp32), ("latency_ort_int8", int8)):
+        theirs = by[measure, "effdet"]
+        assert ours["model"] == theirs["model"] == "tf_efficientdet_lite0"
+        assert ours["unit"] == theirs["unit"] == "ms" and ours["batch"] == theirs["batch"] == 1
+        assert ours["value"] > 0 and theirs["value"] > 0 and theirs["precision"] == "fp32"
+        assert ours["ratio"] == pytest.approx(ours["ms_per_call"] / theirs["ms_per_call"], rel=1e-2)
+        assert "ratio" not in theirs
+        assert ours["runtime"] == "onnxruntime" and ours["intra_op_threads"] == torch.get_num_threads()
+    assert fp32["precision"] == "fp32" and int8["precision"] == "int8"
+    assert "synthetic" in int8["calibration"] and "calibration" not in fp32
+    # The same float32 export both times; int8 weights make the file about a quarter of it (Lite0: 3.24M parameters).
+    assert fp32["model_bytes"] == fp32["float32_bytes"] == int8["float32_bytes"] > 4 * 3_243_000
+    assert 0.2 * fp32["model_bytes"] < int8["model_bytes"] < 0.4 * fp32["model_bytes"]
+
+
+def test_onnx_runtime_latency_without_effdet_has_no_ratio():
+    from benchmarks.harness import run_benchmark
+    from tasks.config import compose
+
+    cfg = compose("benchmark", ["backbone=timm", "backbone.name=test_efficientnet", "neck.channels=16",
+                                "neck.num_repeats=1", "head.depth=1", "device=cpu", "image_size=64", "warmup=0", "iters=1", "rounds=1", "measures=[latency_ort]"])
+    rows = run_benchmark(cfg)
+    assert [(r["measure"], r["impl"]) for r in rows] == [("latency_ort", "effdense")]
+    assert rows[0]["value"] > 0 and "ratio" not in rows[0] and rows[0]["model_bytes"] > 0
