@@ -38,9 +38,10 @@ def test_experiment_composes_lite0_from_the_packaged_imagenet_file():
     cfg = compose("train", ["experiment=finetune_lite0"])
     assert cfg.scale == "lite0" and cfg.backbone.name == "tf_efficientnet_lite0"
     assert cfg.backbone.weights == WEIGHTS
-    assert cfg.data._target_ == "tasks.YoloDataModule"  # a folder of the user's own by default
+    assert cfg.data.synthetic is not None  # runs out of the box on the built-in data
     assert cfg.task.module.optimizer._target_ == "torch.optim.AdamW"
-    assert compose("train", ["experiment=finetune_lite0", "data=synthetic"]).data._target_ == "tasks.CocoDataModule"
+    own = compose("train", ["experiment=finetune_lite0", "data=yolo", "data.root=/data/mine"])
+    assert own.data._target_ == "tasks.YoloDataModule" and own.data.root == "/data/mine"
 
 
 def test_missing_package_is_one_clear_line(monkeypatch):
