@@ -7,9 +7,9 @@ import pytest
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper
 
-from inference.quantize import quantize_int8  # noqa: E402
+from inference.quantize import quantize_int8
 
 
 def _graph(path):
