@@ -95,6 +95,10 @@ def quantize_int8(float_path: str | Path, out_path: str | Path, batches: Sequenc
         graph = onnx.load(str(prepared)).graph
         kept = _infinite_padding_nodes(graph)
         nodes = [n.name for n in graph.node if n.name.startswith(NETWORK_PREFIX) and n.name not in kept]
+        # The calibrator measures every tensor around nodes of the quantized op types, whatever their names: the op
+        # types of the float-kept nodes are left out, so the -inf padded tensors are not measured.
+        op_types = sorted({n.op_type for n in graph.node if n.name in set(nodes)}
+                          - {n.op_type for n in graph.node if n.name in kept})
         if not nodes:
             raise ValueError(f"{float_path}: no network nodes (names under {NETWORK_PREFIX}) to quantize")
         root = logging.getLogger()
@@ -105,6 +109,7 @@ def quantize_int8(float_path: str | Path, out_path: str | Path, batches: Sequenc
                 quantize_static(
                     str(prepared), str(tmp_out), _Reader(batches), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+                    op_types_to_quantize=op_types,
                     calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
                     extra_options={"CalibTensorRangeSymmetric": False},
                 )

@@ -29,11 +29,12 @@ def _graph(path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
 
 
-def test_infinite_padding_stays_float_and_the_rest_is_calibrated(tmp_path):
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_infinite_padding_stays_float_and_the_rest_is_calibrated(tmp_path, method):
     _graph(tmp_path / "f.onnx")
     rng = np.random.default_rng(1)
     batches = [rng.uniform(0, 255, size=(1, 3, 16, 16)).astype(np.float32) for _ in range(4)]
-    quantize_int8(tmp_path / "f.onnx", tmp_path / "q.onnx", batches)
+    quantize_int8(tmp_path / "f.onnx", tmp_path / "q.onnx", batches, method=method)
     model = onnx.load(tmp_path / "q.onnx")
     consumers = {i: n for n in model.graph.node for i in n.input}
     pad = next(n for n in model.graph.node if n.op_type == "Pad")
