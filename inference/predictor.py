@@ -23,6 +23,7 @@ from tasks.checkpoint import (
     apply_overrides,
     read_checkpoint,
     stored_normalization,
+    without_backbone_init,
     without_retired,
 )
 from tasks.config_checks import ConfigError
@@ -173,7 +174,7 @@ class Predictor:
                 f"{path}: holds no model config (effdense_config); it was not written by this project's training "
                 "or tools/convert_weights.py"
             )
-        cfg = without_retired(OmegaConf.create(stored_normalization(dict(stored))))
+        cfg = without_backbone_init(without_retired(OmegaConf.create(stored_normalization(dict(stored)))))
         apply_overrides(cfg, list(overrides))
         model = instantiate(cfg.model)
         task = instantiate(cfg.task.module, model=model)

@@ -50,6 +50,28 @@ class _Reader:
         return item
 
 
+def _infinite_padding_nodes(graph) -> set[str]:
+    """Names of the Pad nodes that pad with an infinite value (TensorFlow "same" max pooling pads with -inf) and of
+    the nodes reading their outputs: they stay float, as no 8-bit range holds an infinite value (calibrating it
+    would spoil the range of the padded tensor, or fail for histogram methods)."""
+    from onnx import numpy_helper
+
+    constants = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = node.attribute[0].t
+    padded: set[str] = set()
+    names: set[str] = set()
+    for node in graph.node:
+        if node.op_type == "Pad" and len(node.input) > 2 and node.input[2] in constants:
+            value = numpy_helper.to_array(constants[node.input[2]])
+            if value.size and not np.isfinite(value).all():
+                names.add(node.name)
+                padded.update(node.output)
+    names.update(node.name for node in graph.node if padded.intersection(node.input))
+    return names
+
+
 def quantize_int8(float_path: str | Path, out_path: str | Path, batches: Sequence[np.ndarray], *,
                   method: str = "minmax") -> dict[str, Any]:
     """Quantize the float32 ONNX file ``float_path`` into ``out_path``, calibrated on ``batches`` (each ``[B, 3, H, W]``
@@ -70,7 +92,13 @@ def quantize_int8(float_path: str | Path, out_path: str | Path, batches: Sequenc
         quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
         import onnx
 
-        nodes = [n.name for n in onnx.load(str(prepared)).graph.node if n.name.startswith(NETWORK_PREFIX)]
+        graph = onnx.load(str(prepared)).graph
+        kept = _infinite_padding_nodes(graph)
+        nodes = [n.name for n in graph.node if n.name.startswith(NETWORK_PREFIX) and n.name not in kept]
+        # The calibrator measures every tensor around nodes of the quantized op types, whatever their names: the op
+        # types of the float-kept nodes are left out, so the -inf padded tensors are not measured.
+        op_types = sorted({n.op_type for n in graph.node if n.name in set(nodes)}
+                          - {n.op_type for n in graph.node if n.name in kept})
         if not nodes:
             raise ValueError(f"{float_path}: no network nodes (names under {NETWORK_PREFIX}) to quantize")
         root = logging.getLogger()
@@ -81,6 +109,7 @@ def quantize_int8(float_path: str | Path, out_path: str | Path, batches: Sequenc
                 quantize_static(
                     str(prepared), str(tmp_out), _Reader(batches), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+                    op_types_to_quantize=op_types,
                     calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
                     extra_options={"CalibTensorRangeSymmetric": False},
                 )

@@ -35,6 +35,7 @@ __all__ = [
     "read_checkpoint",
     "stored_normalization",
     "trained_normalization",
+    "without_backbone_init",
     "without_retired",
 ]
 
@@ -111,7 +112,7 @@ def merge_checkpoint_config(
     if not ckpt_config:
         return cfg
     parsed = _parse_overrides(overrides)
-    ck = without_retired(OmegaConf.create(ckpt_config))
+    ck = without_backbone_init(without_retired(OmegaConf.create(ckpt_config)))
     # Group choices on the command line must agree with the checkpoint.
     for key, _ in parsed:
         if key in _MODEL_GROUPS:
@@ -175,6 +176,20 @@ def without_retired(ck: DictConfig) -> DictConfig:
     for (path, old), new in RETIRED_VALUES.items():
         if OmegaConf.select(ck, path, throw_on_resolution_failure=False) == old:
             OmegaConf.update(ck, path, new, merge=False)
+    return ck
+
+
+def without_backbone_init(ck: DictConfig) -> DictConfig:
+    """A stored config whose backbone is built without its initialisation (``weights``, ``pretrained``), at the top
+    level and under ``model``: the checkpoint's own weights replace it, and the ImageNet file it names need not exist
+    (nor a download be possible) where the checkpoint is used."""
+    for path in ("backbone", "model.backbone"):
+        node = OmegaConf.select(ck, path, throw_on_resolution_failure=False)
+        if isinstance(node, DictConfig):
+            if "weights" in node:
+                node.weights = None
+            if "pretrained" in node:
+                node.pretrained = False
     return ck
 
 

