@@ -60,11 +60,13 @@ def test_eval_clips_and_drops_boxes():
 COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]], np.uint8)
 
 
-def test_train_invariants_and_label_alignment():
+@pytest.mark.parametrize("image_size", [96, (64, 128)])
+def test_train_invariants_and_label_alignment(image_size):
     """Each box is painted in its label's colour, so the colour at the centre of every output box tells
-    whether labels stayed with their boxes through scale jitter, crop and flip."""
+    whether labels stayed with their boxes through scale jitter, crop (square or rectangular) and flip."""
     rng = np.random.default_rng(0)
-    t = build_train_transform(image_size=96, seed=0)
+    t = build_train_transform(image_size=image_size, seed=0)
+    out_h, out_w = (image_size, image_size) if isinstance(image_size, int) else image_size
     checked = 0
     for _ in range(40):
         h, w = (int(v) for v in rng.integers(60, 300, size=2))
@@ -79,13 +81,14 @@ def test_train_invariants_and_label_alignment():
             boxes.append([x0, y0, x1, y1])
             img[int(np.ceil(y0)):int(y1), int(np.ceil(x0)):int(x1)] = COLOURS[k]
         out = t(img, np.array(boxes, np.float32), labels)
-        assert out["image"].shape == (96, 96, 3) and out["image"].dtype == np.uint8
+        assert out["image"].shape == (out_h, out_w, 3) and out["image"].dtype == np.uint8
         assert out["labels"].dtype == np.int64 and out["boxes"].dtype == np.float32
         b = out["boxes"]
         assert len(b) == len(out["labels"]) <= 4
-        assert (b[:, :2] >= 0).all() and (b[:, 2:] <= 96).all()
+        assert (b[:, :2] >= 0).all() and (b[:, 2] <= out_w).all() and (b[:, 3] <= out_h).all()
         assert ((b[:, 2] - b[:, 0]) >= 1).all() and ((b[:, 3] - b[:, 1]) >= 1).all()
-        assert 0.1 * 96 / max(h, w) <= out["scale"] <= 2.0 * 96 / max(h, w)
+        base = min(out_h / h, out_w / w)
+        assert 0.1 * base <= out["scale"] <= 2.0 * base
         for box, label in zip(b, out["labels"]):
             if min(box[2] - box[0], box[3] - box[1]) < 6:
                 continue  # too thin to sample a pixel safely away from interpolated edges
