@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from datasets.inspection import detection_targets
 from heads.anchor_fit import SIZE_BUCKETS, propose_anchors
 from utils.files import atomic_write_json
+from utils.sizes import image_hw
 
 from .config_checks import ConfigError, check_input_size
 
@@ -26,11 +27,10 @@ def input_size(image_size) -> tuple[int, int]:
     """``model.image_size`` (one side, or ``[H, W]``) as ``(H, W)``."""
     if OmegaConf.is_config(image_size):
         image_size = OmegaConf.to_container(image_size, resolve=True)
-    if isinstance(image_size, (int, float)) and not isinstance(image_size, bool):
-        return int(image_size), int(image_size)
-    if isinstance(image_size, (list, tuple)) and len(image_size) == 2:
-        return int(image_size[0]), int(image_size[1])
-    raise ConfigError(f"model.image_size must be one side or [H, W], got {image_size!r}")
+    try:
+        return image_hw(image_size, name="model.image_size")
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 def letterboxed_boxes(ds, size: tuple[int, int], max_images: int | None = None) -> tuple[torch.Tensor, int]:
